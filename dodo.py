@@ -1,0 +1,7 @@
+"""xportbuild targets: `doit list`, `doit export:<model>-<recipe>`, `doit info <task>`."""
+
+from pathlib import Path
+
+from xportbuild.tasks import DOIT_CONFIG, make_tasks
+
+globals().update(make_tasks(Path(__file__).parent / "recipes"))

@@ -1,0 +1,18 @@
+"""Backends a recipe can name: a literal registry from name to the module that builds its partitioners."""
+
+from __future__ import annotations
+
+import importlib
+
+REGISTRY: dict[str, str] = {
+    "xnnpack": "xportbuild.backends.xnnpack:partitioners",
+    "portable": "xportbuild.backends.portable:partitioners",
+}
+
+
+def partitioners(backend: str, per_op_mode: bool) -> list:
+    """The partitioner list for `backend` (empty for the portable CPU kernels)."""
+    if backend not in REGISTRY:
+        raise KeyError(f"unknown backend {backend!r}: use one of {', '.join(sorted(REGISTRY))}")
+    module_name, _, attr = REGISTRY[backend].partition(":")
+    return getattr(importlib.import_module(module_name), attr)(per_op_mode)

@@ -1,0 +1,199 @@
+"""Runs one stage node: resolve its key, reuse a valid cache entry or build one, and explain staleness."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from xportbuild.cache import Entry, Store, write_atomic
+from xportbuild.errors import StageError
+from xportbuild.keys import SCHEMA, canonical_json, digest_value, library_versions, module_source_digest
+from xportbuild.plan import STAGE_CODE, STAGE_RUNNERS, Plan, StageNode
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """Where a project keeps its cache, published artifacts and local build state."""
+
+    cache_dir: Path
+    artifacts_dir: Path
+    state_dir: Path
+
+    @property
+    def store(self) -> Store:
+        return Store(self.cache_dir)
+
+    def record_event(self, **event) -> None:
+        """Append one line to the build log; O_APPEND keeps concurrent writers' lines whole."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        line = (json.dumps({"time": time.time(), "pid": os.getpid(), **event}) + "\n").encode()
+        fd = os.open(self.state_dir / "events.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
+
+    def last_doc_path(self, task: str) -> Path:
+        return self.state_dir / "last" / (task.replace(":", "__") + ".json")
+
+
+class Resolver:
+    """Computes stage keys from upstream entries' content digests; memoizes only what cannot change."""
+
+    def __init__(self, plan: Plan, workspace: Workspace):
+        self.plan = plan
+        self.workspace = workspace
+        self.store = workspace.store
+        self._entries: dict[str, Entry] = {}
+
+    def key_doc(self, task: str) -> tuple[dict | None, str]:
+        """(key document, "") or (None, why it cannot be computed yet)."""
+        node = self.plan.nodes[task]
+        if node.stage == "fetch":
+            inputs = {"source": self._source_fingerprint(node)}
+        else:
+            inputs = {}
+            for name, upstream in node.inputs.items():
+                entry = self.entry(upstream)
+                if entry is None:
+                    return None, f"{upstream} is not built"
+                inputs[name] = entry.digest
+        return {
+            "schema": SCHEMA,
+            "stage": node.stage,
+            "params": node.params,
+            "inputs": inputs,
+            "code": {module: module_source_digest(module) for module in STAGE_CODE[node.stage]},
+            "libraries": library_versions(),
+        }, ""
+
+    def _source_fingerprint(self, node: StageNode) -> dict:
+        from xportbuild import sources
+        from xportbuild.recipe.spec import SourceSpec
+
+        source = SourceSpec(**node.params["source"])
+        return sources.fingerprint(source, node.origin, self.store.stats, self.workspace.cache_dir / "sources")
+
+    def entry(self, task: str) -> Entry | None:
+        if task in self._entries:
+            return self._entries[task]
+        doc, _ = self.key_doc(task)
+        entry = self.store.lookup(digest_value(doc)) if doc is not None else None
+        if entry is not None:
+            self._entries[task] = entry
+        return entry
+
+    def status(self, task: str) -> tuple[bool, str]:
+        """(fresh, reason): reason says which stage input changed since the last build."""
+        doc, why = self.key_doc(task)
+        if doc is None:
+            return False, f"{task} is stale: {why}"
+        if self.entry(task) is not None:
+            return True, f"{task} is up to date (key {digest_value(doc)[:12]})"
+        return False, f"{task} is stale: {explain_change(self.workspace.last_doc_path(task), doc)}"
+
+
+def _flatten(value, prefix: str = "") -> dict[str, object]:
+    if isinstance(value, dict):
+        flat: dict[str, object] = {}
+        for key, item in value.items():
+            flat.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+        return flat
+    return {prefix: value}
+
+
+def explain_change(last_doc_path: Path, doc: dict) -> str:
+    """Human-readable difference between the last built key document and the current one."""
+    try:
+        last = json.loads(last_doc_path.read_text())
+    except (OSError, ValueError):
+        return "never built here and not in the cache"
+    old, new = _flatten(last), _flatten(doc)
+    changes = []
+    for name in sorted(set(old) | set(new)):
+        if old.get(name) != new.get(name):
+            before, after = _short(old.get(name)), _short(new.get(name))
+            changes.append(f"{name} {before}→{after}" if name.startswith("params") else f"{name} changed")
+    return "; ".join(changes) if changes else "its cache entry is missing or was damaged"
+
+
+def _short(value) -> str:
+    text = json.dumps(value) if value is not None else "(none)"
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+class PeakMemory:
+    """Samples this process's resident memory while a stage runs; `peak_mb` is the highest seen."""
+
+    def __init__(self, interval: float = 0.2):
+        import psutil
+
+        self._process = psutil.Process()
+        self._interval = interval
+        self._stop = threading.Event()
+        self.peak_mb = 0.0
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _take_sample(self) -> None:
+        self.peak_mb = max(self.peak_mb, self._process.memory_info().rss / 2**20)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self._interval):
+            self._take_sample()
+
+    def __enter__(self) -> "PeakMemory":
+        self._take_sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._take_sample()
+
+
+def _runner(stage: str):
+    module_name, _, attr = STAGE_RUNNERS[stage].partition(":")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+def build_node(plan: Plan, workspace: Workspace, task: str) -> Entry:
+    """Reuse or build the entry of `task`; exactly one process builds a key at a time."""
+    resolver = Resolver(plan, workspace)
+    node = plan.nodes[task]
+    doc, why = resolver.key_doc(task)
+    if doc is None:
+        raise StageError(f"{task}: cannot start: {why}")
+    key = digest_value(doc)
+    with workspace.store.lock(key):
+        entry = workspace.store.lookup(key)
+        if entry is None:
+            entry = _run_stage(node, resolver, workspace, doc, key)
+        else:
+            workspace.record_event(task=task, stage=node.stage, event="hit", key=key)
+    write_atomic(workspace.last_doc_path(task), canonical_json(doc).encode())
+    return entry
+
+
+def _run_stage(node: StageNode, resolver: Resolver, workspace: Workspace, doc: dict, key: str) -> Entry:
+    inputs = {name: resolver.entry(upstream).path for name, upstream in node.inputs.items()}
+    log.info("%s: building (key %s)", node.task, key[:12])
+    started = time.perf_counter()
+    with workspace.store.building(key) as scratch:
+        with PeakMemory() as memory:
+            result = _runner(node.stage)(node, inputs, scratch, workspace)
+        seconds = time.perf_counter() - started
+        record = {"stage": node.stage, "task": node.task, "key_doc": doc, "result": result,
+                  "seconds": round(seconds, 3), "peak_rss_mb": round(memory.peak_mb, 1)}
+        entry = workspace.store.commit(key, scratch, record)
+    workspace.record_event(task=node.task, stage=node.stage, event="built", key=key, seconds=seconds)
+    log.info("%s: built in %.1f s, peak RSS %.0f MB", node.task, seconds, memory.peak_mb)
+    return entry

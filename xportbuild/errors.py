@@ -1,0 +1,34 @@
+"""The one exception tree of xportbuild: every failure a user can act on is one of these."""
+
+
+class XportError(Exception):
+    """Base of every error xportbuild raises on purpose."""
+
+
+class RecipeError(XportError):
+    """A model or recipe file is invalid; the message lists every problem found."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("invalid recipes:\n" + "\n".join(f"  - {p}" for p in self.problems))
+
+
+class SourceError(XportError):
+    """Weights or tokenizer could not be fetched from the declared source."""
+
+
+class StageError(XportError):
+    """A stage could not produce its outputs, or its post-conditions do not hold."""
+
+
+class VerifyFailed(XportError):
+    """The lowered program does not agree with the reference within the recipe's tolerances."""
+
+    def __init__(self, target: str, failures: list[str]):
+        self.target = target
+        self.failures = list(failures)
+        super().__init__(f"{target}: verification failed:\n" + "\n".join(f"  - {f}" for f in failures))
+
+
+class CacheCorrupt(XportError):
+    """A cache entry is present but does not match its recorded content."""

@@ -1,0 +1,1 @@
+"""Exportable wrappers, one module per task kind."""

@@ -1,0 +1,78 @@
+"""Causal LM task kind: load, wrap with a static KV cache for export, and run step functions.
+
+Every runner of a causal LM program (eager wrapper, ExportedProgram, .pte method) is driven through
+one `Step`: (input_ids [1, n], cache_position [n]) -> logits [1, n, vocab].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+Step = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+METHODS = ("forward",)
+
+
+def load_model(model_dir: Path) -> torch.nn.Module:
+    """The float32 eager model; weights are safetensors, remote code is never run."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=False)
+    return model.eval()
+
+
+def exportable(model: torch.nn.Module, max_seq_len: int) -> torch.nn.Module:
+    """The module exported as `forward(input_ids, cache_position)`, KV cache held as buffers."""
+    from transformers import GenerationConfig
+    from transformers.integrations.executorch import TorchExportableModuleForDecoderOnlyLM
+
+    model.generation_config = GenerationConfig(use_cache=True, cache_implementation="static")
+    wrapper = TorchExportableModuleForDecoderOnlyLM(model, batch_size=1, max_cache_len=max_seq_len)
+    # The outer wrapper's forward drops cache_position; its inner module is what export traces.
+    return wrapper.model
+
+
+def export_methods(module: torch.nn.Module, max_seq_len: int) -> dict[str, torch.export.ExportedProgram]:
+    """torch.export of every method, with a dynamic sequence length up to max_seq_len - 1."""
+    example = torch.tensor([[1, 2]], dtype=torch.long)
+    seq_len = torch.export.Dim("seq_len", min=1, max=max_seq_len - 1)
+    with torch.no_grad():
+        program = torch.export.export(
+            module,
+            args=(),
+            kwargs={"input_ids": example, "cache_position": torch.arange(2, dtype=torch.long)},
+            dynamic_shapes={"input_ids": {1: seq_len}, "cache_position": {0: seq_len}},
+            strict=True,
+        )
+    return {"forward": program}
+
+
+def module_step(module: torch.nn.Module) -> Step:
+    def step(input_ids: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return module(input_ids=input_ids, cache_position=cache_position)
+
+    return step
+
+
+def teacher_forced_logits(step: Step, prompt: list[int], continuation: list[int]) -> np.ndarray:
+    """Logits at every position of prompt + continuation[:-1]: prefill once, then one token at a time."""
+    rows = [step(torch.tensor([prompt]), torch.arange(len(prompt)))[0]]
+    for offset, token in enumerate(continuation[:-1]):
+        position = torch.tensor([len(prompt) + offset])
+        rows.append(step(torch.tensor([[token]]), position)[0])
+    return torch.cat(rows).float().numpy()
+
+
+def greedy(step: Step, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy continuation of `prompt` (argmax at each step)."""
+    logits = step(torch.tensor([prompt]), torch.arange(len(prompt)))
+    tokens = [int(logits[0, -1].argmax())]
+    while len(tokens) < max_new_tokens:
+        position = torch.tensor([len(prompt) + len(tokens) - 1])
+        logits = step(torch.tensor([[tokens[-1]]]), position)
+        tokens.append(int(logits[0, -1].argmax()))
+    return tokens

@@ -1,0 +1,123 @@
+"""Pure planning: targets to stage nodes (what each stage reads, which stages feed it). No torch, no doit."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from xportbuild import passes
+from xportbuild.recipe.spec import Target, as_dict
+
+# Modules whose source is part of each stage's key: editing them reruns that stage.
+STAGE_CODE: dict[str, tuple[str, ...]] = {
+    "fetch": ("xportbuild.stages.fetch", "xportbuild.sources"),
+    "reference": ("xportbuild.stages.reference", "xportbuild.models.causal_lm"),
+    "program": ("xportbuild.stages.program", "xportbuild.models.causal_lm"),
+    "quantize": ("xportbuild.stages.program", "xportbuild.stages.quantize", "xportbuild.models.causal_lm"),
+    "lower": ("xportbuild.stages.lower", "xportbuild.backends", "xportbuild.passes"),
+    "verify": ("xportbuild.stages.verify", "xportbuild.runtime", "xportbuild.models.causal_lm"),
+}
+STAGE_RUNNERS: dict[str, str] = {
+    "fetch": "xportbuild.stages.fetch:run",
+    "reference": "xportbuild.stages.reference:run",
+    "program": "xportbuild.stages.program:run",
+    "quantize": "xportbuild.stages.quantize:run",
+    "lower": "xportbuild.stages.lower:run",
+    "verify": "xportbuild.stages.verify:run",
+}
+STAGE_DOCS: dict[str, str] = {
+    "fetch": "fetch weights and tokenizer of a model into the cache",
+    "reference": "run the float eager model on its verification prompts",
+    "program": "torch.export the float model, one .pt2 per method",
+    "quantize": "quantize with torchao and torch.export, one .pt2 per method",
+    "lower": "lower the cached programs to an ExecuTorch .pte",
+    "verify": "run the .pte in the ExecuTorch runtime and compare with the references",
+}
+
+
+@dataclass(frozen=True)
+class StageNode:
+    """One cached stage: `params` is exactly what it reads besides its `inputs` (upstream task names)."""
+
+    stage: str
+    subject: str
+    params: dict
+    inputs: dict[str, str] = field(default_factory=dict)
+    origin: str = ""  # the model or recipe file it comes from: for messages and imports, not the key
+
+    @property
+    def task(self) -> str:
+        return f"{self.stage}:{self.subject}"
+
+
+@dataclass(frozen=True)
+class TargetPlan:
+    target: Target
+    verify: str
+    program: str
+    lower: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    nodes: dict[str, StageNode]
+    targets: dict[str, TargetPlan]
+
+    def ancestors(self, task: str) -> list[str]:
+        """`task` and every node it depends on, dependencies first."""
+        order: list[str] = []
+
+        def visit(name: str) -> None:
+            if name in order:
+                return
+            for upstream in self.nodes[name].inputs.values():
+                visit(upstream)
+            order.append(name)
+
+        visit(task)
+        return order
+
+
+def _model_nodes(target: Target) -> dict[str, StageNode]:
+    model = target.model
+    fetch = StageNode("fetch", model.name, {"source": as_dict(model.source)}, origin=model.file)
+    reference = StageNode(
+        "reference",
+        model.name,
+        {"task": model.task, "verify": as_dict(model.verify), "max_seq_len": model.max_seq_len},
+        {"fetch": fetch.task},
+    )
+    return {fetch.task: fetch, reference.task: reference}
+
+
+def _program_node(target: Target, fetch_task: str) -> StageNode:
+    export_params = {"task": target.model.task, "max_seq_len": target.model.max_seq_len}
+    if not target.recipe.quantize.enabled:
+        return StageNode("program", target.model.name, export_params, {"fetch": fetch_task}, target.model.file)
+    params = {**export_params, "quantize": as_dict(target.recipe.quantize)}
+    return StageNode("quantize", target.name, params, {"fetch": fetch_task}, target.recipe.file)
+
+
+def plan_targets(targets: list[Target]) -> Plan:
+    """The stage graph of every target; shared stages (fetch, reference, float program) appear once."""
+    nodes: dict[str, StageNode] = {}
+    plans: dict[str, TargetPlan] = {}
+    for target in targets:
+        model_nodes = _model_nodes(target)
+        nodes.update(model_nodes)
+        fetch_task, reference_task = list(model_nodes)
+        program = _program_node(target, fetch_task)
+        lower_params = {
+            "lower": as_dict(target.recipe.lower),
+            "passes": passes.fingerprints(target.recipe.lower.passes, target.recipe.file),
+        }
+        lower = StageNode("lower", target.name, lower_params, {"program": program.task}, origin=target.recipe.file)
+        verify = StageNode(
+            "verify",
+            target.name,
+            {"tolerances": as_dict(target.tolerances), "task": target.model.task},
+            {"lower": lower.task, "program": program.task, "reference": reference_task},
+        )
+        for node in (program, lower, verify):
+            nodes[node.task] = node
+        plans[target.name] = TargetPlan(target, verify.task, program.task, lower.task)
+    return Plan(nodes, plans)
+

@@ -1,0 +1,175 @@
+"""Load and validate recipes/models/*.toml and recipes/recipes/*.toml into specs, reporting every problem."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from pathlib import Path
+
+from xportbuild.errors import RecipeError
+from xportbuild.recipe.spec import (
+    LowerSpec,
+    ModelSpec,
+    QuantSpec,
+    RecipeSpec,
+    SourceSpec,
+    Target,
+    Tolerances,
+    VerifyInputs,
+)
+
+_SOURCE_FIELDS = {"hub": {"repo", "revision"}, "local": {"path"}, "gguf": set()}
+
+
+class _Problems(list):
+    def add(self, file: Path, key: str, message: str) -> None:
+        self.append(f"{file}: {key}: {message}")
+
+
+def _check_value(hint, value, file: Path, key: str, problems: _Problems):
+    """Return `value` coerced to `hint`, or None after recording a problem."""
+    origin = typing.get_origin(hint)
+    if origin is typing.Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            problems.add(file, key, f"{value!r} is not one of {', '.join(map(repr, allowed))}")
+            return None
+        return value
+    if origin is tuple:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            problems.add(file, key, f"expected a list of strings, got {value!r}")
+            return None
+        return tuple(value)
+    expected = {"str": str, "int": int, "float": (int, float), "bool": bool}[hint.__name__]
+    if isinstance(value, bool) and hint is not bool or not isinstance(value, expected):
+        problems.add(file, key, f"expected {hint.__name__}, got {type(value).__name__} {value!r}")
+        return None
+    return float(value) if hint is float else value
+
+
+def _build(cls, data: dict, file: Path, prefix: str, problems: _Problems, fixed: dict | None = None):
+    """Build dataclass `cls` from `data`, recording unknown keys, missing keys and bad values."""
+    fixed = fixed or {}
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in fixed}
+    if not isinstance(data, dict):
+        problems.add(file, prefix.rstrip("."), f"expected a table, got {data!r}")
+        return None
+    for key in data:
+        if key not in fields:
+            problems.add(file, prefix + key, f"unknown key (known: {', '.join(sorted(fields))})")
+    values, ok = dict(fixed), True
+    for name, field in fields.items():
+        if name not in data:
+            required = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+            if required:
+                problems.add(file, prefix + name, "missing")
+                ok = False
+            continue
+        checked = _check_value(hints[name], data[name], file, prefix + name, problems)
+        ok = ok and checked is not None
+        values[name] = checked
+    return cls(**values) if ok else None
+
+
+def _read_toml(file: Path, problems: _Problems) -> dict | None:
+    try:
+        return tomllib.loads(file.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        problems.add(file, "(file)", f"cannot parse TOML: {err}")
+        return None
+
+
+def _check_source(source: SourceSpec, file: Path, problems: _Problems) -> None:
+    set_fields = {f for f in ("repo", "revision", "path", "package") if getattr(source, f)}
+    if source.kind == "gguf":
+        if len(set_fields & {"path", "package"}) != 1 or set_fields - {"path", "package"}:
+            problems.add(file, "source", "a gguf source takes exactly one of `path` or `package`")
+        return
+    needed = _SOURCE_FIELDS[source.kind]
+    for missing in sorted(needed - set_fields):
+        problems.add(file, f"source.{missing}", f"required for a {source.kind} source")
+    for extra in sorted(set_fields - needed):
+        problems.add(file, f"source.{extra}", f"not used by a {source.kind} source")
+
+
+def _load_model(file: Path, problems: _Problems) -> tuple[ModelSpec | None, dict]:
+    data = _read_toml(file, problems)
+    if data is None:
+        return None, {}
+    data = dict(data)
+    overrides = data.pop("tolerances", {})
+    source = _build(SourceSpec, data.pop("source", None), file, "source.", problems)
+    if source is not None:
+        _check_source(source, file, problems)
+    verify = _build(VerifyInputs, data.pop("verify", None), file, "verify.", problems)
+    fixed = {"name": file.stem, "file": str(file), "source": source, "verify": verify}
+    model = _build(ModelSpec, data, file, "", problems, fixed=fixed)
+    if model is not None and model.max_seq_len < 2:
+        problems.add(file, "max_seq_len", f"{model.max_seq_len} is too small (at least 2)")
+    if verify is not None and (not verify.prompts or verify.max_new_tokens < 1):
+        problems.add(file, "verify", "needs at least one prompt and max_new_tokens >= 1")
+    if None in (source, verify):
+        return None, overrides
+    return model, overrides
+
+
+def _load_recipe(file: Path, problems: _Problems) -> RecipeSpec | None:
+    data = _read_toml(file, problems)
+    if data is None:
+        return None
+    data = dict(data)
+    quantize = _build(QuantSpec, data.pop("quantize", {}), file, "quantize.", problems)
+    lower = _build(LowerSpec, {"backend": data.pop("backend", None), **data.pop("lower", {})}, file, "", problems)
+    tolerances = _build(Tolerances, data.pop("verify", {}), file, "verify.", problems)
+    fixed = {"name": file.stem, "file": str(file), "quantize": quantize, "lower": lower, "tolerances": tolerances}
+    recipe = _build(RecipeSpec, data, file, "", problems, fixed=fixed)
+    if quantize is not None:
+        for key in ("linear_group_size", "embedding_group_size"):
+            size = getattr(quantize, key)
+            if size < 0 or size % 2:
+                problems.add(file, f"quantize.{key}", f"{size} must be 0 (per-channel) or a positive even number")
+    return recipe if None not in (quantize, lower, tolerances) else None
+
+
+def _pair(model: ModelSpec, overrides: dict, recipes: dict[str, RecipeSpec], problems: _Problems) -> list[Target]:
+    file = Path(model.file)
+    targets = []
+    for key in overrides:
+        if key not in model.recipes:
+            problems.add(file, f"tolerances.{key}", "overrides a recipe this model does not list")
+    for name in model.recipes:
+        recipe = recipes.get(name)
+        if recipe is None:
+            problems.add(file, "recipes", f"unknown recipe {name!r} (known: {', '.join(sorted(recipes))})")
+            continue
+        base = dataclasses.asdict(recipe.tolerances)
+        merged = _build(Tolerances, {**base, **overrides.get(name, {})}, file, f"tolerances.{name}.", problems)
+        if merged is not None:
+            targets.append(Target(name=f"{model.name}-{name}", model=model, recipe=recipe, tolerances=merged))
+    return targets
+
+
+def load_project(recipes_dir: Path) -> list[Target]:
+    """Every target declared under `recipes_dir`; raises RecipeError listing all problems at once."""
+    recipes_dir = Path(recipes_dir)
+    problems = _Problems()
+    model_files = sorted((recipes_dir / "models").glob("*.toml"))
+    recipe_files = sorted((recipes_dir / "recipes").glob("*.toml"))
+    if not model_files:
+        problems.add(recipes_dir / "models", "(folder)", "no model files (*.toml) found")
+    recipes = {f.stem: r for f in recipe_files if (r := _load_recipe(f, problems)) is not None}
+    targets: list[Target] = []
+    for file in model_files:
+        model, overrides = _load_model(file, problems)
+        if model is not None:
+            targets.extend(_pair(model, overrides, recipes, problems))
+    seen: dict[str, str] = {}
+    for target in targets:
+        if target.name in seen:
+            problems.add(Path(target.model.file), "name", f"target {target.name!r} also produced by {seen[target.name]}")
+        seen[target.name] = target.model.file
+    if problems:
+        raise RecipeError(problems)
+    return targets

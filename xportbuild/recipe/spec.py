@@ -1,0 +1,133 @@
+"""Frozen, JSON-able specifications of models, recipes and the targets pairing them."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+SourceKind = Literal["hub", "local", "gguf"]
+TaskKind = Literal["causal-lm"]
+Backend = Literal["xnnpack", "portable"]
+LinearScheme = Literal["none", "8da4w", "8da8w", "4w", "8w"]
+EmbeddingScheme = Literal["none", "4w", "8w"]
+
+SOURCE_KINDS: tuple[str, ...] = ("hub", "local", "gguf")
+TASK_KINDS: tuple[str, ...] = ("causal-lm",)
+BACKENDS: tuple[str, ...] = ("xnnpack", "portable")
+LINEAR_SCHEMES: tuple[str, ...] = ("none", "8da4w", "8da8w", "4w", "8w")
+EMBEDDING_SCHEMES: tuple[str, ...] = ("none", "4w", "8w")
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """Where weights come from. Exactly the fields of its kind are set.
+
+    hub: repo + revision (a commit SHA is reproducible, a branch is not);
+    local: path (a directory saved with save_pretrained);
+    gguf: path to a .gguf file, or package (an installed Python package shipping one).
+    """
+
+    kind: SourceKind
+    repo: str = ""
+    revision: str = ""
+    path: str = ""
+    package: str = ""
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class VerifyInputs:
+    """What the model is verified on: prompts and how many greedy tokens to compare."""
+
+    prompts: tuple[str, ...]
+    max_new_tokens: int = 16
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model: its weights source, task kind, static cache length and verification inputs."""
+
+    name: str
+    doc: str
+    task: TaskKind
+    source: SourceSpec
+    max_seq_len: int
+    verify: VerifyInputs
+    recipes: tuple[str, ...]
+    file: str = ""
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """torchao quantization of linears and embeddings; group size 0 means per-channel."""
+
+    linear: LinearScheme = "none"
+    linear_group_size: int = 32
+    embedding: EmbeddingScheme = "none"
+    embedding_group_size: int = 0
+    per_axis_fallback: bool = True
+
+    @property
+    def enabled(self) -> bool:
+        return self.linear != "none" or self.embedding != "none"
+
+
+@dataclass(frozen=True)
+class LowerSpec:
+    """Backend lowering options and extra graph passes (registry names or `module:attr`)."""
+
+    backend: Backend
+    passes: tuple[str, ...] = ()
+    extract_delegate_segments: bool = True
+    per_op_mode: bool = False
+
+
+@dataclass(frozen=True)
+class Tolerances:
+    """Verification thresholds.
+
+    *_vs_program compare the .pte with the program it was lowered from (tight);
+    the others compare the .pte with the float eager model (quantization loss included).
+    """
+
+    min_cosine: float = 0.99
+    min_top1: float = 0.9
+    max_abs: float = 1.0
+    min_cosine_vs_program: float = 0.9999
+    max_abs_vs_program: float = 0.05
+    greedy_equal_vs_program: bool = True
+
+
+@dataclass(frozen=True)
+class RecipeSpec:
+    """A recipe: backend, quantization, lowering options and tolerances."""
+
+    name: str
+    doc: str
+    quantize: QuantSpec
+    lower: LowerSpec
+    tolerances: Tolerances
+    file: str = ""
+
+
+@dataclass(frozen=True)
+class Target:
+    """A model paired with a recipe; `tolerances` already carries the model's overrides."""
+
+    name: str
+    model: ModelSpec
+    recipe: RecipeSpec
+    tolerances: Tolerances
+
+
+def as_dict(spec) -> dict:
+    """A spec as plain JSON-able data (tuples become lists)."""
+    return dataclasses.asdict(spec)
+
+
+def resolve_relative(base_file: str, path: str) -> Path:
+    """A path from a recipe file, relative to that file's folder unless absolute."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else (Path(base_file).parent / p)

@@ -1,0 +1,98 @@
+"""Weights sources: a content fingerprint for the fetch key, and the local files behind it (no torch)."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from xportbuild.errors import SourceError
+from xportbuild.keys import StatCache, library_versions, tree_digest
+from xportbuild.recipe.spec import SourceSpec, resolve_relative
+
+log = logging.getLogger(__name__)
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+
+def offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def local_dir(source: SourceSpec, model_file: str) -> Path:
+    path = resolve_relative(model_file, source.path)
+    if not (path / "config.json").is_file():
+        raise SourceError(f"{model_file}: source.path: {path} is not a saved model folder (no config.json)")
+    return path
+
+
+def gguf_path(source: SourceSpec, model_file: str, scratch_root: Path) -> Path:
+    """The .gguf file of a gguf source; a packaged one is assembled once into `scratch_root`."""
+    if source.path:
+        path = resolve_relative(model_file, source.path)
+        if not path.is_file():
+            raise SourceError(f"{model_file}: source.path: GGUF file {path} does not exist")
+        return path
+    return _packaged_gguf(source.package, model_file, scratch_root)
+
+
+def _packaged_gguf(package: str, model_file: str, scratch_root: Path) -> Path:
+    try:
+        module = importlib.import_module(package)
+    except ImportError as err:
+        raise SourceError(
+            f"{model_file}: source.package: {package!r} is not installed (pip install {package.replace('_', '-')})"
+        ) from err
+    shipped = sorted(Path(module.__file__).parent.rglob("*.gguf"))
+    if shipped:
+        return shipped[0]
+    if not hasattr(module, "assemble"):
+        raise SourceError(f"{model_file}: source.package: {package!r} ships no .gguf file and has no assemble()")
+    version = library_versions((package.replace("_", "-"),))[package.replace("_", "-")]
+    name = getattr(module, "MODEL_NAME", f"{package}.gguf")
+    final = scratch_root / f"{package}-{version}" / name
+    if not final.is_file():
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=final.parent)) / name
+        log.info("assembling %s from package %s", name, package)
+        module.assemble(tmp)
+        os.replace(tmp, final)
+        tmp.parent.rmdir()
+    return final
+
+
+def hub_snapshot(source: SourceSpec, model_file: str) -> tuple[Path, str]:
+    """(snapshot folder, commit SHA) of a hub source, through huggingface_hub's cache."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        folder = Path(snapshot_download(source.repo, revision=source.revision, local_files_only=offline()))
+    except (RepositoryNotFoundError, RevisionNotFoundError) as err:
+        raise SourceError(f"{model_file}: source: {source.repo}@{source.revision} not found on the hub") from err
+    except LocalEntryNotFoundError as err:
+        raise SourceError(
+            f"{model_file}: source: {source.repo}@{source.revision} is not in the local Hugging Face cache "
+            "and the hub is offline (HF_HUB_OFFLINE=1): download it once or point source at a local folder"
+        ) from err
+    if not _COMMIT.match(source.revision):
+        log.warning(
+            "%s: source.revision %r is a branch or tag, not a commit: the build is not reproducible "
+            "(resolved to %s); pin revision to that commit SHA", model_file, source.revision, folder.name,
+        )
+    return folder, folder.name
+
+
+def fingerprint(source: SourceSpec, model_file: str, stats: StatCache, scratch_root: Path) -> dict:
+    """What the fetch key depends on: content digests (or a commit SHA) of the source."""
+    if source.kind == "hub":
+        _, commit = hub_snapshot(source, model_file)
+        return {"repo": source.repo, "commit": commit, "reproducible": bool(_COMMIT.match(source.revision))}
+    if source.kind == "local":
+        folder = local_dir(source, model_file)
+        files = {p.relative_to(folder).as_posix(): stats.digest(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+        return {"tree": tree_digest(files)}
+    path = gguf_path(source, model_file, scratch_root)
+    return {"gguf": stats.digest(path), "versions": library_versions(("gguf",))}

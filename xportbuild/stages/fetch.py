@@ -1,0 +1,75 @@
+"""Fetch stage: weights and tokenizer into one normalized folder (safetensors + tokenizer files)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from xportbuild import sources
+from xportbuild.errors import SourceError
+from xportbuild.recipe.spec import SourceSpec
+
+log = logging.getLogger(__name__)
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+def fetch(source: SourceSpec, model_file: str, out_dir: Path, scratch_root: Path) -> dict:
+    """Materialize the source as a save_pretrained folder in `out_dir`; returns a summary."""
+    if source.trust_remote_code:
+        raise SourceError(f"{model_file}: source.trust_remote_code: remote code is not supported yet")
+    if source.kind == "gguf":
+        _convert_gguf(sources.gguf_path(source, model_file, scratch_root), out_dir, model_file)
+    else:
+        folder = sources.local_dir(source, model_file) if source.kind == "local" else sources.hub_snapshot(source, model_file)[0]
+        _copy_weights_folder(folder, out_dir, model_file)
+    config = json.loads((out_dir / "config.json").read_text())
+    return {"model_type": config.get("model_type"), "architectures": config.get("architectures"),
+            "files": sorted(p.name for p in out_dir.iterdir())}
+
+
+def _copy_weights_folder(folder: Path, out_dir: Path, model_file: str) -> None:
+    files = [p for p in folder.iterdir() if p.is_file()]
+    if not any(p.suffix == ".safetensors" for p in files):
+        raise SourceError(
+            f"{model_file}: source: {folder} has no .safetensors weights; pickled checkpoints are not loaded "
+            "(convert them with save_pretrained(safe_serialization=True))"
+        )
+    for file in files:
+        if file.suffix not in _PICKLE_SUFFIXES:
+            shutil.copyfile(file, out_dir / file.name)
+
+
+def _convert_gguf(path: Path, out_dir: Path, model_file: str) -> None:
+    """Dequantize a GGUF to float32 safetensors and convert its tokenizer, once per GGUF content."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting GGUF %s (dequantizing weights, converting the tokenizer)", path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    except (ValueError, KeyError, OSError) as err:
+        raise SourceError(f"{model_file}: source: cannot load GGUF {path}: {err}") from err
+    _drop_gguf_quantizer(model, path)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def _drop_gguf_quantizer(model, path: Path) -> None:
+    """transformers keeps its GGUF quantizer attached (blocking save_pretrained) even when it dequantized
+    every weight; detach it once we have checked that all weights are plain float32 tensors."""
+    import torch
+
+    packed = [name for name, p in model.named_parameters() if type(p.data) is not torch.Tensor or p.dtype != torch.float32]
+    if packed:
+        raise SourceError(f"GGUF {path}: weights {packed[:3]} stayed packed; cannot convert to float32 safetensors")
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+
+
+def run(node, inputs: dict[str, Path], out_dir: Path, workspace) -> dict:
+    source = SourceSpec(**node.params["source"])
+    return fetch(source, node.origin, out_dir, workspace.cache_dir / "sources")

@@ -1,0 +1,50 @@
+"""Reference stage: the float eager model on the verification prompts -> token ids and logits (.npz)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from xportbuild.errors import StageError
+from xportbuild.recipe.spec import VerifyInputs
+
+
+def reference(model_dir: Path, verify: VerifyInputs, max_seq_len: int, out_dir: Path) -> dict:
+    """Greedy continuations and teacher-forced logits of the float model, saved without pickle."""
+    from transformers import AutoTokenizer
+
+    from xportbuild.models import causal_lm
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    step = causal_lm.module_step(causal_lm.exportable(causal_lm.load_model(model_dir), max_seq_len))
+    arrays, texts = {}, []
+    for index, prompt in enumerate(verify.prompts):
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        if len(prompt_ids) + verify.max_new_tokens > max_seq_len:
+            raise StageError(
+                f"verify prompt {index} has {len(prompt_ids)} tokens; with max_new_tokens={verify.max_new_tokens} "
+                f"it exceeds max_seq_len={max_seq_len}: shorten it or raise max_seq_len"
+            )
+        continuation = causal_lm.greedy(step, prompt_ids, verify.max_new_tokens)
+        arrays[f"prompt_{index}"] = np.array(prompt_ids, dtype=np.int64)
+        arrays[f"greedy_{index}"] = np.array(continuation, dtype=np.int64)
+        arrays[f"logits_{index}"] = causal_lm.teacher_forced_logits(step, prompt_ids, continuation)
+        texts.append({"prompt": prompt, "continuation": tokenizer.decode(continuation)})
+    np.savez(out_dir / "reference.npz", **arrays)
+    (out_dir / "texts.json").write_text(json.dumps(texts, indent=1))
+    return {"prompts": len(verify.prompts), "texts": texts}
+
+
+def load_reference(entry_dir: Path) -> list[dict[str, np.ndarray]]:
+    """Per prompt: {"prompt", "greedy", "logits"} arrays."""
+    with np.load(entry_dir / "reference.npz", allow_pickle=False) as data:
+        count = sum(1 for name in data.files if name.startswith("prompt_"))
+        return [{kind: data[f"{kind}_{i}"] for kind in ("prompt", "greedy", "logits")} for i in range(count)]
+
+
+def run(node, inputs: dict[str, Path], out_dir: Path, workspace) -> dict:
+    verify = VerifyInputs(prompts=tuple(node.params["verify"]["prompts"]),
+                          max_new_tokens=node.params["verify"]["max_new_tokens"])
+    return reference(inputs["fetch"], verify, node.params["max_seq_len"], out_dir)

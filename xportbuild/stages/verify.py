@@ -1,0 +1,110 @@
+"""Verify stage: the .pte in the ExecuTorch runtime against the program it came from and the float reference."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from xportbuild.errors import VerifyFailed
+from xportbuild.recipe.spec import Tolerances
+
+
+def compare_logits(actual: np.ndarray, expected: np.ndarray) -> dict:
+    """Row-wise cosine, top-1 agreement and max abs error of two [positions, vocab] arrays."""
+    dot = (actual * expected).sum(-1)
+    norms = np.linalg.norm(actual, axis=-1) * np.linalg.norm(expected, axis=-1)
+    cosine = dot / np.maximum(norms, 1e-12)
+    return {
+        "cosine_mean": float(cosine.mean()),
+        "cosine_min": float(cosine.min()),
+        "top1": float((actual.argmax(-1) == expected.argmax(-1)).mean()),
+        "max_abs": float(np.abs(actual - expected).max()),
+    }
+
+
+def _merge(per_prompt: list[dict]) -> dict:
+    return {
+        "cosine_mean": float(np.mean([m["cosine_mean"] for m in per_prompt])),
+        "cosine_min": min(m["cosine_min"] for m in per_prompt),
+        "top1": float(np.mean([m["top1"] for m in per_prompt])),
+        "max_abs": max(m["max_abs"] for m in per_prompt),
+    }
+
+
+def first_divergence(a: list[int], b: list[int]) -> int | None:
+    """Index of the first differing token, or None when equal."""
+    for index, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return index
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def measure(pte_step, program_step, references: list[dict]) -> dict:
+    """All numbers verify judges, for the `forward` method of a causal LM."""
+    from xportbuild.models import causal_lm
+
+    vs_reference, vs_program, greedy, decode_seconds, decoded = [], [], [], 0.0, 0
+    for ref in references:
+        prompt, continuation = ref["prompt"].tolist(), ref["greedy"].tolist()
+        pte_logits = causal_lm.teacher_forced_logits(pte_step, prompt, continuation)
+        program_logits = causal_lm.teacher_forced_logits(program_step, prompt, continuation)
+        vs_reference.append(compare_logits(pte_logits, ref["logits"]))
+        vs_program.append(compare_logits(pte_logits, program_logits))
+        started = time.perf_counter()
+        pte_tokens = causal_lm.greedy(pte_step, prompt, len(continuation))
+        decode_seconds += time.perf_counter() - started
+        decoded += len(pte_tokens)
+        program_tokens = causal_lm.greedy(program_step, prompt, len(continuation))
+        greedy.append({"pte": pte_tokens, "program": program_tokens, "reference": continuation,
+                       "diverges_from_program_at": first_divergence(pte_tokens, program_tokens),
+                       "diverges_from_reference_at": first_divergence(pte_tokens, continuation)})
+    return {"vs_reference": _merge(vs_reference), "vs_program": _merge(vs_program), "greedy": greedy,
+            "generate_tokens_per_s": decoded / decode_seconds if decode_seconds else None}
+
+
+def judge(numbers: dict, tolerances: Tolerances) -> list[str]:
+    """Every threshold the numbers miss, as readable lines."""
+    ref, prog = numbers["vs_reference"], numbers["vs_program"]
+    checks = [
+        ("vs float: mean cosine", ref["cosine_mean"], ">=", tolerances.min_cosine),
+        ("vs float: top-1 agreement", ref["top1"], ">=", tolerances.min_top1),
+        ("vs float: max abs error", ref["max_abs"], "<=", tolerances.max_abs),
+        ("vs program: min cosine", prog["cosine_min"], ">=", tolerances.min_cosine_vs_program),
+        ("vs program: max abs error", prog["max_abs"], "<=", tolerances.max_abs_vs_program),
+    ]
+    failures = [f"{name} {value:.6g} (required {op} {limit:g})" for name, value, op, limit in checks
+                if not (value >= limit if op == ">=" else value <= limit)]
+    if tolerances.greedy_equal_vs_program:
+        for index, item in enumerate(numbers["greedy"]):
+            if item["diverges_from_program_at"] is not None:
+                failures.append(f"prompt {index}: greedy tokens of the .pte differ from the program's "
+                                f"at token {item['diverges_from_program_at']}")
+    return failures
+
+
+def verify(pte_path: Path, program_dir: Path, reference_dir: Path, tolerances: Tolerances, target: str) -> dict:
+    """Numbers of the .pte against the pre-lowering program and the float reference; raises VerifyFailed."""
+    from xportbuild import runtime
+    from xportbuild.models import causal_lm
+    from xportbuild.stages.program import load_programs
+    from xportbuild.stages.reference import load_reference
+
+    program = load_programs(program_dir)["forward"]
+    numbers = measure(runtime.method_step(pte_path), causal_lm.module_step(program.module()),
+                      load_reference(reference_dir))
+    failures = judge(numbers, tolerances)
+    if failures:
+        raise VerifyFailed(target, failures)
+    return numbers
+
+
+def run(node, inputs: dict[str, Path], out_dir: Path, workspace) -> dict:
+    from xportbuild.stages.lower import PTE_FILE
+
+    tolerances = Tolerances(**node.params["tolerances"])
+    numbers = verify(inputs["lower"] / PTE_FILE, inputs["program"], inputs["reference"], tolerances, node.subject)
+    (out_dir / "verification.json").write_text(json.dumps(numbers, indent=1))
+    return numbers

@@ -1,0 +1,134 @@
+"""doit wiring only: one task group per stage, `export:<target>` to publish. Imports no torch."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from doit.exceptions import TaskFailed
+
+from xportbuild.build import Resolver, Workspace, build_node
+from xportbuild.errors import XportError
+from xportbuild.plan import STAGE_DOCS, Plan, plan_targets
+from xportbuild.recipe import load_project
+
+STAGES = ("fetch", "reference", "program", "quantize", "lower", "verify")
+
+
+class StageFresh:
+    """doit `uptodate` check backed by the content-addressed cache; `doit info` prints its reason."""
+
+    def __init__(self, plan: Plan, workspace: Workspace, task: str):
+        self.plan, self.workspace, self.task = plan, workspace, task
+        self.reason = f"{task}: not checked yet"
+
+    def __call__(self) -> bool:
+        fresh, self.reason = Resolver(self.plan, self.workspace).status(self.task)
+        return fresh
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+class PublishedFresh(StageFresh):
+    def __call__(self) -> bool:
+        from xportbuild.stages.publish import published_state
+
+        fresh, self.reason = published_state(self.plan, self.workspace, self.task)
+        return fresh
+
+
+def _configure_logging() -> None:
+    root = logging.getLogger("xportbuild")
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+        root.propagate = False
+
+
+def run_stage(plan: Plan, workspace: Workspace, task: str):
+    _configure_logging()
+    try:
+        build_node(plan, workspace, task)
+    except XportError as err:
+        return TaskFailed(str(err))
+    return None
+
+
+def run_publish(plan: Plan, workspace: Workspace, target: str):
+    from xportbuild.stages.publish import publish
+
+    _configure_logging()
+    try:
+        folder = publish(plan, workspace, target)
+    except XportError as err:
+        return TaskFailed(str(err))
+    print(f"published {folder}")
+    return None
+
+
+def _stage_group(plan: Plan, workspace: Workspace, stage: str):
+    def generator():
+        yield {"basename": stage, "name": None, "doc": STAGE_DOCS[stage]}
+        for node in plan.nodes.values():
+            if node.stage == stage:
+                yield {
+                    "name": node.subject,
+                    "doc": STAGE_DOCS[stage],
+                    "actions": [(run_stage, [plan, workspace, node.task])],
+                    "task_dep": sorted(node.inputs.values()),
+                    "uptodate": [StageFresh(plan, workspace, node.task)],
+                    "verbosity": 2,
+                }
+
+    generator.__name__ = f"task_{stage}"
+    return generator
+
+
+def _export_group(plan: Plan, workspace: Workspace):
+    def task_export():
+        yield {"basename": "export", "name": None, "doc": "build, verify and publish a target to artifacts/<target>/"}
+        for name, target_plan in plan.targets.items():
+            target = target_plan.target
+            yield {
+                "name": name,
+                "doc": f"{target.model.doc} | {target.recipe.doc}",
+                "actions": [(run_publish, [plan, workspace, name])],
+                "task_dep": [target_plan.verify],
+                "uptodate": [PublishedFresh(plan, workspace, name)],
+                "verbosity": 2,
+            }
+
+    return task_export
+
+
+def make_tasks(recipes_dir: Path, cache_dir: Path | None = None, artifacts_dir: Path | None = None) -> dict:
+    """doit task creators for every target under `recipes_dir`, to merge into a dodo.py's globals.
+
+    Defaults: cache in <project>/.xportbuild/cache (XPORTBUILD_CACHE overrides), artifacts in <project>/artifacts.
+    """
+    import os
+
+    project = Path(recipes_dir).resolve().parent
+    state_dir = project / ".xportbuild"
+    state_dir.mkdir(exist_ok=True)  # doit opens its dep file here before any task runs
+    workspace = Workspace(
+        cache_dir=Path(cache_dir or os.environ.get("XPORTBUILD_CACHE") or state_dir / "cache").resolve(),
+        artifacts_dir=Path(artifacts_dir or project / "artifacts").resolve(),
+        state_dir=state_dir,
+    )
+    plan = plan_targets(load_project(Path(recipes_dir)))
+    creators = {f"task_{stage}": _stage_group(plan, workspace, stage) for stage in STAGES}
+    creators["task_export"] = _export_group(plan, workspace)
+    return creators
+
+
+DOIT_CONFIG = {
+    "default_tasks": [],
+    "backend": "sqlite3",
+    "dep_file": ".xportbuild/doit.sqlite3",
+    "verbosity": 2,
+}
