@@ -78,3 +78,62 @@ def populate_hub_cache(model_dir: Path, cache_dir: Path, repo_id: str, branch: s
 def copy_model(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
+
+
+_GGUF_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+_GGUF_LAYER_NAMES = {
+    "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+}
+
+
+def _gguf_tensor_name(name: str) -> str:
+    if name in _GGUF_NAMES:
+        return _GGUF_NAMES[name]
+    _, _, index, rest = name.split(".", 3)
+    module = rest.rsplit(".", 1)[0]
+    return f"blk.{index}.{_GGUF_LAYER_NAMES[module]}.weight"
+
+
+def save_gguf(path: Path, seed: int = 1) -> Path:
+    """A tiny float32 llama GGUF with a llama (sentencepiece-style) vocabulary."""
+    import gguf
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = _config("llama", tie=False)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(MAX_POSITIONS)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_vocab_size(config.vocab_size)
+    pieces = sorted({c for w in WORDS for c in w} | {"\u2581"})
+    tokens = ["<unk>", "<s>", "</s>"] + pieces + [f"\u2581{w}" for w in WORDS]
+    tokens += [f"<extra_{i}>" for i in range(config.vocab_size - len(tokens))]
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([0.0] * 3 + [-float(i) for i in range(len(tokens) - 3)])
+    writer.add_token_types([2, 3, 3] + [1] * (len(tokens) - 3))
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    for name, tensor in model.state_dict().items():
+        writer.add_tensor(_gguf_tensor_name(name), tensor.numpy().astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -131,9 +131,11 @@ class Store:
         try:
             os.rename(scratch, final)
         except OSError:
-            if not (final / ENTRY_FILE).exists():
+            existing = self.lookup(key)
+            if existing is None:
                 raise
             log.info("entry %s was committed by another build; keeping that one", key)
+            return existing
         for name in files:
             self.stats.remember(final / name, file_stamp(final / name), files[name]["digest"])
         return Entry(final, full)

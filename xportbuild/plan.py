@@ -92,7 +92,10 @@ def _program_node(target: Target, fetch_task: str) -> StageNode:
     export_params = {"task": target.model.task, "max_seq_len": target.model.max_seq_len}
     if not target.recipe.quantize.enabled:
         return StageNode("program", target.model.name, export_params, {"fetch": fetch_task}, target.model.file)
-    params = {**export_params, "quantize": as_dict(target.recipe.quantize)}
+    # XNNPACK stores group-wise scales as bfloat16: quantizing with bf16 scales makes the program
+    # we verify against compute exactly what the delegate computes.
+    group_scale_dtype = "bfloat16" if target.recipe.lower.backend == "xnnpack" else "float32"
+    params = {**export_params, "quantize": as_dict(target.recipe.quantize), "group_scale_dtype": group_scale_dtype}
     return StageNode("quantize", target.name, params, {"fetch": fetch_task}, target.recipe.file)
 
 

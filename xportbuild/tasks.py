@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 from doit.exceptions import TaskFailed
@@ -40,6 +41,8 @@ class PublishedFresh(StageFresh):
 
 
 def _configure_logging() -> None:
+    # Emitted thousands of times per lowering by torch's pytree; says nothing about the user's build.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
     root = logging.getLogger("xportbuild")
     if not root.handlers:
         handler = logging.StreamHandler(sys.stderr)

@@ -120,16 +120,20 @@ def _load_recipe(file: Path, problems: _Problems) -> RecipeSpec | None:
     if data is None:
         return None
     data = dict(data)
-    quantize = _build(QuantSpec, data.pop("quantize", {}), file, "quantize.", problems)
+    quantize_data = data.pop("quantize", {})
+    quantize = _build(QuantSpec, quantize_data, file, "quantize.", problems)
     lower = _build(LowerSpec, {"backend": data.pop("backend", None), **data.pop("lower", {})}, file, "", problems)
     tolerances = _build(Tolerances, data.pop("verify", {}), file, "verify.", problems)
     fixed = {"name": file.stem, "file": str(file), "quantize": quantize, "lower": lower, "tolerances": tolerances}
     recipe = _build(RecipeSpec, data, file, "", problems, fixed=fixed)
-    if quantize is not None:
-        for key in ("linear_group_size", "embedding_group_size"):
-            size = getattr(quantize, key)
-            if size < 0 or size % 2:
-                problems.add(file, f"quantize.{key}", f"{size} must be 0 (per-channel) or a positive even number")
+    for key in ("linear_group_size", "embedding_group_size"):
+        size = quantize_data.get(key, 0) if isinstance(quantize_data, dict) else 0
+        if isinstance(size, int) and (size < 0 or size % 2):
+            problems.add(file, f"quantize.{key}", f"{size} must be 0 (per-channel) or a positive even number")
+    if None not in (quantize, lower) and lower.backend == "xnnpack" and quantize.linear != "none":
+        if quantize.linear_group_size % 32:
+            problems.add(file, "quantize.linear_group_size",
+                         f"{quantize.linear_group_size}: XNNPACK needs a multiple of 32 (or 0 for per-channel)")
     return recipe if None not in (quantize, lower, tolerances) else None
 
 

@@ -15,16 +15,18 @@ from xportbuild.stages.program import export_program
 _BITS = {"4w": 4, "8w": 8, "8da4w": 4, "8da8w": 8}
 
 
-def _config(scheme: str, group_size: int):
+def _config(scheme: str, group_size: int, group_scale_dtype: str):
     import torch
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig
     from torchao.quantization.granularity import PerAxis, PerGroup
 
     granularity = PerAxis(0) if group_size == 0 else PerGroup(group_size)
     weight_dtype = torch.int4 if _BITS[scheme] == 4 else torch.int8
+    scale_dtype = getattr(torch, group_scale_dtype) if group_size else None
     if scheme.startswith("8da"):
-        return Int8DynamicActivationIntxWeightConfig(weight_dtype=weight_dtype, weight_granularity=granularity)
-    return IntxWeightOnlyConfig(weight_dtype=weight_dtype, granularity=granularity)
+        return Int8DynamicActivationIntxWeightConfig(weight_dtype=weight_dtype, weight_granularity=granularity,
+                                                     weight_scale_dtype=scale_dtype)
+    return IntxWeightOnlyConfig(weight_dtype=weight_dtype, granularity=granularity, scale_dtype=scale_dtype)
 
 
 def _group_sizes(model, kind) -> dict[str, int]:
@@ -45,12 +47,13 @@ def _plan_groups(widths: dict[str, int], group_size: int, fallback: bool, what: 
     return {name: (0 if name in undivided else group_size) for name in widths}
 
 
-def _apply(model, scheme: str, groups: dict[str, int]) -> None:
+def _apply(model, scheme: str, groups: dict[str, int], group_scale_dtype: str) -> None:
     from torchao.quantization import quantize_
 
     for group_size in sorted(set(groups.values())):
         names = {name for name, size in groups.items() if size == group_size}
-        quantize_(model, _config(scheme, group_size), filter_fn=lambda module, fqn, names=names: fqn in names)
+        config = _config(scheme, group_size, group_scale_dtype)
+        quantize_(model, config, filter_fn=lambda module, fqn, names=names: fqn in names)
 
 
 def _read_back(model, groups: dict[str, int], what: str) -> dict:
@@ -68,7 +71,7 @@ def _read_back(model, groups: dict[str, int], what: str) -> dict:
     return dict(counts)
 
 
-def quantize_model(model, spec: QuantSpec) -> dict:
+def quantize_model(model, spec: QuantSpec, group_scale_dtype: str = "float32") -> dict:
     """Quantize in place; returns {"linear": {...}, "embedding": {...}} counts read back from the weights."""
     import torch
 
@@ -81,7 +84,7 @@ def quantize_model(model, spec: QuantSpec) -> dict:
         groups = _plan_groups(_group_sizes(model, kind), group_size, spec.per_axis_fallback, what)
         if not groups:
             raise StageError(f"quantize.{what} = {scheme!r} but the model has no {what} layers")
-        _apply(model, scheme, groups)
+        _apply(model, scheme, groups, group_scale_dtype)
         report[what] = {"scheme": scheme, "layers": _read_back(model, groups, what)}
     return report
 
@@ -89,4 +92,4 @@ def quantize_model(model, spec: QuantSpec) -> dict:
 def run(node, inputs: dict[str, Path], out_dir: Path, workspace) -> dict:
     spec = QuantSpec(**node.params["quantize"])
     return export_program(inputs["fetch"], node.params["max_seq_len"], out_dir,
-                          prepare=lambda model: {"quantized": quantize_model(model, spec)})
+                          prepare=lambda model: {"quantized": quantize_model(model, spec, node.params["group_scale_dtype"])})

@@ -1,0 +1,86 @@
+"""Shared fixtures: tiny weights built once per session, and throwaway projects driven through doit."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+DODO = 'from pathlib import Path\nfrom xportbuild.tasks import DOIT_CONFIG, make_tasks\n' \
+       'globals().update(make_tasks(Path(__file__).parent / "recipes"))\n'
+
+
+@dataclass
+class Project:
+    """A user's repo: dodo.py + recipes/, built with real `doit` subprocesses."""
+
+    root: Path
+    env: dict
+
+    def write_model(self, name: str, text: str) -> None:
+        (self.root / "recipes" / "models" / f"{name}.toml").write_text(text)
+
+    def write_recipe(self, name: str, text: str) -> None:
+        (self.root / "recipes" / "recipes" / f"{name}.toml").write_text(text)
+
+    def edit_recipe(self, name: str, old: str, new: str) -> None:
+        path = self.root / "recipes" / "recipes" / f"{name}.toml"
+        text = path.read_text()
+        assert old in text, f"{old!r} not in {path}"
+        path.write_text(text.replace(old, new))
+
+    def doit(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        result = subprocess.run([sys.executable, "-m", "doit", *args], cwd=self.root, env=self.env,
+                                capture_output=True, text=True, timeout=1800)
+        if check and result.returncode != 0:
+            raise AssertionError(f"doit {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr[-6000:]}")
+        return result
+
+    def events(self) -> list[dict]:
+        path = self.root / ".xportbuild" / "events.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    def built_since(self, count: int) -> list[str]:
+        """Tasks whose stage function ran after the first `count` events."""
+        return sorted(e["task"] for e in self.events()[count:] if e["event"] == "built")
+
+
+@pytest.fixture(scope="session")
+def weights(tmp_path_factory) -> Path:
+    """Tiny random-weight models (llama, gemma3 tied, qwen3), a GGUF and an offline HF cache."""
+    from tests import tiny
+
+    root = tmp_path_factory.mktemp("weights")
+    tiny.save_model(root / "tiny-llama", "llama")
+    tiny.save_model(root / "tiny-gemma3", "gemma3", tie=True)
+    qwen = tiny.save_model(root / "qwen3-src", "qwen3")
+    commit = tiny.populate_hub_cache(qwen, root / "hf-cache", "tiny-org/tiny-qwen3")
+    (root / "hub-commit").write_text(commit)
+    tiny.save_gguf(root / "tiny-llama.gguf")
+    return root
+
+
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory) -> Path:
+    """One content-addressed cache for the session: equal keys are built once, as in CI."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture
+def project(tmp_path, weights, shared_cache) -> Project:
+    root = tmp_path / "app"
+    (root / "recipes" / "models").mkdir(parents=True)
+    shutil.copytree(REPO / "recipes" / "recipes", root / "recipes" / "recipes")
+    (root / "dodo.py").write_text(DODO)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(weights / "hf-cache"),
+           "XPORTBUILD_CACHE": str(shared_cache)}
+    return Project(root, env)

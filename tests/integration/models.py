@@ -1,0 +1,25 @@
+"""Model files for tiny test models: one function writes a model TOML for a given source."""
+
+from __future__ import annotations
+
+QUANT_TOLERANCES = """
+[tolerances.xnnpack-8da4w]
+min_cosine = 0.8
+min_top1 = 0.5
+max_abs = 100.0
+"""
+
+
+def model_toml(source: str, recipes: list[str], prompts: tuple[str, ...] = ("the capital of france is", "hello world"),
+               max_seq_len: int = 32, max_new_tokens: int = 6) -> str:
+    """A model file; `source` is the body of its [source] table."""
+    quoted = ", ".join(f'"{r}"' for r in recipes)
+    prompt_list = ", ".join(f'"{p}"' for p in prompts)
+    overrides = QUANT_TOLERANCES if "xnnpack-8da4w" in recipes else ""
+    return (f'doc = "tiny test model"\ntask = "causal-lm"\nmax_seq_len = {max_seq_len}\nrecipes = [{quoted}]\n\n'
+            f"[source]\n{source}\n\n[verify]\nprompts = [{prompt_list}]\nmax_new_tokens = {max_new_tokens}\n"
+            f"{overrides}")
+
+
+def local(path) -> str:
+    return f'kind = "local"\npath = "{path}"'

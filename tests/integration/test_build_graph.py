@@ -1,0 +1,89 @@
+"""The whole graph on tiny models: fetch -> reference -> export/quantize -> lower -> verify -> publish."""
+
+from __future__ import annotations
+
+import json
+import pytest
+
+from tests.integration.models import local, model_toml
+
+
+def _published(project, target: str) -> dict:
+    return json.loads((project.root / "artifacts" / target / "manifest.json").read_text())
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_tiny_decoders_build_and_verify_fp32_and_8da4w(project, weights, arch):
+    project.write_model(f"tiny-{arch}", model_toml(local(weights / f"tiny-{arch}"), ["xnnpack-fp32", "xnnpack-8da4w"]))
+    for recipe in ("xnnpack-fp32", "xnnpack-8da4w"):
+        project.doit(f"export:tiny-{arch}-{recipe}")
+        manifest = _published(project, f"tiny-{arch}-{recipe}")
+        verify = manifest["stages"]["verify"]["result"]
+        assert (project.root / "artifacts" / f"tiny-{arch}-{recipe}" / "model.pte").stat().st_size > 0
+        assert all(g["diverges_from_program_at"] is None for g in verify["greedy"])
+        assert manifest["stages"]["lower"]["result"]["delegation"]["forward"]["delegate_calls"] > 0
+    quantized = _published(project, f"tiny-{arch}-xnnpack-8da4w")["stages"]["quantize"]["result"]["quantized"]
+    assert quantized["linear"]["scheme"] == "8da4w" and sum(quantized["linear"]["layers"].values()) > 0
+    assert quantized["embedding"]["layers"] == {"per-channel": 1}
+    fp32 = _published(project, f"tiny-{arch}-xnnpack-fp32")["stages"]["verify"]["result"]
+    assert fp32["vs_reference"]["top1"] == 1.0
+
+
+def test_portable_backend_delegates_nothing(project, weights):
+    project.write_model("tiny-llama", model_toml(local(weights / "tiny-llama"), ["portable-fp32"]))
+    project.doit("export:tiny-llama-portable-fp32")
+    manifest = _published(project, "tiny-llama-portable-fp32")
+    assert manifest["stages"]["lower"]["result"]["delegation"]["forward"]["delegate_calls"] == 0
+    assert manifest["stages"]["verify"]["result"]["vs_reference"]["top1"] == 1.0
+
+
+def test_hub_source_from_offline_cache(project, weights):
+    commit = (weights / "hub-commit").read_text()
+    source = f'kind = "hub"\nrepo = "tiny-org/tiny-qwen3"\nrevision = "{commit}"'
+    project.write_model("tiny-qwen3", model_toml(source, ["xnnpack-fp32"]))
+    project.doit("export:tiny-qwen3-xnnpack-fp32")
+    fetch = _published(project, "tiny-qwen3-xnnpack-fp32")["stages"]["fetch"]
+    assert fetch["inputs"]["source"] == {"repo": "tiny-org/tiny-qwen3", "commit": commit, "reproducible": True}
+    assert fetch["result"]["model_type"] == "qwen3"
+
+
+def test_hub_branch_builds_but_warns_not_reproducible(project, weights):
+    source = 'kind = "hub"\nrepo = "tiny-org/tiny-qwen3"\nrevision = "main"'
+    project.write_model("tiny-qwen3", model_toml(source, ["xnnpack-fp32"]))
+    result = project.doit("fetch:tiny-qwen3")
+    assert "not reproducible" in result.stderr
+    assert "pin revision" in result.stderr
+
+
+def test_gguf_source_is_converted_once(project, weights):
+    source = f'kind = "gguf"\npath = "{weights / "tiny-llama.gguf"}"'
+    project.write_model("tiny-gguf", model_toml(source, ["xnnpack-fp32"], prompts=("hello",), max_seq_len=48))
+    project.doit("export:tiny-gguf-xnnpack-fp32")
+    assert (project.root / "artifacts" / "tiny-gguf-xnnpack-fp32" / "tokenizer.json").is_file()
+    before = len(project.events())
+    project.write_recipe("xnnpack-fp32-b", (project.root / "recipes/recipes/xnnpack-fp32.toml").read_text()
+                         + "\n[lower]\nextract_delegate_segments = false\n")
+    project.write_model("tiny-gguf", model_toml(source, ["xnnpack-fp32", "xnnpack-fp32-b"], prompts=("hello",),
+                                                max_seq_len=48))
+    project.doit("export:tiny-gguf-xnnpack-fp32-b")
+    assert not [t for t in project.built_since(before) if t.startswith(("fetch", "reference", "program"))]
+
+
+def test_wrong_lowering_pass_fails_verification_and_publishes_nothing(project, weights):
+    (project.root / "app_passes.py").write_text(
+        "import torch\n\n"
+        "def negate_first_add(program):\n"
+        "    for node in program.graph.nodes:\n"
+        "        if node.op == 'call_function' and node.target == torch.ops.aten.add.Tensor:\n"
+        "            node.target = torch.ops.aten.sub.Tensor\n"
+        "            break\n"
+        "    program.graph_module.recompile()\n"
+        "    return program\n")
+    project.write_recipe("xnnpack-broken", (project.root / "recipes/recipes/xnnpack-fp32.toml").read_text()
+                         + '\n[lower]\npasses = ["app_passes:negate_first_add"]\n')
+    project.write_model("tiny-llama", model_toml(local(weights / "tiny-llama"), ["xnnpack-broken"]))
+    result = project.doit("export:tiny-llama-xnnpack-broken", check=False)
+    assert result.returncode != 0
+    assert "verification failed" in result.stdout + result.stderr
+    assert "vs program" in result.stdout + result.stderr
+    assert not (project.root / "artifacts" / "tiny-llama-xnnpack-broken").exists()

@@ -1,0 +1,66 @@
+"""Incremental builds, observed: which stage functions ran after each kind of change."""
+
+from __future__ import annotations
+
+import shutil
+
+from tests.integration.models import local, model_toml
+
+TARGET = "tiny-llama-xnnpack-8da4w"
+
+
+def test_only_stale_stages_rerun(project, weights, tmp_path):
+    project.env["XPORTBUILD_CACHE"] = str(tmp_path / "private-cache")
+    project.write_model("tiny-llama", model_toml(local(weights / "tiny-llama"), ["xnnpack-8da4w"]))
+
+    project.doit(f"export:{TARGET}")
+    assert project.built_since(0) == sorted(
+        ["fetch:tiny-llama", "reference:tiny-llama", f"quantize:{TARGET}", f"lower:{TARGET}", f"verify:{TARGET}"])
+
+    mark = len(project.events())
+    result = project.doit(f"export:{TARGET}")
+    assert project.built_since(mark) == []
+    assert f"-- export:{TARGET}" in result.stdout
+
+    project.edit_recipe("xnnpack-8da4w", "extract_delegate_segments = true", "extract_delegate_segments = false")
+    info = project.doit("info", f"lower:{TARGET}", check=False)
+    assert "params.lower.extract_delegate_segments true→false" in info.stdout
+    mark = len(project.events())
+    project.doit(f"export:{TARGET}")
+    assert project.built_since(mark) == [f"lower:{TARGET}", f"verify:{TARGET}"]
+
+    project.edit_recipe("xnnpack-8da4w", "max_abs_vs_program = 0.5", "max_abs_vs_program = 0.6")
+    mark = len(project.events())
+    project.doit(f"export:{TARGET}")
+    assert project.built_since(mark) == [f"verify:{TARGET}"]
+
+    project.edit_recipe("xnnpack-8da4w", "linear_group_size = 32", "linear_group_size = 64")
+    mark = len(project.events())
+    project.doit(f"export:{TARGET}")
+    assert project.built_since(mark) == [f"lower:{TARGET}", f"quantize:{TARGET}", f"verify:{TARGET}"]
+    quantized = (project.root / "artifacts" / TARGET / "report.md").read_text()
+    assert "group 64" in quantized and "per-channel" in quantized  # 96-wide down_proj falls back
+
+
+def test_restored_cache_without_doit_state_is_reused(project, weights, tmp_path):
+    project.env["XPORTBUILD_CACHE"] = str(tmp_path / "ci-cache")
+    project.write_model("tiny-llama", model_toml(local(weights / "tiny-llama"), ["xnnpack-fp32"]))
+    project.doit("export:tiny-llama-xnnpack-fp32")
+
+    # A fresh clone in CI: no .xportbuild/ state, no artifacts, only the restored cache folder.
+    shutil.rmtree(project.root / ".xportbuild")
+    shutil.rmtree(project.root / "artifacts")
+    project.doit("export:tiny-llama-xnnpack-fp32")
+    assert project.built_since(0) == []
+    assert (project.root / "artifacts" / "tiny-llama-xnnpack-fp32" / "model.pte").is_file()
+
+
+def test_tampered_artifact_is_republished(project, weights):
+    project.write_model("tiny-llama", model_toml(local(weights / "tiny-llama"), ["xnnpack-fp32"]))
+    project.doit("export:tiny-llama-xnnpack-fp32")
+    pte = project.root / "artifacts" / "tiny-llama-xnnpack-fp32" / "model.pte"
+    original = pte.read_bytes()
+    pte.write_bytes(original[:-10])
+    result = project.doit("export:tiny-llama-xnnpack-fp32")
+    assert ".  export:tiny-llama-xnnpack-fp32" in result.stdout
+    assert pte.read_bytes() == original

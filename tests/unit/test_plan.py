@@ -1,0 +1,47 @@
+"""plan: shared stages appear once; each stage's params hold only what it reads."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from xportbuild.plan import plan_targets
+from xportbuild.recipe import load_project
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _plan():
+    return plan_targets(load_project(REPO / "recipes"))
+
+
+def test_model_stages_are_shared_between_recipes():
+    plan = _plan()
+    assert [n for n in plan.nodes if n.startswith(("fetch:", "reference:"))] == ["fetch:gemma3", "reference:gemma3"]
+    assert plan.targets["gemma3-xnnpack-fp32"].program == plan.targets["gemma3-portable-fp32"].program == "program:gemma3"
+    assert plan.targets["gemma3-xnnpack-8da4w"].program == "quantize:gemma3-xnnpack-8da4w"
+
+
+def test_ancestors_lists_dependencies_first():
+    order = _plan().ancestors("verify:gemma3-xnnpack-8da4w")
+    assert order.index("fetch:gemma3") < order.index("quantize:gemma3-xnnpack-8da4w") < order.index(
+        "lower:gemma3-xnnpack-8da4w") < order.index("verify:gemma3-xnnpack-8da4w")
+
+
+def test_a_tolerance_change_touches_only_verify_params():
+    targets = load_project(REPO / "recipes")
+    before = plan_targets(targets)
+    changed = [dataclasses.replace(t, tolerances=dataclasses.replace(t.tolerances, min_top1=0.1)) for t in targets]
+    after = plan_targets(changed)
+    differing = sorted(n for n in before.nodes if before.nodes[n].params != after.nodes[n].params)
+    assert differing == [f"verify:{t.name}" for t in sorted(targets, key=lambda t: t.name)]
+
+
+def test_a_lowering_change_touches_only_lower_params():
+    targets = load_project(REPO / "recipes")
+    before = plan_targets(targets)
+    changed = [dataclasses.replace(t, recipe=dataclasses.replace(
+        t.recipe, lower=dataclasses.replace(t.recipe.lower, per_op_mode=True))) for t in targets]
+    after = plan_targets(changed)
+    differing = {n.split(":")[0] for n in before.nodes if before.nodes[n].params != after.nodes[n].params}
+    assert differing == {"lower"}

@@ -1,0 +1,103 @@
+"""recipe loading: shipped files load; bad files are rejected naming file, key and value, all at once."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from xportbuild.errors import RecipeError
+from xportbuild.recipe import load_project
+
+REPO = Path(__file__).resolve().parents[2]
+SHIPPED_RECIPES = sorted((REPO / "recipes" / "recipes").glob("*.toml"))
+
+
+def test_shipped_targets_load():
+    targets = {t.name for t in load_project(REPO / "recipes")}
+    assert "gemma3-xnnpack-8da4w" in targets
+    assert len(targets) == 3
+
+
+@pytest.mark.parametrize("recipe_file", SHIPPED_RECIPES, ids=lambda p: p.stem)
+def test_each_shipped_recipe_is_used_and_valid(recipe_file):
+    assert len(SHIPPED_RECIPES) == 3
+    names = {t.recipe.name for t in load_project(REPO / "recipes")}
+    assert recipe_file.stem in names
+
+
+def _project(tmp_path: Path, model: str, recipe: str | None = None) -> Path:
+    shutil.copytree(REPO / "recipes" / "recipes", tmp_path / "recipes" / "recipes")
+    (tmp_path / "recipes" / "models").mkdir()
+    (tmp_path / "recipes" / "models" / "m.toml").write_text(model)
+    if recipe is not None:
+        (tmp_path / "recipes" / "recipes" / "r.toml").write_text(recipe)
+    return tmp_path / "recipes"
+
+
+GOOD_MODEL = """doc = "x"\ntask = "causal-lm"\nmax_seq_len = 64\nrecipes = ["xnnpack-fp32"]
+[source]\nkind = "local"\npath = "w"\n[verify]\nprompts = ["hi"]\n"""
+
+
+def test_good_model_loads(tmp_path):
+    (target,) = load_project(_project(tmp_path, GOOD_MODEL))
+    assert target.name == "m-xnnpack-fp32" and target.model.verify.prompts == ("hi",)
+
+
+def test_every_problem_reported_at_once(tmp_path):
+    model = GOOD_MODEL.replace("max_seq_len = 64", 'max_seq_len = "64"\nmax_seq_lenn = 3').replace(
+        '"xnnpack-fp32"', '"xnnpack-fp32", "r"')
+    recipe = 'doc = "bad"\nbackend = "tpu"\n[quantize]\nlinear = "3w"\nlinear_group_size = 33\n'
+    with pytest.raises(RecipeError) as caught:
+        load_project(_project(tmp_path, model, recipe))
+    text = str(caught.value)
+    assert "m.toml: max_seq_len: expected int, got str '64'" in text
+    assert "m.toml: max_seq_lenn: unknown key" in text
+    assert "r.toml: backend: 'tpu' is not one of 'xnnpack', 'portable'" in text
+    assert "r.toml: quantize.linear: '3w' is not one of" in text
+    assert "r.toml: quantize.linear_group_size: 33 must be 0" in text
+
+
+def test_xnnpack_group_size_must_be_a_multiple_of_32(tmp_path):
+    recipe = 'doc = "x"\nbackend = "xnnpack"\n[quantize]\nlinear = "8da4w"\nlinear_group_size = 16\n'
+    with pytest.raises(RecipeError, match="quantize.linear_group_size: 16: XNNPACK needs a multiple of 32"):
+        load_project(_project(tmp_path, GOOD_MODEL.replace('"xnnpack-fp32"', '"r"'), recipe))
+
+
+def test_unknown_recipe_name_lists_known(tmp_path):
+    with pytest.raises(RecipeError, match=r"unknown recipe 'nope' \(known: portable-fp32, xnnpack-8da4w"):
+        load_project(_project(tmp_path, GOOD_MODEL.replace('"xnnpack-fp32"', '"nope"')))
+
+
+def test_source_fields_must_match_kind(tmp_path):
+    model = GOOD_MODEL.replace('path = "w"', 'repo = "org/x"')
+    with pytest.raises(RecipeError) as caught:
+        load_project(_project(tmp_path, model))
+    assert "source.path: required for a local source" in str(caught.value)
+    assert "source.repo: not used by a local source" in str(caught.value)
+
+
+def test_tolerance_override_of_unlisted_recipe(tmp_path):
+    model = GOOD_MODEL + '[tolerances.xnnpack-8da4w]\nmin_top1 = 0.5\n'
+    with pytest.raises(RecipeError, match="tolerances.xnnpack-8da4w: overrides a recipe this model does not list"):
+        load_project(_project(tmp_path, model))
+
+
+def test_model_override_applies_to_its_target_only(tmp_path):
+    model = GOOD_MODEL.replace('["xnnpack-fp32"]', '["xnnpack-fp32", "portable-fp32"]')
+    model += '[tolerances.portable-fp32]\nmin_top1 = 0.5\n'
+    targets = {t.name: t for t in load_project(_project(tmp_path, model))}
+    assert targets["m-portable-fp32"].tolerances.min_top1 == 0.5
+    assert targets["m-xnnpack-fp32"].tolerances.min_top1 == 0.99
+
+
+def test_unimportable_pass_is_a_recipe_error(tmp_path):
+    from xportbuild.plan import plan_targets
+
+    recipe = 'doc = "x"\nbackend = "xnnpack"\n[lower]\npasses = ["no_such_module:fn", "nope"]\n'
+    targets = load_project(_project(tmp_path, GOOD_MODEL.replace('"xnnpack-fp32"', '"r"'), recipe))
+    with pytest.raises(RecipeError) as caught:
+        plan_targets(targets)
+    assert "r.toml: lower.passes: 'no_such_module:fn'" in str(caught.value)
+    assert "unknown pass 'nope'" in str(caught.value)
