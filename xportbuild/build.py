@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from xportbuild.cache import Entry, Store, write_atomic
-from xportbuild.errors import StageError
+from xportbuild.errors import StageError, VerifyFailed
 from xportbuild.keys import SCHEMA, canonical_json, digest_value, library_versions, module_source_digest
 from xportbuild.plan import STAGE_CODE, STAGE_RUNNERS, Plan, StageNode
 
@@ -183,13 +183,25 @@ def build_node(plan: Plan, workspace: Workspace, task: str) -> Entry:
     return entry
 
 
+def _keep_failed_numbers(workspace: Workspace, node: StageNode, failure: VerifyFailed) -> None:
+    """A failed verification is not cached, but its numbers are kept for the user to read."""
+    path = workspace.state_dir / "failed" / (node.task.replace(":", "__") + ".json")
+    write_atomic(path, json.dumps({"failures": failure.failures, "numbers": failure.numbers}, indent=1).encode())
+    workspace.record_event(task=node.task, stage=node.stage, event="failed", path=str(path))
+    log.error("%s: verification numbers kept in %s", node.task, path)
+
+
 def _run_stage(node: StageNode, resolver: Resolver, workspace: Workspace, doc: dict, key: str) -> Entry:
     inputs = {name: resolver.entry(upstream).path for name, upstream in node.inputs.items()}
     log.info("%s: building (key %s)", node.task, key[:12])
     started = time.perf_counter()
     with workspace.store.building(key) as scratch:
         with PeakMemory() as memory:
-            result = _runner(node.stage)(node, inputs, scratch, workspace)
+            try:
+                result = _runner(node.stage)(node, inputs, scratch, workspace)
+            except VerifyFailed as failure:
+                _keep_failed_numbers(workspace, node, failure)
+                raise
         seconds = time.perf_counter() - started
         record = {"stage": node.stage, "task": node.task, "key_doc": doc, "result": result,
                   "seconds": round(seconds, 3), "peak_rss_mb": round(memory.peak_mb, 1)}

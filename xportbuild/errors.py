@@ -24,9 +24,10 @@ class StageError(XportError):
 class VerifyFailed(XportError):
     """The lowered program does not agree with the reference within the recipe's tolerances."""
 
-    def __init__(self, target: str, failures: list[str]):
+    def __init__(self, target: str, failures: list[str], numbers: dict | None = None):
         self.target = target
         self.failures = list(failures)
+        self.numbers = numbers or {}
         super().__init__(f"{target}: verification failed:\n" + "\n".join(f"  - {f}" for f in failures))
 
 

@@ -92,12 +92,14 @@ def _stage_group(plan: Plan, workspace: Workspace, stage: str):
 
 
 def _export_group(plan: Plan, workspace: Workspace):
+    # Each target is its own top-level task so that a plain `doit list` shows every target.
     def task_export():
-        yield {"basename": "export", "name": None, "doc": "build, verify and publish a target to artifacts/<target>/"}
+        yield {"basename": "export", "doc": "build, verify and publish every target", "actions": [],
+               "task_dep": [f"export:{name}" for name in plan.targets]}
         for name, target_plan in plan.targets.items():
             target = target_plan.target
             yield {
-                "name": name,
+                "basename": f"export:{name}",
                 "doc": f"{target.model.doc} | {target.recipe.doc}",
                 "actions": [(run_publish, [plan, workspace, name])],
                 "task_dep": [target_plan.verify],

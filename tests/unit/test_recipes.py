@@ -65,6 +65,12 @@ def test_xnnpack_group_size_must_be_a_multiple_of_32(tmp_path):
         load_project(_project(tmp_path, GOOD_MODEL.replace('"xnnpack-fp32"', '"r"'), recipe))
 
 
+def test_portable_cannot_take_quantized_linears(tmp_path):
+    recipe = 'doc = "x"\nbackend = "portable"\n[quantize]\nlinear = "8da4w"\n'
+    with pytest.raises(RecipeError, match="quantize.linear: '8da4w': the portable backend has no kernels"):
+        load_project(_project(tmp_path, GOOD_MODEL.replace('"xnnpack-fp32"', '"r"'), recipe))
+
+
 def test_unknown_recipe_name_lists_known(tmp_path):
     with pytest.raises(RecipeError, match=r"unknown recipe 'nope' \(known: portable-fp32, xnnpack-8da4w"):
         load_project(_project(tmp_path, GOOD_MODEL.replace('"xnnpack-fp32"', '"nope"')))

@@ -130,6 +130,9 @@ def _load_recipe(file: Path, problems: _Problems) -> RecipeSpec | None:
         size = quantize_data.get(key, 0) if isinstance(quantize_data, dict) else 0
         if isinstance(size, int) and (size < 0 or size % 2):
             problems.add(file, f"quantize.{key}", f"{size} must be 0 (per-channel) or a positive even number")
+    if None not in (quantize, lower) and lower.backend == "portable" and quantize.linear != "none":
+        problems.add(file, "quantize.linear", f"{quantize.linear!r}: the portable backend has no kernels for "
+                     "quantized linears (only embeddings); use backend = \"xnnpack\" or linear = \"none\"")
     if None not in (quantize, lower) and lower.backend == "xnnpack" and quantize.linear != "none":
         if quantize.linear_group_size % 32:
             problems.add(file, "quantize.linear_group_size",

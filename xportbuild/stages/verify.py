@@ -42,6 +42,16 @@ def first_divergence(a: list[int], b: list[int]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
+def _margin(program_step, prompt: list[int], pte_tokens: list[int], program_tokens: list[int], at: int | None):
+    """How much the program prefers its own token over the .pte's where they first differ (logits)."""
+    if at is None:
+        return None
+    from xportbuild.models import causal_lm
+
+    logits = causal_lm.teacher_forced_logits(program_step, prompt, program_tokens[: at + 1])[-1]
+    return float(logits[program_tokens[at]] - logits[pte_tokens[at]])
+
+
 def measure(pte_step, program_step, references: list[dict]) -> dict:
     """All numbers verify judges, for the `forward` method of a causal LM."""
     from xportbuild.models import causal_lm
@@ -58,8 +68,10 @@ def measure(pte_step, program_step, references: list[dict]) -> dict:
         decode_seconds += time.perf_counter() - started
         decoded += len(pte_tokens)
         program_tokens = causal_lm.greedy(program_step, prompt, len(continuation))
+        at = first_divergence(pte_tokens, program_tokens)
         greedy.append({"pte": pte_tokens, "program": program_tokens, "reference": continuation,
-                       "diverges_from_program_at": first_divergence(pte_tokens, program_tokens),
+                       "diverges_from_program_at": at,
+                       "program_margin_at_divergence": _margin(program_step, prompt, pte_tokens, program_tokens, at),
                        "diverges_from_reference_at": first_divergence(pte_tokens, continuation)})
     return {"vs_reference": _merge(vs_reference), "vs_program": _merge(vs_program), "greedy": greedy,
             "generate_tokens_per_s": decoded / decode_seconds if decode_seconds else None}
@@ -77,11 +89,12 @@ def judge(numbers: dict, tolerances: Tolerances) -> list[str]:
     ]
     failures = [f"{name} {value:.6g} (required {op} {limit:g})" for name, value, op, limit in checks
                 if not (value >= limit if op == ">=" else value <= limit)]
-    if tolerances.greedy_equal_vs_program:
-        for index, item in enumerate(numbers["greedy"]):
-            if item["diverges_from_program_at"] is not None:
-                failures.append(f"prompt {index}: greedy tokens of the .pte differ from the program's "
-                                f"at token {item['diverges_from_program_at']}")
+    for index, item in enumerate(numbers["greedy"]):
+        margin = item["program_margin_at_divergence"]
+        if margin is not None and margin > tolerances.greedy_tie_margin:
+            failures.append(f"prompt {index}: greedy tokens of the .pte differ from the program's at token "
+                            f"{item['diverges_from_program_at']}, where the program prefers its token by "
+                            f"{margin:.3g} logits (allowed tie margin {tolerances.greedy_tie_margin:g})")
     return failures
 
 
@@ -97,7 +110,7 @@ def verify(pte_path: Path, program_dir: Path, reference_dir: Path, tolerances: T
                       load_reference(reference_dir))
     failures = judge(numbers, tolerances)
     if failures:
-        raise VerifyFailed(target, failures)
+        raise VerifyFailed(target, failures, numbers)
     return numbers
 
 
