@@ -2,6 +2,6 @@
 
 from pathlib import Path
 
-from xportbuild.tasks import DOIT_CONFIG, make_tasks
+from xportbuild.tasks import DOIT_CONFIG, make_tasks  # noqa: F401  doit reads DOIT_CONFIG from here
 
 globals().update(make_tasks(Path(__file__).parent / "recipes"))

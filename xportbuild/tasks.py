@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 from doit.exceptions import TaskFailed
 
 from xportbuild.build import Resolver, Workspace, build_node
-from xportbuild.errors import XportError
+from xportbuild.errors import RecipeError, XportError
 from xportbuild.plan import STAGE_DOCS, Plan, plan_targets
 from xportbuild.recipe import load_project
 
@@ -115,8 +116,6 @@ def make_tasks(recipes_dir: Path, cache_dir: Path | None = None, artifacts_dir: 
 
     Defaults: cache in <project>/.xportbuild/cache (XPORTBUILD_CACHE overrides), artifacts in <project>/artifacts.
     """
-    import os
-
     project = Path(recipes_dir).resolve().parent
     state_dir = project / ".xportbuild"
     state_dir.mkdir(exist_ok=True)  # doit opens its dep file here before any task runs
@@ -125,7 +124,12 @@ def make_tasks(recipes_dir: Path, cache_dir: Path | None = None, artifacts_dir: 
         artifacts_dir=Path(artifacts_dir or project / "artifacts").resolve(),
         state_dir=state_dir,
     )
-    plan = plan_targets(load_project(Path(recipes_dir)))
+    try:
+        plan = plan_targets(load_project(Path(recipes_dir)))
+    except RecipeError as err:
+        # A traceback from inside dodo loading would bury the list of problems.
+        print(err, file=sys.stderr)
+        raise SystemExit(2) from err
     creators = {f"task_{stage}": _stage_group(plan, workspace, stage) for stage in STAGES}
     creators["task_export"] = _export_group(plan, workspace)
     return creators

@@ -22,37 +22,31 @@ def manifest() -> dict:
     return json.loads((REPO / "artifacts" / TARGET / "manifest.json").read_text())
 
 
-def _quantized_eager_greedy(fetch_dir: Path, prompt: list[int], count: int) -> list[int]:
-    """Independent of verify: quantize the eager model again and decode greedily in PyTorch."""
+def test_pte_greedy_matches_quantized_eager_model_for_16_tokens(manifest):
+    """16 tokens equal to an independently re-quantized eager model, except a first difference at a
+    near-tie within the recipe's greedy_tie_margin (dynamic activation quantization is not bit-exact)."""
+    from transformers import AutoTokenizer
+
+    from xportbuild.cache import Store
     from xportbuild.models import causal_lm
     from xportbuild.recipe import load_project
     from xportbuild.stages.quantize import quantize_model
 
     target = next(t for t in load_project(REPO / "recipes") if t.name == TARGET)
+    fetch_dir = Store(REPO / ".xportbuild" / "cache").entry_path(manifest["stages"]["fetch"]["key"])
     model = causal_lm.load_model(fetch_dir)
-    quantize_model(model, target.recipe.quantize)
+    quantize_model(model, target.recipe.quantize, manifest["stages"]["quantize"]["params"]["group_scale_dtype"])
     step = causal_lm.module_step(causal_lm.exportable(model, target.model.max_seq_len))
-    return causal_lm.greedy(step, prompt, count)
-
-
-def test_pte_greedy_equals_quantized_eager_model_for_16_tokens(manifest):
-    from xportbuild.cache import Store
-
-    verify = manifest["stages"]["verify"]["result"]
-    fetch_key = manifest["stages"]["fetch"]["key"]
-    cache = REPO / ".xportbuild" / "cache"
-    fetch_dir = Store(cache).entry_path(fetch_key)
-    for item, prompt_ids in zip(verify["greedy"], _prompts(fetch_dir, manifest)):
-        assert len(item["pte"]) >= 16
-        assert item["pte"] == _quantized_eager_greedy(fetch_dir, prompt_ids, len(item["pte"]))
-
-
-def _prompts(fetch_dir: Path, manifest: dict) -> list[list[int]]:
-    from transformers import AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(fetch_dir)
     texts = manifest["stages"]["reference"]["result"]["texts"]
-    return [tokenizer(t["prompt"])["input_ids"] for t in texts]
+    for item, text in zip(manifest["stages"]["verify"]["result"]["greedy"], texts):
+        prompt = tokenizer(text["prompt"])["input_ids"]
+        assert len(item["pte"]) >= 16
+        eager = causal_lm.greedy(step, prompt, len(item["pte"]))
+        at = next((i for i, (a, b) in enumerate(zip(item["pte"], eager)) if a != b), None)
+        if at is not None:
+            logits = causal_lm.teacher_forced_logits(step, prompt, eager[: at + 1])[-1]
+            assert logits[eager[at]] - logits[item["pte"][at]] <= target.tolerances.greedy_tie_margin
 
 
 def test_reference_continuation_is_the_known_float_text(manifest):

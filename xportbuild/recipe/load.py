@@ -48,8 +48,11 @@ def _check_value(hint, value, file: Path, key: str, problems: _Problems):
     return float(value) if hint is float else value
 
 
-def _build(cls, data: dict, file: Path, prefix: str, problems: _Problems, fixed: dict | None = None):
-    """Build dataclass `cls` from `data`, recording unknown keys, missing keys and bad values."""
+def _build(cls, data: dict, file: Path, prefix: str, problems: _Problems, fixed: dict | None = None,
+           tables: tuple[str, ...] = ()):
+    """Build dataclass `cls` from `data`, recording unknown keys, missing keys and bad values.
+
+    `tables` are keys the caller already consumed, named only so the list of known keys is complete."""
     fixed = fixed or {}
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in fixed}
@@ -58,7 +61,7 @@ def _build(cls, data: dict, file: Path, prefix: str, problems: _Problems, fixed:
         return None
     for key in data:
         if key not in fields:
-            problems.add(file, prefix + key, f"unknown key (known: {', '.join(sorted(fields))})")
+            problems.add(file, prefix + key, f"unknown key (known: {', '.join(sorted([*fields, *tables]))})")
     values, ok = dict(fixed), True
     for name, field in fields.items():
         if name not in data:
@@ -105,7 +108,7 @@ def _load_model(file: Path, problems: _Problems) -> tuple[ModelSpec | None, dict
         _check_source(source, file, problems)
     verify = _build(VerifyInputs, data.pop("verify", None), file, "verify.", problems)
     fixed = {"name": file.stem, "file": str(file), "source": source, "verify": verify}
-    model = _build(ModelSpec, data, file, "", problems, fixed=fixed)
+    model = _build(ModelSpec, data, file, "", problems, fixed=fixed, tables=("source", "verify", "tolerances"))
     if model is not None and model.max_seq_len < 2:
         problems.add(file, "max_seq_len", f"{model.max_seq_len} is too small (at least 2)")
     if verify is not None and (not verify.prompts or verify.max_new_tokens < 1):
@@ -122,10 +125,13 @@ def _load_recipe(file: Path, problems: _Problems) -> RecipeSpec | None:
     data = dict(data)
     quantize_data = data.pop("quantize", {})
     quantize = _build(QuantSpec, quantize_data, file, "quantize.", problems)
-    lower = _build(LowerSpec, {"backend": data.pop("backend", None), **data.pop("lower", {})}, file, "", problems)
+    backend = _check_value(typing.get_type_hints(LowerSpec)["backend"], data.pop("backend", None), file, "backend",
+                           problems)
+    lower = _build(LowerSpec, data.pop("lower", {}), file, "lower.", problems, fixed={"backend": backend})
+    lower = lower if backend is not None else None
     tolerances = _build(Tolerances, data.pop("verify", {}), file, "verify.", problems)
     fixed = {"name": file.stem, "file": str(file), "quantize": quantize, "lower": lower, "tolerances": tolerances}
-    recipe = _build(RecipeSpec, data, file, "", problems, fixed=fixed)
+    recipe = _build(RecipeSpec, data, file, "", problems, fixed=fixed, tables=("backend", "quantize", "lower", "verify"))
     for key in ("linear_group_size", "embedding_group_size"):
         size = quantize_data.get(key, 0) if isinstance(quantize_data, dict) else 0
         if isinstance(size, int) and (size < 0 or size % 2):

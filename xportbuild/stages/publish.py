@@ -21,7 +21,9 @@ SHIPPED = {"model.pte": "lower", "tokenizer.json": "fetch", "tokenizer_config.js
 
 def _stage_record(task: str, entry: Entry) -> dict:
     record = entry.record
-    return {"task": task, "key": record["key"], "output_digest": record["digest"], "inputs": record["key_doc"]["inputs"],
+    doc = record["key_doc"]
+    return {"task": task, "key": record["key"], "output_digest": record["digest"], "inputs": doc["inputs"],
+            "params": doc["params"],
             "seconds": record.get("seconds"), "peak_rss_mb": record.get("peak_rss_mb"), "result": record["result"]}
 
 
