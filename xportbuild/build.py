@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import importlib
 import json
 import logging
@@ -165,6 +166,9 @@ def _runner(stage: str):
     return getattr(importlib.import_module(module_name), attr)
 
 
+_STORAGE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
+
+
 def build_node(plan: Plan, workspace: Workspace, task: str) -> Entry:
     """Reuse or build the entry of `task`; exactly one process builds a key at a time."""
     resolver = Resolver(plan, workspace)
@@ -173,13 +177,22 @@ def build_node(plan: Plan, workspace: Workspace, task: str) -> Entry:
     if doc is None:
         raise StageError(f"{task}: cannot start: {why}")
     key = digest_value(doc)
-    with workspace.store.lock(key):
-        entry = workspace.store.lookup(key)
-        if entry is None:
-            entry = _run_stage(node, resolver, workspace, doc, key)
-        else:
-            workspace.record_event(task=task, stage=node.stage, event="hit", key=key)
-    write_atomic(workspace.last_doc_path(task), canonical_json(doc).encode())
+    try:
+        with workspace.store.lock(key):
+            entry = workspace.store.lookup(key)
+            if entry is None:
+                entry = _run_stage(node, resolver, workspace, doc, key)
+            else:
+                workspace.record_event(task=task, stage=node.stage, event="hit", key=key)
+        write_atomic(workspace.last_doc_path(task), canonical_json(doc).encode())
+    except KeyboardInterrupt:
+        log.error("%s: interrupted; nothing of it was cached, finished stages are kept", task)
+        raise
+    except OSError as err:
+        if err.errno not in _STORAGE_ERRORS:
+            raise
+        raise StageError(f"{task}: cannot write to {err.filename or workspace.cache_dir}: {err.strerror or err}; "
+                         "free disk space or fix permissions, then run again (finished stages are kept)") from err
     return entry
 
 

@@ -64,3 +64,34 @@ def test_tampered_artifact_is_republished(project, weights):
     result = project.doit("export:tiny-llama-xnnpack-fp32")
     assert ".  export:tiny-llama-xnnpack-fp32" in result.stdout
     assert pte.read_bytes() == original
+
+
+SWAP_PASS = """import torch
+
+
+def {name}(program):
+    for node in program.graph.nodes:
+        if node.op == "call_function" and node.target == torch.ops.aten.add.Tensor and {condition}:
+            node.args = (node.args[1], node.args[0])
+            break
+    program.graph_module.recompile()
+    return program
+"""
+
+
+def test_editing_a_named_pass_reruns_lower_and_verify(project, weights, tmp_path):
+    project.env["XPORTBUILD_CACHE"] = str(tmp_path / "private-cache")
+    pass_file = project.root / "my_passes.py"
+    pass_file.write_text(SWAP_PASS.format(name="swap_add", condition="False"))
+    project.write_recipe("xnnpack-mine", (project.root / "recipes/recipes/xnnpack-fp32.toml").read_text()
+                         + '\n[lower]\npasses = ["my_passes:swap_add"]\n')
+    project.write_model("tiny-llama", model_toml(local(weights / "tiny-llama"), ["xnnpack-mine"]))
+    project.doit("export:tiny-llama-xnnpack-mine")
+
+    # The same pass name, new code: swapping a commutative add changes the graph, not the numbers.
+    pass_file.write_text(SWAP_PASS.format(name="swap_add", condition="True"))
+    info = project.doit("info", "lower:tiny-llama-xnnpack-mine", check=False)
+    assert "params.passes" in info.stdout
+    mark = len(project.events())
+    project.doit("export:tiny-llama-xnnpack-mine")
+    assert project.built_since(mark) == ["lower:tiny-llama-xnnpack-mine", "verify:tiny-llama-xnnpack-mine"]
