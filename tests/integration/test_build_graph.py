@@ -70,17 +70,21 @@ def test_gguf_source_is_converted_once(project, weights):
 
 
 def test_wrong_lowering_pass_fails_verification_and_publishes_nothing(project, weights):
+    # Scales the logits by 1.5 before returning them: a plausible-looking, wrong rewrite.
     (project.root / "app_passes.py").write_text(
         "import torch\n\n"
-        "def negate_first_add(program):\n"
-        "    for node in program.graph.nodes:\n"
-        "        if node.op == 'call_function' and node.target == torch.ops.aten.add.Tensor:\n"
-        "            node.target = torch.ops.aten.sub.Tensor\n"
-        "            break\n"
+        "def scale_logits(program):\n"
+        "    graph = program.graph\n"
+        "    output = next(n for n in graph.nodes if n.op == 'output')\n"
+        "    logits = output.args[0][-1]\n"
+        "    with graph.inserting_before(output):\n"
+        "        scaled = graph.call_function(torch.ops.aten.mul.Scalar, (logits, 1.5))\n"
+        "    scaled.meta = dict(logits.meta)\n"
+        "    output.args = ((*output.args[0][:-1], scaled),)\n"
         "    program.graph_module.recompile()\n"
         "    return program\n")
     project.write_recipe("xnnpack-broken", (project.root / "recipes/recipes/xnnpack-fp32.toml").read_text()
-                         + '\n[lower]\npasses = ["app_passes:negate_first_add"]\n')
+                         + '\n[lower]\npasses = ["app_passes:scale_logits"]\n')
     project.write_model("tiny-llama", model_toml(local(weights / "tiny-llama"), ["xnnpack-broken"]))
     result = project.doit("export:tiny-llama-xnnpack-broken", check=False)
     assert result.returncode != 0
