@@ -42,8 +42,9 @@ class Workspace:
         finally:
             os.close(fd)
 
-    def last_doc_path(self, task: str) -> Path:
-        return self.state_dir / "last" / (task.replace(":", "__") + ".json")
+    def state_file(self, kind: str, task: str) -> Path:
+        """Per-task local state, e.g. state_file("last", "lower:x") for the key of its last build."""
+        return self.state_dir / kind / (task.replace(":", "__") + ".json")
 
 
 class Resolver:
@@ -65,7 +66,7 @@ class Resolver:
             for name, upstream in node.inputs.items():
                 entry = self.entry(upstream)
                 if entry is None:
-                    return None, f"{upstream} is not built"
+                    return None, f"{upstream} must be built first"
                 inputs[name] = entry.digest
         return {
             "schema": SCHEMA,
@@ -99,7 +100,8 @@ class Resolver:
             return False, f"{task} is stale: {why}"
         if self.entry(task) is not None:
             return True, f"{task} is up to date (key {digest_value(doc)[:12]})"
-        return False, f"{task} is stale: {explain_change(self.workspace.last_doc_path(task), doc)}"
+        last = self.workspace.state_file("last", task)
+        return False, f"{task} is stale: {explain_change(last, doc)}"
 
 
 def _flatten(value, prefix: str = "") -> dict[str, object]:
@@ -184,7 +186,7 @@ def build_node(plan: Plan, workspace: Workspace, task: str) -> Entry:
                 entry = _run_stage(node, resolver, workspace, doc, key)
             else:
                 workspace.record_event(task=task, stage=node.stage, event="hit", key=key)
-        write_atomic(workspace.last_doc_path(task), canonical_json(doc).encode())
+        write_atomic(workspace.state_file("last", task), canonical_json(doc).encode())
     except KeyboardInterrupt:
         log.error("%s: interrupted; nothing of it was cached, finished stages are kept", task)
         raise
@@ -198,7 +200,7 @@ def build_node(plan: Plan, workspace: Workspace, task: str) -> Entry:
 
 def _keep_failed_numbers(workspace: Workspace, node: StageNode, failure: VerifyFailed) -> None:
     """A failed verification is not cached, but its numbers are kept for the user to read."""
-    path = workspace.state_dir / "failed" / (node.task.replace(":", "__") + ".json")
+    path = workspace.state_file("failed", node.task)
     write_atomic(path, json.dumps({"failures": failure.failures, "numbers": failure.numbers}, indent=1).encode())
     workspace.record_event(task=node.task, stage=node.stage, event="failed", path=str(path))
     log.error("%s: verification numbers kept in %s", node.task, path)

@@ -69,6 +69,19 @@ def test_gguf_source_is_converted_once(project, weights):
     assert not [t for t in project.built_since(before) if t.startswith(("fetch", "reference", "program"))]
 
 
+def test_gguf_conversion_depends_only_on_the_gguf(project, weights, tmp_path):
+    """Converted files must not record how they were loaded (e.g. offline mode): downstream keys hash them."""
+    source = f'kind = "gguf"\npath = "{weights / "tiny-llama.gguf"}"'
+    project.write_model("tiny-gguf", model_toml(source, ["xnnpack-fp32"], prompts=("hello",), max_seq_len=48))
+    digests = []
+    for offline in ("1", "0"):
+        project.env.update(HF_HUB_OFFLINE=offline, XPORTBUILD_CACHE=str(tmp_path / f"cache-{offline}"))
+        project.doit("fetch:tiny-gguf")
+        (record,) = (tmp_path / f"cache-{offline}").glob("v1/xxh3_128/*/*/entry.json")
+        digests.append(json.loads(record.read_text())["digest"])
+    assert digests[0] == digests[1]
+
+
 def test_wrong_lowering_pass_fails_verification_and_publishes_nothing(project, weights):
     # Scales the logits by 1.5 before returning them: a plausible-looking, wrong rewrite.
     (project.root / "app_passes.py").write_text(

@@ -53,6 +53,9 @@ def _convert_gguf(path: Path, out_dir: Path, model_file: str) -> None:
     except (ValueError, KeyError, OSError) as err:
         raise SourceError(f"{model_file}: source: cannot load GGUF {path}: {err}") from err
     _drop_gguf_quantizer(model, path)
+    # Loading options would otherwise be saved into tokenizer_config.json, making the output (and every
+    # key downstream) depend on HF_HUB_OFFLINE rather than on the GGUF's content.
+    tokenizer.init_kwargs.pop("local_files_only", None)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
 

@@ -45,10 +45,11 @@ def published_state(plan: Plan, workspace: Workspace, target: str) -> tuple[bool
     try:
         published = json.loads((folder / MANIFEST).read_text())
     except (OSError, ValueError):
-        return False, f"export:{target} is stale: not published"
-    doc, why = resolver.key_doc(plan.targets[target].verify)
-    if doc is None or resolver.entry(plan.targets[target].verify) is None:
-        return False, f"export:{target} is stale: {why or 'verification is stale'}"
+        return False, f"export:{target} is stale: not published yet"
+    verify_task = plan.targets[target].verify
+    doc, _ = resolver.key_doc(verify_task)
+    if doc is None or resolver.entry(verify_task) is None:
+        return False, f"export:{target} is stale: {first_stale_reason(plan, resolver, verify_task)}"
     if published["stages"]["verify"]["key"] != digest_value(doc):
         return False, f"export:{target} is stale: the published artifact was verified under another key"
     for name, digest in published.get("files", {}).items():
@@ -56,6 +57,15 @@ def published_state(plan: Plan, workspace: Workspace, target: str) -> tuple[bool
         if not path.is_file() or workspace.store.stats.digest(path) != digest:
             return False, f"export:{target} is stale: published {name} is missing or modified"
     return True, f"export:{target} is up to date"
+
+
+def first_stale_reason(plan: Plan, resolver: Resolver, task: str) -> str:
+    """Why the earliest stale stage feeding `task` must rerun: the root cause, not its echoes downstream."""
+    for upstream in plan.ancestors(task):
+        fresh, reason = resolver.status(upstream)
+        if not fresh:
+            return reason
+    return f"{task} is stale"
 
 
 def publish(plan: Plan, workspace: Workspace, target: str) -> Path:
