@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 
+import pytest
+
 from xportbuild.cache import ENTRY_FILE, Store
 
 KEY = "ab" + "0" * 30
@@ -37,25 +39,16 @@ def test_failed_build_leaves_nothing(tmp_path):
     assert not list((tmp_path / "tmp").iterdir())
 
 
-def test_truncated_file_is_a_miss_with_warning(tmp_path, caplog):
+@pytest.mark.parametrize("damaged, message", [(b"program", "truncated"), (b"PROGRAM BYTES", "content hash")],
+                         ids=["truncated", "same-size-corruption"])
+def test_damaged_file_is_a_miss_with_warning(tmp_path, caplog, damaged, message):
     store = Store(tmp_path)
     _commit(store)
-    path = store.entry_path(KEY) / "forward.pt2"
-    path.write_bytes(b"program")
-    with caplog.at_level(logging.WARNING):
-        assert store.lookup(KEY) is None
-    assert "truncated" in caplog.text
-    assert not store.entry_path(KEY).exists()
-
-
-def test_same_size_corruption_is_detected_by_content_hash(tmp_path, caplog):
-    store = Store(tmp_path)
-    _commit(store)
-    path = store.entry_path(KEY) / "forward.pt2"
-    path.write_bytes(b"PROGRAM BYTES")
+    (store.entry_path(KEY) / "forward.pt2").write_bytes(damaged)
     with caplog.at_level(logging.WARNING):
         assert Store(tmp_path).lookup(KEY) is None
-    assert "content hash" in caplog.text
+    assert message in caplog.text
+    assert not store.entry_path(KEY).exists()
 
 
 def test_unreadable_record_is_a_miss(tmp_path):

@@ -71,6 +71,14 @@ def test_portable_cannot_take_quantized_linears(tmp_path):
         load_project(_project(tmp_path, GOOD_MODEL.replace('"xnnpack-fp32"', '"r"'), recipe))
 
 
+def test_knobs_that_would_do_nothing_are_rejected(tmp_path):
+    recipe = 'doc = "x"\nbackend = "portable"\n[quantize]\nembedding_group_size = 32\n[lower]\nper_op_mode = true\n'
+    with pytest.raises(RecipeError) as caught:
+        load_project(_project(tmp_path, GOOD_MODEL.replace('"xnnpack-fp32"', '"r"'), recipe))
+    assert "quantize.embedding_group_size: set, but quantize.embedding is \"none\"" in str(caught.value)
+    assert "lower.per_op_mode: true: only the xnnpack backend partitions per op" in str(caught.value)
+
+
 def test_unknown_recipe_name_lists_known(tmp_path):
     with pytest.raises(RecipeError, match=r"unknown recipe 'nope' \(known: portable-fp32, xnnpack-8da4w"):
         load_project(_project(tmp_path, GOOD_MODEL.replace('"xnnpack-fp32"', '"nope"')))

@@ -136,6 +136,12 @@ def _load_recipe(file: Path, problems: _Problems) -> RecipeSpec | None:
         size = quantize_data.get(key, 0) if isinstance(quantize_data, dict) else 0
         if isinstance(size, int) and (size < 0 or size % 2):
             problems.add(file, f"quantize.{key}", f"{size} must be 0 (per-channel) or a positive even number")
+    if lower is not None and lower.backend != "xnnpack" and lower.per_op_mode:
+        problems.add(file, "lower.per_op_mode", f"true: only the xnnpack backend partitions per op, not {lower.backend}")
+    for part in ("linear", "embedding"):
+        scheme = quantize_data.get(part, "none") if isinstance(quantize_data, dict) else "none"
+        if scheme == "none" and isinstance(quantize_data, dict) and f"{part}_group_size" in quantize_data:
+            problems.add(file, f"quantize.{part}_group_size", f"set, but quantize.{part} is \"none\": it would do nothing")
     if None not in (quantize, lower) and lower.backend == "portable" and quantize.linear != "none":
         problems.add(file, "quantize.linear", f"{quantize.linear!r}: the portable backend has no kernels for "
                      "quantized linears (only embeddings); use backend = \"xnnpack\" or linear = \"none\"")
