@@ -104,3 +104,11 @@ def test_wrong_lowering_pass_fails_verification_and_publishes_nothing(project, w
     assert "verification failed" in result.stdout + result.stderr
     assert "vs program" in result.stdout + result.stderr
     assert not (project.root / "artifacts" / "tiny-llama-xnnpack-broken").exists()
+
+
+def test_max_seq_len_over_the_model_limit_is_a_clear_error(project, weights):
+    project.write_model("tiny-llama", model_toml(local(weights / "tiny-llama"), ["xnnpack-fp32"], max_seq_len=300))
+    result = project.doit("export:tiny-llama-xnnpack-fp32", check=False)
+    assert result.returncode != 0
+    assert "max_seq_len = 300 exceeds the model's max_position_embeddings (256)" in result.stdout + result.stderr
+    assert not (project.root / "artifacts" / "tiny-llama-xnnpack-fp32").exists()

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from xportbuild.errors import StageError
+
 Step = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 METHODS = ("forward",)
 
@@ -29,6 +31,10 @@ def exportable(model: torch.nn.Module, max_seq_len: int) -> torch.nn.Module:
     from transformers import GenerationConfig
     from transformers.integrations.executorch import TorchExportableModuleForDecoderOnlyLM
 
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if limit is not None and max_seq_len > limit:
+        raise StageError(f"max_seq_len = {max_seq_len} exceeds the model's max_position_embeddings ({limit}): "
+                         "lower max_seq_len in the model file")
     model.generation_config = GenerationConfig(use_cache=True, cache_implementation="static")
     wrapper = TorchExportableModuleForDecoderOnlyLM(model, batch_size=1, max_cache_len=max_seq_len)
     # The outer wrapper's forward drops cache_position; its inner module is what export traces.
