@@ -55,9 +55,18 @@ class Resolver:
         self.workspace = workspace
         self.store = workspace.store
         self._entries: dict[str, Entry] = {}
+        self._docs: dict[str, dict] = {}
 
     def key_doc(self, task: str) -> tuple[dict | None, str]:
-        """(key document, "") or (None, why it cannot be computed yet)."""
+        """(key document, "") or (None, why it cannot be computed yet); a computed document is kept."""
+        if task not in self._docs:
+            doc, why = self._compute_key_doc(task)
+            if doc is None:
+                return None, why
+            self._docs[task] = doc
+        return self._docs[task], ""
+
+    def _compute_key_doc(self, task: str) -> tuple[dict | None, str]:
         node = self.plan.nodes[task]
         if node.stage == "fetch":
             inputs = {"source": self._source_fingerprint(node)}
