@@ -137,3 +137,28 @@ def save_gguf(path: Path, seed: int = 1) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def save_foreign_gguf(path: Path, architecture: str) -> Path:
+    """A small GGUF of an architecture transformers cannot convert."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), architecture)
+    writer.add_context_length(MAX_POSITIONS)
+    writer.add_tensor("token_embd.weight", np.zeros((16, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def save_image_classifier(folder: Path) -> Path:
+    """A tiny ViT: a real, loadable model that is not a causal LM."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    config = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                       image_size=32, patch_size=8, num_labels=3)
+    ViTForImageClassification(config).save_pretrained(folder)
+    return folder

@@ -27,10 +27,11 @@ class Workspace:
     cache_dir: Path
     artifacts_dir: Path
     state_dir: Path
+    remote_cache_dir: Path | None = None
 
     @property
     def store(self) -> Store:
-        return Store(self.cache_dir)
+        return Store(self.cache_dir, remote=self.remote_cache_dir)
 
     def record_event(self, **event) -> None:
         """Append one line to the build log; O_APPEND keeps concurrent writers' lines whole."""
@@ -177,7 +178,8 @@ def _runner(stage: str):
     return getattr(importlib.import_module(module_name), attr)
 
 
-_STORAGE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
+# Disk full, quota, read-only or unwritable cache, file size limit: the user fixes the machine, not the recipe.
+_STORAGE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG)
 
 
 def build_node(plan: Plan, workspace: Workspace, task: str) -> Entry:
@@ -193,6 +195,7 @@ def build_node(plan: Plan, workspace: Workspace, task: str) -> Entry:
             entry = workspace.store.lookup(key)
             if entry is None:
                 entry = _run_stage(node, resolver, workspace, doc, key)
+                workspace.store.push(entry)
             else:
                 workspace.record_event(task=task, stage=node.stage, event="hit", key=key)
         write_atomic(workspace.state_file("last", task), canonical_json(doc).encode())

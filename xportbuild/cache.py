@@ -14,10 +14,35 @@ from pathlib import Path
 from filelock import FileLock
 
 from xportbuild.errors import CacheCorrupt
-from xportbuild.keys import ALGORITHM, SCHEMA, StatCache, canonical_json, file_stamp, hash_file, tree_digest
+from xportbuild.keys import (
+    ALGORITHM,
+    SCHEMA,
+    StatCache,
+    canonical_json,
+    digest_value,
+    file_stamp,
+    hash_file,
+    tree_digest,
+)
 
 log = logging.getLogger(__name__)
 ENTRY_FILE = "entry.json"
+
+
+def safe_relative_name(name: str) -> bool:
+    """True for a plain relative path that stays inside the folder it is joined to."""
+    parts = Path(name).parts
+    return bool(parts) and not Path(name).is_absolute() and ".." not in parts and "\\" not in name
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -57,10 +82,14 @@ class Entry:
 
 
 class Store:
-    """Entries live at <root>/v1/xxh3_128/<ab>/<key>/; temporary builds under <root>/tmp."""
+    """Entries live at <root>/v1/xxh3_128/<ab>/<key>/; temporary builds under <root>/tmp.
 
-    def __init__(self, root: Path):
+    With a `remote` (a folder shared by CI jobs, e.g. a mounted or restored directory), a local miss is
+    pulled from it after checking every file against its content hash, and new entries are pushed to it."""
+
+    def __init__(self, root: Path, remote: Path | None = None):
         self.root = Path(root)
+        self.remote = Path(remote) if remote else None
         self.stats = StatCache(self.root / "stat")
 
     def entry_path(self, key: str) -> Path:
@@ -75,25 +104,32 @@ class Store:
         """The entry for `key` if present and intact; a damaged entry is discarded with a warning."""
         path = self.entry_path(key)
         if not (path / ENTRY_FILE).exists():
-            return None
+            return self._pull(key) if self.remote else None
         try:
-            return Entry(path, self._validated_record(path))
+            return Entry(path, self._validated_record(path, key, self.stats.digest))
         except CacheCorrupt as err:
             log.warning("%s; discarding it and rebuilding", err)
             self._discard(path)
-            return None
+            return self._pull(key) if self.remote else None
 
-    def _validated_record(self, path: Path) -> dict:
+    @staticmethod
+    def _validated_record(path: Path, key: str, digest_of) -> dict:
+        """The entry's record, after checking it belongs to `key` and every file matches its content hash."""
         try:
             record = json.loads((path / ENTRY_FILE).read_text())
             files = record["files"]
-        except (OSError, ValueError, KeyError, TypeError) as err:
+            names_ok = all(safe_relative_name(name) for name in files)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             raise CacheCorrupt(f"cache entry {path}: unreadable record ({err})") from err
+        if record.get("key") != key or digest_value(record.get("key_doc")) != key:
+            raise CacheCorrupt(f"cache entry {path}: its record was not built for key {key}")
+        if not names_ok:
+            raise CacheCorrupt(f"cache entry {path}: a file name leaves the entry folder")
         for name, expected in files.items():
             file = path / name
             if not file.is_file() or file.stat().st_size != expected["size"]:
                 raise CacheCorrupt(f"cache entry {path}: {name} is missing or truncated")
-            if self.stats.digest(file) != expected["digest"]:
+            if digest_of(file) != expected["digest"]:
                 raise CacheCorrupt(f"cache entry {path}: {name} does not match its content hash")
         if tree_digest({n: f["digest"] for n, f in files.items()}) != record.get("digest"):
             raise CacheCorrupt(f"cache entry {path}: record digest does not match its files")
@@ -111,11 +147,60 @@ class Store:
         """A scratch folder for a stage's outputs; `commit` on it publishes the entry atomically."""
         scratch_root = self.root / "tmp"
         scratch_root.mkdir(parents=True, exist_ok=True)
-        scratch = Path(tempfile.mkdtemp(dir=scratch_root, prefix=f"{key[:12]}-"))
+        self._prune_orphans(scratch_root)
+        scratch = Path(tempfile.mkdtemp(dir=scratch_root, prefix=f"{key[:12]}-{os.getpid()}-"))
         try:
             yield scratch
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+
+    @staticmethod
+    def _prune_orphans(scratch_root: Path) -> None:
+        """Remove scratch folders of processes that died (kill -9) before cleaning up."""
+        for folder in scratch_root.iterdir():
+            fields = folder.name.split("-")
+            if len(fields) >= 3 and fields[1].isdigit() and not _pid_alive(int(fields[1])):
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def _pull(self, key: str) -> Entry | None:
+        """Copy the remote entry for `key` into the local store, trusting nothing it has not hashed."""
+        remote = self.remote / SCHEMA / ALGORITHM / key[:2] / key
+        if not (remote / ENTRY_FILE).is_file():
+            return None
+        with self.building(key) as scratch:
+            try:
+                record = json.loads((remote / ENTRY_FILE).read_text())
+                names = list(record["files"])
+                if not all(safe_relative_name(name) for name in names):
+                    raise CacheCorrupt(f"remote cache entry {remote}: a file name leaves the entry folder")
+                for name in [*names, ENTRY_FILE]:
+                    (scratch / name).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(remote / name, scratch / name)
+                record = self._validated_record(scratch, key, hash_file)
+            except (OSError, ValueError, KeyError, TypeError, AttributeError, CacheCorrupt) as err:
+                log.warning("remote cache entry %s rejected (%s); building it locally", key, err)
+                return None
+            log.info("pulled %s from the remote cache", key)
+            return self._place(key, scratch, record)
+
+    def push(self, entry: Entry) -> None:
+        """Copy a local entry to the remote store (atomically); a remote that cannot be written is skipped."""
+        if self.remote is None:
+            return
+        key = entry.record["key"]
+        final = self.remote / SCHEMA / ALGORITHM / key[:2] / key
+        if (final / ENTRY_FILE).is_file():
+            return
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{key[:12]}-"))
+            try:
+                shutil.copytree(entry.path, staging, dirs_exist_ok=True)
+                os.rename(staging, final)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+        except OSError as err:
+            log.warning("could not push %s to the remote cache %s: %s", key, self.remote, err)
 
     def commit(self, key: str, scratch: Path, record: dict) -> Entry:
         """Record the files in `scratch` and move it into place as the entry for `key`."""
@@ -126,6 +211,10 @@ class Store:
             files[name] = {"size": file.stat().st_size, "digest": digest}
         full = {**record, "key": key, "files": files, "digest": tree_digest({n: f["digest"] for n, f in files.items()})}
         write_atomic(scratch / ENTRY_FILE, canonical_json(full).encode())
+        return self._place(key, scratch, full)
+
+    def _place(self, key: str, scratch: Path, full: dict) -> Entry:
+        files = full["files"]
         final = self.entry_path(key)
         final.parent.mkdir(parents=True, exist_ok=True)
         try:

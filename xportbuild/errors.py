@@ -5,12 +5,26 @@ class XportError(Exception):
     """Base of every error xportbuild raises on purpose."""
 
 
-class RecipeError(XportError):
-    """A model or recipe file is invalid; the message lists every problem found."""
+class ProblemList(XportError):
+    """Several independent problems, all reported at once, one per line."""
+
+    heading = "problems"
 
     def __init__(self, problems: list[str]):
         self.problems = list(problems)
-        super().__init__("invalid recipes:\n" + "\n".join(f"  - {p}" for p in self.problems))
+        super().__init__(f"{self.heading}:\n" + "\n".join(f"  - {p}" for p in self.problems))
+
+
+class RecipeError(ProblemList):
+    """A model or recipe file is invalid; the message lists every problem found."""
+
+    heading = "invalid recipes"
+
+
+class ValidationFailed(ProblemList):
+    """Recipes, sources or their combination cannot build; found before any stage ran."""
+
+    heading = "validation failed"
 
 
 class SourceError(XportError):

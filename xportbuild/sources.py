@@ -73,16 +73,26 @@ def hub_snapshot(source: SourceSpec, model_file: str) -> tuple[Path, str]:
     except (RepositoryNotFoundError, RevisionNotFoundError) as err:
         raise SourceError(f"{model_file}: source: {source.repo}@{source.revision} not found on the hub") from err
     except LocalEntryNotFoundError as err:
-        raise SourceError(
-            f"{model_file}: source: {source.repo}@{source.revision} is not in the local Hugging Face cache "
-            "and the hub is offline (HF_HUB_OFFLINE=1): download it once or point source at a local folder"
-        ) from err
+        raise SourceError(f"{model_file}: {_missing_from_cache(source)} and the hub is offline (HF_HUB_OFFLINE=1): "
+                          "download it once or point source at a local folder") from err
     if not _COMMIT.match(source.revision):
         log.warning(
             "%s: source.revision %r is a branch or tag, not a commit: the build is not reproducible "
             "(resolved to %s); pin revision to that commit SHA", model_file, source.revision, folder.name,
         )
     return folder, folder.name
+
+
+def _missing_from_cache(source: SourceSpec) -> str:
+    """Which part is missing from the local hub cache: the repository, or only that revision."""
+    from huggingface_hub import constants
+
+    repo_dir = Path(constants.HF_HUB_CACHE) / f"models--{source.repo.replace('/', '--')}"
+    if not repo_dir.is_dir():
+        return f"source.repo: {source.repo!r} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE})"
+    known = sorted(p.name for p in (repo_dir / "refs").glob("*")) + sorted(p.name for p in (repo_dir / "snapshots").glob("*"))
+    return (f"source.revision: {source.revision!r} of {source.repo!r} is not in the local Hugging Face cache "
+            f"(cached: {', '.join(known) or 'nothing'})")
 
 
 def fingerprint(source: SourceSpec, model_file: str, stats: StatCache, scratch_root: Path) -> dict:

@@ -58,7 +58,19 @@ def run_stage(plan: Plan, workspace: Workspace, task: str):
     try:
         build_node(plan, workspace, task)
     except XportError as err:
+        message = str(err)
+        return TaskFailed(message if message.startswith(task) else f"{task}: {message}")
+    return None
+
+
+def run_validate(recipes_dir: Path, workspace: Workspace):
+    from xportbuild.preflight import validate_project
+
+    try:
+        count = validate_project(recipes_dir, workspace.cache_dir / "sources")
+    except XportError as err:
         return TaskFailed(str(err))
+    print(f"{count} targets valid")
     return None
 
 
@@ -115,6 +127,8 @@ def make_tasks(recipes_dir: Path, cache_dir: Path | None = None, artifacts_dir: 
     """doit task creators for every target under `recipes_dir`, to merge into a dodo.py's globals.
 
     Defaults: cache in <project>/.xportbuild/cache (XPORTBUILD_CACHE overrides), artifacts in <project>/artifacts.
+    XPORTBUILD_REMOTE_CACHE names a folder shared between machines (CI): entries are pulled from it after a
+    content-hash check, and pushed to it when built.
     """
     project = Path(recipes_dir).resolve().parent
     state_dir = project / ".xportbuild"
@@ -123,6 +137,7 @@ def make_tasks(recipes_dir: Path, cache_dir: Path | None = None, artifacts_dir: 
         cache_dir=Path(cache_dir or os.environ.get("XPORTBUILD_CACHE") or state_dir / "cache").resolve(),
         artifacts_dir=Path(artifacts_dir or project / "artifacts").resolve(),
         state_dir=state_dir,
+        remote_cache_dir=Path(remote) if (remote := os.environ.get("XPORTBUILD_REMOTE_CACHE")) else None,
     )
     try:
         plan = plan_targets(load_project(Path(recipes_dir)))
@@ -132,6 +147,12 @@ def make_tasks(recipes_dir: Path, cache_dir: Path | None = None, artifacts_dir: 
         raise SystemExit(2) from err
     creators = {f"task_{stage}": _stage_group(plan, workspace, stage) for stage in STAGES}
     creators["task_export"] = _export_group(plan, workspace)
+
+    def task_validate():
+        return {"doc": "check every target's recipes and sources (no build): `python -m xportbuild validate`",
+                "actions": [(run_validate, [Path(recipes_dir), workspace])], "uptodate": [False], "verbosity": 2}
+
+    creators["task_validate"] = task_validate
     return creators
 
 

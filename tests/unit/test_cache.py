@@ -1,21 +1,27 @@
-"""cache: atomic commit, corrupt entries become misses, concurrent commits keep one entry."""
+"""cache: atomic commit, corrupt entries become misses, concurrent commits keep one entry, remote pulls
+are hash-checked, and nothing in a record can point outside its entry."""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
 
 import pytest
 
 from xportbuild.cache import ENTRY_FILE, Store
+from xportbuild.keys import digest_value
 
-KEY = "ab" + "0" * 30
+KEY_DOC = {"stage": "program", "params": {"max_seq_len": 32}}
+KEY = digest_value(KEY_DOC)
 
 
 def _commit(store: Store, payload: bytes = b"program bytes") -> None:
     with store.building(KEY) as scratch:
         (scratch / "forward.pt2").write_bytes(payload)
-        store.commit(KEY, scratch, {"stage": "program", "result": {"ok": True}})
+        store.commit(KEY, scratch, {"stage": "program", "key_doc": KEY_DOC, "result": {"ok": True}})
 
 
 def test_commit_then_lookup(tmp_path):
@@ -65,3 +71,59 @@ def test_second_commit_of_same_key_keeps_first(tmp_path):
     entry = store.lookup(KEY)
     assert entry.file("forward.pt2").read_bytes() == b"first"
     assert json.loads((entry.path / ENTRY_FILE).read_text())["key"] == KEY
+
+
+def test_entry_recorded_under_another_key_is_a_miss(tmp_path):
+    store = Store(tmp_path)
+    _commit(store)
+    other = digest_value({"stage": "program", "params": {"max_seq_len": 64}})
+    store.entry_path(other).parent.mkdir(parents=True, exist_ok=True)
+    os.rename(store.entry_path(KEY), store.entry_path(other))
+    assert store.lookup(other) is None
+
+
+def test_scratch_of_a_killed_process_is_pruned(tmp_path):
+    store = Store(tmp_path)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = tmp_path / "tmp" / f"{KEY[:12]}-{int(dead.stdout)}-x1"
+    orphan.mkdir(parents=True)
+    (orphan / "forward.pt2").write_bytes(b"half")
+    _commit(store)
+    assert not orphan.exists()
+    assert store.lookup(KEY).file("forward.pt2").read_bytes() == b"program bytes"
+
+
+def _remote_with_entry(tmp_path):
+    remote = Store(tmp_path / "remote")
+    _commit(remote)
+    return tmp_path / "remote"
+
+
+def test_remote_entry_is_pulled_and_pushed(tmp_path):
+    remote = _remote_with_entry(tmp_path)
+    local = Store(tmp_path / "local", remote=remote)
+    entry = local.lookup(KEY)
+    assert entry is not None and entry.path.is_relative_to(tmp_path / "local")
+    assert entry.file("forward.pt2").read_bytes() == b"program bytes"
+    fresh_remote = Store(tmp_path / "local", remote=tmp_path / "remote2")
+    fresh_remote.push(entry)
+    assert Store(tmp_path / "other", remote=tmp_path / "remote2").lookup(KEY) is not None
+
+
+@pytest.mark.parametrize("tamper", ["same-size", "record-key", "escaping-name"])
+def test_tampered_remote_entry_is_rejected(tmp_path, caplog, tamper):
+    remote = _remote_with_entry(tmp_path)
+    remote_entry = Store(remote).entry_path(KEY)
+    record = json.loads((remote_entry / ENTRY_FILE).read_text())
+    if tamper == "same-size":
+        (remote_entry / "forward.pt2").write_bytes(b"PROGRAM BYTES")
+    elif tamper == "record-key":
+        record["key_doc"] = {"stage": "program", "params": {"max_seq_len": 99}}
+    else:
+        (tmp_path / "outside").write_bytes(b"secret")
+        record["files"] = {"../../../../../outside": {"size": 6, "digest": "x"}}
+    (remote_entry / ENTRY_FILE).write_text(json.dumps(record))
+    with caplog.at_level(logging.WARNING):
+        assert Store(tmp_path / "local", remote=remote).lookup(KEY) is None
+    assert "rejected" in caplog.text
+    assert not Store(tmp_path / "local").entry_path(KEY).exists()

@@ -19,10 +19,19 @@ METHODS = ("forward",)
 
 
 def load_model(model_dir: Path) -> torch.nn.Module:
-    """The float32 eager model; weights are safetensors, remote code is never run."""
+    """The float32 eager model from a fetched folder; remote code runs only if its source opted in."""
+    import json
+
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=False)
+    from xportbuild.stages.fetch import SOURCE_RECORD
+
+    trust_remote_code = json.loads((model_dir / SOURCE_RECORD).read_text())["trust_remote_code"] is True
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=trust_remote_code,
+                                                     use_safetensors=True)
+    except ValueError as err:
+        raise StageError(f"cannot load {model_dir} as a causal LM: {err}") from err
     return model.eval()
 
 
@@ -45,14 +54,18 @@ def export_methods(module: torch.nn.Module, max_seq_len: int) -> dict[str, torch
     """torch.export of every method, with a dynamic sequence length up to max_seq_len - 1."""
     example = torch.tensor([[1, 2]], dtype=torch.long)
     seq_len = torch.export.Dim("seq_len", min=1, max=max_seq_len - 1)
-    with torch.no_grad():
-        program = torch.export.export(
-            module,
-            args=(),
-            kwargs={"input_ids": example, "cache_position": torch.arange(2, dtype=torch.long)},
-            dynamic_shapes={"input_ids": {1: seq_len}, "cache_position": {0: seq_len}},
-            strict=True,
-        )
+    try:
+        with torch.no_grad():
+            program = torch.export.export(
+                module,
+                args=(),
+                kwargs={"input_ids": example, "cache_position": torch.arange(2, dtype=torch.long)},
+                dynamic_shapes={"input_ids": {1: seq_len}, "cache_position": {0: seq_len}},
+                strict=True,
+            )
+    except Exception as err:  # torch.export raises many unrelated types; the user needs the method and reason
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise StageError(f"{type(module).__name__}: method forward is not exportable: {reason}") from err
     return {"forward": program}
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 import typing
 from pathlib import Path
@@ -20,6 +21,8 @@ from xportbuild.recipe.spec import (
 )
 
 _SOURCE_FIELDS = {"hub": {"repo", "revision"}, "local": {"path"}, "gguf": set()}
+# Names become task names and folder names under artifacts/ and the state dir: keep them plain.
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*(\.[a-z0-9_-]+)*$")
 
 
 class _Problems(list):
@@ -105,7 +108,9 @@ def _load_model(file: Path, problems: _Problems) -> tuple[ModelSpec | None, dict
     overrides = data.pop("tolerances", {})
     source = _build(SourceSpec, data.pop("source", None), file, "source.", problems)
     if source is not None:
+        found = len(problems)
         _check_source(source, file, problems)
+        source = source if len(problems) == found else None
     verify = _build(VerifyInputs, data.pop("verify", None), file, "verify.", problems)
     fixed = {"name": file.stem, "file": str(file), "source": source, "verify": verify}
     model = _build(ModelSpec, data, file, "", problems, fixed=fixed, tables=("source", "verify", "tolerances"))
@@ -172,12 +177,24 @@ def _pair(model: ModelSpec, overrides: dict, recipes: dict[str, RecipeSpec], pro
 
 def load_project(recipes_dir: Path) -> list[Target]:
     """Every target declared under `recipes_dir`; raises RecipeError listing all problems at once."""
+    targets, problems = load_what_loads(recipes_dir)
+    if problems:
+        raise RecipeError(problems)
+    return targets
+
+
+def load_what_loads(recipes_dir: Path) -> tuple[list[Target], list[str]]:
+    """(targets that loaded, problems found): lets a validator check the good targets' sources too."""
     recipes_dir = Path(recipes_dir)
     problems = _Problems()
     model_files = sorted((recipes_dir / "models").glob("*.toml"))
     recipe_files = sorted((recipes_dir / "recipes").glob("*.toml"))
     if not model_files:
         problems.add(recipes_dir / "models", "(folder)", "no model files (*.toml) found")
+    for file in [*model_files, *recipe_files]:
+        if not _NAME.match(file.stem):
+            problems.add(file, "(file name)", f"{file.stem!r}: use lowercase letters, digits, '-', '_' and '.' "
+                         "(it names tasks and folders under artifacts/)")
     recipes = {f.stem: r for f in recipe_files if (r := _load_recipe(f, problems)) is not None}
     targets: list[Target] = []
     for file in model_files:
@@ -189,6 +206,4 @@ def load_project(recipes_dir: Path) -> list[Target]:
         if target.name in seen:
             problems.add(Path(target.model.file), "name", f"target {target.name!r} also produced by {seen[target.name]}")
         seen[target.name] = target.model.file
-    if problems:
-        raise RecipeError(problems)
-    return targets
+    return [t for t in targets if seen[t.name] == t.model.file], list(problems)

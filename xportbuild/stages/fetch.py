@@ -7,38 +7,33 @@ import logging
 import shutil
 from pathlib import Path
 
-from xportbuild import sources
+from xportbuild import preflight, sources
 from xportbuild.errors import SourceError
 from xportbuild.recipe.spec import SourceSpec
 
 log = logging.getLogger(__name__)
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+# Records the source's remote-code opt-in next to the weights, so loaders downstream honour exactly it.
+SOURCE_RECORD = "xportbuild-source.json"
 
 
 def fetch(source: SourceSpec, model_file: str, out_dir: Path, scratch_root: Path) -> dict:
     """Materialize the source as a save_pretrained folder in `out_dir`; returns a summary."""
-    if source.trust_remote_code:
-        raise SourceError(f"{model_file}: source.trust_remote_code: remote code is not supported yet")
+    facts = preflight.source_facts(source, model_file, scratch_root)
+    if problem := preflight.remote_code_problem(source, model_file, facts):
+        raise SourceError(problem)
     if source.kind == "gguf":
+        if problems := preflight.model_type_problems(source, model_file, facts):
+            raise SourceError(problems[0])
         _convert_gguf(sources.gguf_path(source, model_file, scratch_root), out_dir, model_file)
     else:
-        folder = sources.local_dir(source, model_file) if source.kind == "local" else sources.hub_snapshot(source, model_file)[0]
-        _copy_weights_folder(folder, out_dir, model_file)
+        for file in preflight.source_folder(source, model_file).iterdir():
+            if file.is_file() and file.suffix not in _PICKLE_SUFFIXES:
+                shutil.copyfile(file, out_dir / file.name)
+    (out_dir / SOURCE_RECORD).write_text(json.dumps({"trust_remote_code": source.trust_remote_code}))
     config = json.loads((out_dir / "config.json").read_text())
     return {"model_type": config.get("model_type"), "architectures": config.get("architectures"),
             "files": sorted(p.name for p in out_dir.iterdir())}
-
-
-def _copy_weights_folder(folder: Path, out_dir: Path, model_file: str) -> None:
-    files = [p for p in folder.iterdir() if p.is_file()]
-    if not any(p.suffix == ".safetensors" for p in files):
-        raise SourceError(
-            f"{model_file}: source: {folder} has no .safetensors weights; pickled checkpoints are not loaded "
-            "(convert them with save_pretrained(safe_serialization=True))"
-        )
-    for file in files:
-        if file.suffix not in _PICKLE_SUFFIXES:
-            shutil.copyfile(file, out_dir / file.name)
 
 
 def _convert_gguf(path: Path, out_dir: Path, model_file: str) -> None:

@@ -1,0 +1,179 @@
+"""The bad-input table: one project holding every kind of bad model, recipe and source, validated in one run.
+
+Each row is a (file, field/value, next step) the single `python -m xportbuild validate` report must contain;
+the report must also leave the good target alone and the build must not start."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests import tiny
+from tests.conftest import REPO
+from tests.integration.models import local, model_toml
+
+QUANT = 'doc = "q"\nbackend = "xnnpack"\n[quantize]\nlinear = "8da4w"\nlinear_group_size = {size}\n' \
+        'per_axis_fallback = {fallback}\n'
+
+
+def _bad_project(root, weights):
+    """Writes the project; returns its recipes folder."""
+    models, recipes = root / "recipes" / "models", root / "recipes" / "recipes"
+    models.mkdir(parents=True)
+    shutil.copytree(REPO / "recipes" / "recipes", recipes)
+    src = root / "sources"
+    src.mkdir()
+    truncated = tiny.copy_model(weights / "tiny-llama", src / "truncated")
+    data = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[:-100])
+    remote = tiny.copy_model(weights / "tiny-llama", src / "remote-code")
+    config = json.loads((remote / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_custom.CustomLM"}
+    (remote / "config.json").write_text(json.dumps(config))
+    pickled = src / "pickled"
+    pickled.mkdir()
+    shutil.copyfile(weights / "tiny-llama" / "config.json", pickled / "config.json")
+    (pickled / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
+    gguf_data = (weights / "tiny-llama.gguf").read_bytes()
+    (src / "short.gguf").write_bytes(gguf_data[: len(gguf_data) // 3])
+    tiny.save_foreign_gguf(src / "rwkv.gguf", "rwkv9")
+    tiny.save_image_classifier(src / "vit")
+    commit = (weights / "hub-commit").read_text()
+
+    def model(name, source, recipes=("xnnpack-fp32",), **kwargs):
+        (models / f"{name}.toml").write_text(model_toml(source, list(recipes), **kwargs))
+
+    model("good", local(weights / "tiny-llama"), recipes=("xnnpack-fp32", "q-none-divides", "q-no-fallback"))
+    model("missing-dir", local(src / "nowhere"))
+    model("truncated", local(truncated))
+    model("remote-code", local(remote))
+    model("pickled", local(pickled))
+    model("short-gguf", f'kind = "gguf"\npath = "{src / "short.gguf"}"')
+    model("rwkv-gguf", f'kind = "gguf"\npath = "{src / "rwkv.gguf"}"')
+    model("missing-gguf", f'kind = "gguf"\npath = "{src / "nowhere.gguf"}"')
+    model("no-package", 'kind = "gguf"\npackage = "no_such_gguf_package"')
+    model("vit", local(src / "vit"))
+    model("too-long", local(weights / "tiny-llama"), max_seq_len=4096)
+    model("hub-no-repo", 'kind = "hub"\nrepo = "tiny-org/absent"\nrevision = "main"')
+    model("hub-no-revision", f'kind = "hub"\nrepo = "tiny-org/tiny-qwen3"\nrevision = "{"0" * 40}"')
+    model("hub-good", f'kind = "hub"\nrepo = "tiny-org/tiny-qwen3"\nrevision = "{commit}"')
+    model("typo", local(weights / "tiny-llama").replace("path", "pth"))
+    (models / "wrong-type.toml").write_text(model_toml(local(weights / "tiny-llama"), ["xnnpack-fp32"])
+                                            .replace("max_seq_len = 32", 'max_seq_len = "32"'))
+    model("Bad Name", local(weights / "tiny-llama"))
+    model("dup-a", local(weights / "tiny-llama"))  # dup-a + xnnpack-fp32 ...
+    model("dup", local(weights / "tiny-llama"), recipes=("a-xnnpack-fp32",))  # ... and dup + a-xnnpack-fp32
+    model("uses-bad-recipes", local(weights / "tiny-llama"), recipes=("tpu", "pass-missing"))
+    model("typo-source", local(weights / "tiny-llama").replace('kind = "local"', 'kind = "local"\nrepo = "x/y"'))
+    shutil.copyfile(recipes / "xnnpack-fp32.toml", recipes / "a-xnnpack-fp32.toml")
+    (recipes / "q-none-divides.toml").write_text(QUANT.format(size=128, fallback="true"))
+    (recipes / "q-no-fallback.toml").write_text(QUANT.format(size=64, fallback="false"))
+    (recipes / "tpu.toml").write_text('doc = "x"\nbackend = "tpu"\n[quantize]\nlinear = "3w"\n'
+                                      '[lower]\nextract_delegate_segmentz = true\n')
+    (recipes / "pass-missing.toml").write_text('doc = "x"\nbackend = "xnnpack"\n[lower]\npasses = ["nowhere:fn"]\n')
+    return root / "recipes"
+
+
+# (what is wrong, text the report must contain: file, field and value, and a next step where one exists)
+TABLE = [
+    ("unknown key", ["typo.toml: source.pth: unknown key"]),
+    ("field of another source kind", ["typo-source.toml: source.repo: not used by a local source"]),
+    ("wrong type", ["wrong-type.toml: max_seq_len: expected int, got str '32'"]),
+    ("unknown backend", ["tpu.toml: backend: 'tpu' is not one of 'xnnpack', 'portable'"]),
+    ("unknown scheme", ["tpu.toml: quantize.linear: '3w' is not one of"]),
+    ("unknown lowering option", ["tpu.toml: lower.extract_delegate_segmentz: unknown key"]),
+    ("pass not importable", ["pass-missing.toml: lower.passes: 'nowhere:fn'"]),
+    ("group size divides no layer", ["q-none-divides.toml: quantize.linear_group_size: 128 divides no linear layer "
+                                     "of model good", "pick a divisor"]),
+    ("group size without fallback", ["q-no-fallback.toml: quantize.linear_group_size: 64 does not divide",
+                                     "set per_axis_fallback = true"]),
+    ("max_seq_len over the limit", ["too-long.toml: max_seq_len: 4096 exceeds the model's limit of 256 positions",
+                                    "lower max_seq_len"]),
+    ("duplicate target", ["target 'dup-a-xnnpack-fp32' also produced by"]),
+    ("bad file name", ["Bad Name.toml: (file name): 'Bad Name'"]),
+    ("missing path", ["missing-dir.toml: source.path:", "nowhere is not a saved model folder"]),
+    ("missing GGUF path", ["missing-gguf.toml: source.path: GGUF file", "nowhere.gguf does not exist"]),
+    ("GGUF package not installed", ["no-package.toml: source.package: 'no_such_gguf_package' is not installed",
+                                    "pip install no-such-gguf-package"]),
+    ("hub repo not in the offline cache", ["hub-no-repo.toml: source.repo: 'tiny-org/absent' is not in the local "
+                                           "Hugging Face cache", "HF_HUB_OFFLINE=1"]),
+    ("hub revision not in the offline cache", ["hub-no-revision.toml: source.revision: '" + "0" * 40 + "' of "
+                                               "'tiny-org/tiny-qwen3' is not in the local Hugging Face cache",
+                                               "cached: main"]),
+    ("truncated safetensors", ["truncated.toml: source:", "model.safetensors: truncated", "re-download"]),
+    ("truncated GGUF", ["short-gguf.toml: source:", "short.gguf: not a readable GGUF file"]),
+    ("unsupported GGUF architecture", ["rwkv-gguf.toml: source:", "GGUF architecture 'rwkv9' has no causal-LM class"]),
+    ("config not exportable", ["vit.toml: source:", "model_type 'vit' has no causal-LM class"]),
+    ("remote code without opt-in", ["remote-code.toml: source.trust_remote_code: false",
+                                    "auto_map.AutoModelForCausalLM = 'modeling_custom.CustomLM'"]),
+    ("pickled weights only", ["pickled.toml: source:", "has no .safetensors weights; pickled checkpoints are not"]),
+]
+
+
+def _validate(recipes, env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "xportbuild", "validate", str(recipes)], env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory, weights):
+    import os
+
+    root = tmp_path_factory.mktemp("bad")
+    recipes = _bad_project(root, weights)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(weights / "hf-cache"),
+           "XPORTBUILD_CACHE": str(root / "cache")}
+    result = _validate(recipes, env)
+    return root, env, result
+
+
+@pytest.mark.parametrize("case, expected", TABLE, ids=[row[0] for row in TABLE])
+def test_every_bad_input_is_reported_in_one_validate_run(report, case, expected):
+    _, _, result = report
+    assert result.returncode == 2
+    for text in expected:
+        assert text in result.stderr, f"{case}: {text!r} missing from:\n{result.stderr}"
+
+
+def test_good_targets_are_not_reported_and_nothing_is_built(report):
+    root, _, result = report
+    lines = result.stderr.splitlines()
+    assert not [line for line in lines if "good.toml" in line or "hub-good.toml" in line]
+    assert len([line for line in lines if line.startswith("  - ")]) >= len(TABLE)
+    assert not (root / "cache" / "v1").exists()
+
+
+def test_offline_without_any_cache(tmp_path, weights):
+    import os
+
+    (tmp_path / "recipes" / "models").mkdir(parents=True)
+    shutil.copytree(REPO / "recipes" / "recipes", tmp_path / "recipes" / "recipes")
+    commit = (weights / "hub-commit").read_text()
+    (tmp_path / "recipes" / "models" / "q.toml").write_text(
+        model_toml(f'kind = "hub"\nrepo = "tiny-org/tiny-qwen3"\nrevision = "{commit}"', ["xnnpack-fp32"]))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "empty")}
+    result = _validate(tmp_path / "recipes", env)
+    assert result.returncode == 2
+    assert "q.toml: source.repo: 'tiny-org/tiny-qwen3' is not in the local Hugging Face cache" in result.stderr
+    assert "download it once or point source at a local folder" in result.stderr
+
+
+def test_fetch_refuses_a_truncated_source_and_keeps_finished_work(project, weights):
+    """The same checks guard the build itself: a bad source fails its fetch, naming the file."""
+    project.write_model("ok", model_toml(local(weights / "tiny-llama"), ["xnnpack-fp32"]))
+    project.doit("fetch:ok")
+    truncated = tiny.copy_model(weights / "tiny-llama", project.root / "truncated")
+    data = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[:-1])
+    project.write_model("cut", model_toml(local(truncated), ["xnnpack-fp32"]))
+    result = project.doit("export:cut-xnnpack-fp32", check=False)
+    assert result.returncode != 0
+    assert "fetch:cut: " in result.stdout and "cut.toml: source:" in result.stdout
+    assert "model.safetensors: truncated" in result.stderr + result.stdout
+    events = project.events()
+    assert not [e for e in events if e["task"] == "fetch:cut" and e["event"] == "built"]
+    assert "status     : up-to-date" in project.doit("info", "fetch:ok").stdout
