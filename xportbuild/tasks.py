@@ -16,6 +16,7 @@ from xportbuild.plan import STAGE_DOCS, Plan, plan_targets
 from xportbuild.recipe import load_project
 
 STAGES = ("fetch", "reference", "program", "quantize", "lower", "verify")
+log = logging.getLogger(__name__)
 
 
 class StageFresh:
@@ -78,6 +79,7 @@ def run_publish(plan: Plan, workspace: Workspace, target: str):
     from xportbuild.stages.publish import publish
 
     _configure_logging()
+    log.info("export:%s: publishing", target)
     try:
         folder = publish(plan, workspace, target)
     except XportError as err:

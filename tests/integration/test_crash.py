@@ -1,0 +1,169 @@
+"""Crash safety, observed: kill -9 `doit` at random moments in every stage, many times, and check that no
+partial output is ever taken as built and every stage finished before a kill is reused. Ctrl-C likewise."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+from xportbuild.cache import ENTRY_FILE, Store
+from xportbuild.keys import hash_file
+
+from tests.integration.models import local, model_toml
+
+TARGETS = ("tiny-gguf-xnnpack-fp32", "tiny-gguf-xnnpack-8da4w")
+MIN_KILLS = 20  # each round kills once inside every stage of both targets (10 stages); rounds repeat until here
+ALL_STAGES = {"fetch", "reference", "program", "quantize", "lower", "verify", "publish"}
+
+
+class WatchedBuild:
+    """A `doit` process whose log is followed line by line, to kill it while a chosen stage runs."""
+
+    def __init__(self, project, args: list[str]):
+        self.process = subprocess.Popen([sys.executable, "-m", "doit", *args], cwd=project.root, env=project.env,
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                        start_new_session=True)
+        self.running: str | None = None  # the stage task currently between "building" and "built"
+        self.started: list[str] = []
+        self.lines: list[str] = []
+        self._new_stage = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self.lines.append(line)
+            words = line.split()
+            if len(words) >= 3 and words[0] == "INFO" and words[2] in ("building", "publishing"):
+                with self._new_stage:
+                    self.running = words[1].rstrip(":")
+                    self.started.append(self.running)
+                    self._new_stage.notify_all()
+            elif len(words) >= 3 and words[0] == "INFO" and words[2] == "built":
+                self.running = None
+            elif words[:1] == ["published"]:
+                self.running = None
+
+    def wait_for_stage(self, skip: set[str], timeout: float = 300) -> str | None:
+        """The first stage that starts and is not in `skip`; None if the build ends first."""
+        deadline = time.monotonic() + timeout
+        with self._new_stage:
+            while time.monotonic() < deadline:
+                fresh = [task for task in self.started if task not in skip]
+                if fresh:
+                    return fresh[0]
+                if self.process.poll() is not None:
+                    return None
+                self._new_stage.wait(0.05)
+        raise AssertionError("no stage started in time:\n" + "".join(self.lines[-30:]))
+
+    def signal(self, signum: int) -> str | None:
+        """Send `signum` to the whole process group; returns the stage that was running."""
+        running = self.running
+        os.killpg(self.process.pid, signum)
+        self.process.wait(timeout=120)
+        self._reader.join(timeout=10)
+        return running
+
+
+def _stage_of(task: str) -> str:
+    return task.split(":")[0] if not task.startswith("export:") else "publish"
+
+
+def _check_cache(cache: Path) -> tuple[int, int]:
+    """(intact entries, corrupt entries) after a kill; entries are re-hashed from scratch, no stat cache."""
+    intact = corrupt = 0
+    for record_file in cache.glob(f"v1/xxh3_128/*/*/{ENTRY_FILE}"):
+        record = json.loads(record_file.read_text())
+        files_ok = all(hash_file(record_file.parent / name) == f["digest"] for name, f in record["files"].items())
+        if files_ok and Store(cache).lookup(record["key"]) is not None:
+            intact += 1
+        else:
+            corrupt += 1
+    for folder in cache.glob("v1/xxh3_128/*/*"):
+        if not (folder / ENTRY_FILE).is_file():
+            corrupt += 1  # an entry folder without its record would be a half-committed entry
+    return intact, corrupt
+
+
+def _check_published(artifacts: Path) -> int:
+    """Published folders that are incomplete or do not match their manifest (must be 0)."""
+    broken = 0
+    for folder in artifacts.glob("*"):
+        if folder.name.startswith("."):
+            continue  # staging folders: never read as published
+        try:
+            manifest = json.loads((folder / "manifest.json").read_text())
+            broken += any(hash_file(folder / name) != digest for name, digest in manifest["files"].items())
+        except (OSError, ValueError, KeyError):
+            broken += 1
+    return broken
+
+
+def test_kill_9_in_every_stage_never_corrupts_and_reuses_finished_work(project, weights, tmp_path):
+    # A GGUF source, so that fetch does real work (conversion) and can be killed midway too.
+    gguf = f'kind = "gguf"\npath = "{weights / "tiny-llama.gguf"}"'
+    project.write_model("tiny-gguf", model_toml(gguf, ["xnnpack-fp32", "xnnpack-8da4w"]))
+    exports = [f"export:{t}" for t in TARGETS]
+    project.doit(*exports)  # calibration: how long each stage takes here
+    seconds = {}
+    for target in TARGETS:
+        manifest = json.loads((project.root / "artifacts" / target / "manifest.json").read_text())
+        seconds.update({record["task"]: record["seconds"] for record in manifest["stages"].values()})
+    rng = random.Random(20261128)
+    kills, corruptions, broken_artifacts, rebuilt_twice = Counter(), 0, 0, []
+    round_index = 0
+    while sum(kills.values()) < MIN_KILLS or not ALL_STAGES <= set(kills):
+        assert round_index < 3, f"kills never covered every stage: {kills}"
+        round_index += 1
+        project.env["XPORTBUILD_CACHE"] = str(tmp_path / f"cache-{round_index}")
+        events_before = len(project.events())
+        killed_in: set[str] = set()
+        while True:
+            build = WatchedBuild(project, exports)
+            stage = build.wait_for_stage(skip=killed_in)
+            if stage is None:
+                assert build.process.returncode == 0, "".join(build.lines[-40:])
+                break
+            killed_in.add(stage)
+            # Fresh processes also pay the imports, so a delay within the calibrated time lands inside the stage;
+            # publishing takes milliseconds, so it is hit right after it starts.
+            time.sleep(rng.uniform(0.0, 0.8 * seconds[stage]) if stage in seconds else rng.uniform(0.0, 0.02))
+            running = build.signal(signal.SIGKILL)
+            kills[_stage_of(running) if running else "between stages"] += 1
+            intact, corrupt = _check_cache(Path(project.env["XPORTBUILD_CACHE"]))
+            corruptions += corrupt
+            broken_artifacts += _check_published(project.root / "artifacts")
+        built = Counter(e["task"] for e in project.events()[events_before:] if e["event"] == "built")
+        rebuilt_twice += [task for task, count in built.items() if count > 1]
+        assert project.doit(*exports).stdout.count("-- ") >= len(exports)  # all up to date afterwards
+    summary = {"kills": sum(kills.values()), "by_stage": dict(kills), "corruptions": corruptions,
+               "broken_artifacts": broken_artifacts, "stages_rebuilt_after_finishing": rebuilt_twice}
+    print("crash summary:", json.dumps(summary))
+    (project.root / "crash-summary.json").write_text(json.dumps(summary))
+    assert corruptions == 0 and broken_artifacts == 0
+    assert not rebuilt_twice, f"finished stages were rebuilt: {rebuilt_twice}"
+
+
+def test_ctrl_c_names_the_interrupted_stage_and_keeps_finished_ones(project, weights, tmp_path):
+    project.write_model("tiny-llama", model_toml(local(weights / "tiny-llama"), ["xnnpack-fp32"]))
+    project.env["XPORTBUILD_CACHE"] = str(tmp_path / "cache")
+    build = WatchedBuild(project, ["export:tiny-llama-xnnpack-fp32"])
+    stage = build.wait_for_stage(skip={"fetch:tiny-llama", "reference:tiny-llama", "program:tiny-llama"})
+    assert stage == "lower:tiny-llama-xnnpack-fp32"
+    time.sleep(1.0)
+    build.signal(signal.SIGINT)
+    output = "".join(build.lines)
+    assert build.process.returncode != 0
+    assert "lower:tiny-llama-xnnpack-fp32: interrupted; nothing of it was cached, finished stages are kept" in output
+    events_before = len(project.events())
+    project.doit("export:tiny-llama-xnnpack-fp32")
+    assert project.built_since(events_before) == ["lower:tiny-llama-xnnpack-fp32", "verify:tiny-llama-xnnpack-fp32"]
