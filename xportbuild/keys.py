@@ -85,7 +85,10 @@ class StatCache:
         from xportbuild.cache import write_atomic
 
         record = {"path": str(Path(path).resolve()), "stamp": stamp, "digest": digest}
-        write_atomic(self._record_path(Path(path).resolve()), canonical_json(record).encode())
+        try:
+            write_atomic(self._record_path(Path(path).resolve()), canonical_json(record).encode())
+        except OSError:
+            pass  # only a shortcut: without it the file is hashed again next time; the build reports storage errors
 
 
 def tree_digest(files: dict[str, str]) -> str:

@@ -27,6 +27,7 @@ class StageFresh:
         self.reason = f"{task}: not checked yet"
 
     def __call__(self) -> bool:
+        _configure_logging()  # checks may pull from the remote cache or discard damaged entries: say so
         fresh, self.reason = Resolver(self.plan, self.workspace).status(self.task)
         return fresh
 
@@ -38,6 +39,7 @@ class PublishedFresh(StageFresh):
     def __call__(self) -> bool:
         from xportbuild.stages.publish import published_state
 
+        _configure_logging()
         fresh, self.reason = published_state(self.plan, self.workspace, self.task)
         return fresh
 

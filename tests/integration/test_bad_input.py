@@ -177,3 +177,42 @@ def test_fetch_refuses_a_truncated_source_and_keeps_finished_work(project, weigh
     events = project.events()
     assert not [e for e in events if e["task"] == "fetch:cut" and e["event"] == "built"]
     assert "status     : up-to-date" in project.doit("info", "fetch:ok").stdout
+
+
+CUSTOM_CODE = '''from transformers import LlamaForCausalLM
+
+
+class CustomLM(LlamaForCausalLM):
+    """Remote code: doubles the logits, so its effect shows in the reference."""
+
+    def forward(self, *args, **kwargs):
+        output = super().forward(*args, **kwargs)
+        output.logits = output.logits * 2
+        return output
+'''
+
+
+def test_remote_code_runs_only_with_the_opt_in(project, weights):
+    import numpy as np
+
+    folder = tiny.copy_model(weights / "tiny-llama", project.root / "custom")
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_custom.CustomLM"}
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "modeling_custom.py").write_text(CUSTOM_CODE)
+    source = local(folder)
+    project.write_model("custom", model_toml(source, ["xnnpack-fp32"]))
+    refused = project.doit("reference:custom", check=False)
+    assert refused.returncode != 0 and "source.trust_remote_code: false" in refused.stdout
+    project.write_model("custom", model_toml(source + "\ntrust_remote_code = true", ["xnnpack-fp32"]))
+    project.write_model("plain", model_toml(local(weights / "tiny-llama"), ["xnnpack-fp32"]))
+    project.doit("reference:custom", "reference:plain")
+
+    def logits(model: str) -> np.ndarray:
+        from xportbuild.cache import Store
+        from xportbuild.stages.reference import load_reference
+
+        key = next(e["key"] for e in reversed(project.events()) if e["task"] == f"reference:{model}")
+        return load_reference(Store(project.env["XPORTBUILD_CACHE"]).lookup(key).path)[0]["logits"]
+
+    np.testing.assert_allclose(logits("custom"), 2 * logits("plain"), rtol=1e-4, atol=1e-4)

@@ -1,0 +1,63 @@
+"""Concurrent builds: two `doit` processes on overlapping targets, and `doit -n 2`, build each stage once,
+lose no records and publish verified artifacts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+
+from xportbuild.keys import hash_file
+
+from tests.integration.models import local, model_toml
+
+TARGETS = ("tiny-llama-xnnpack-fp32", "tiny-llama-xnnpack-8da4w")
+
+
+def _start(project, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "doit", *args], cwd=project.root, env=project.env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(process: subprocess.Popen) -> str:
+    output, _ = process.communicate(timeout=1200)
+    assert process.returncode == 0, output[-6000:]
+    return output
+
+
+def _assert_built_once_and_published(project) -> None:
+    built = Counter(e["key"] for e in project.events() if e["event"] == "built")
+    assert built and max(built.values()) == 1, f"a stage was built twice: {built}"
+    for target in TARGETS:
+        folder = project.root / "artifacts" / target
+        manifest = json.loads((folder / "manifest.json").read_text())
+        assert all(hash_file(folder / name) == digest for name, digest in manifest["files"].items())
+    # No lost records: a third run finds every stage and both targets up to date, and builds nothing.
+    before = len(project.events())
+    rerun = project.doit(*[f"export:{t}" for t in TARGETS])
+    assert project.built_since(before) == []
+    assert all(f"-- export:{t}" in rerun.stdout for t in TARGETS), rerun.stdout
+
+
+def _fresh_project(project, weights, tmp_path):
+    project.write_model("tiny-llama", model_toml(local(weights / "tiny-llama"), ["xnnpack-fp32", "xnnpack-8da4w"]))
+    project.env["XPORTBUILD_CACHE"] = str(tmp_path / "cache")
+
+
+def test_two_doit_processes_on_overlapping_targets(project, weights, tmp_path):
+    _fresh_project(project, weights, tmp_path)
+    both = _start(project, *[f"export:{t}" for t in TARGETS])
+    one = _start(project, f"export:{TARGETS[1]}")
+    _finish(both), _finish(one)
+    waited = [e for e in project.events() if e["event"] == "hit"]
+    assert waited, "the second process never reused a stage the first one built"
+    _assert_built_once_and_published(project)
+
+
+def test_doit_parallel_workers_share_stages(project, weights, tmp_path):
+    _fresh_project(project, weights, tmp_path)
+    _finish(_start(project, "-n", "2", *[f"export:{t}" for t in TARGETS]))
+    pids = {e["pid"] for e in project.events() if e["event"] == "built"}
+    assert len(pids) == 2, "doit -n 2 did not build in two processes"
+    _assert_built_once_and_published(project)

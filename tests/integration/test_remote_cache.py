@@ -1,0 +1,55 @@
+"""A remote cache shared by CI jobs: a fresh machine pulls every stage instead of building it; an entry whose
+content does not match its hash is rejected with a warning and rebuilt; new entries are pushed."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+from xportbuild.cache import ENTRY_FILE, Store
+
+from tests.integration.models import local, model_toml
+
+TARGET = "tiny-llama-xnnpack-fp32"
+
+
+def _entry_of(cache, stage: str):
+    for record_file in cache.glob(f"v1/xxh3_128/*/*/{ENTRY_FILE}"):
+        record = json.loads(record_file.read_text())
+        if record["task"] == f"{stage}:{TARGET}":
+            return record_file.parent
+    raise AssertionError(f"no {stage} entry in {cache}")
+
+
+def test_pull_verify_and_push(project, weights, shared_cache, tmp_path):
+    project.write_model("tiny-llama", model_toml(local(weights / "tiny-llama"), ["xnnpack-fp32"]))
+    project.doit(f"export:{TARGET}")  # fills the session cache, which plays the CI job that ran first
+    remote = tmp_path / "remote"
+    shutil.copytree(shared_cache, remote, ignore=shutil.ignore_patterns("locks", "tmp", "stat", "sources"))
+
+    project.env.update(XPORTBUILD_CACHE=str(tmp_path / "fresh"), XPORTBUILD_REMOTE_CACHE=str(remote))
+    shutil.rmtree(project.root / "artifacts")
+    mark = len(project.events())
+    result = project.doit(f"export:{TARGET}")
+    assert project.built_since(mark) == []
+    assert "pulled" in result.stderr and (project.root / "artifacts" / TARGET / "model.pte").is_file()
+
+    lowered = _entry_of(remote, "lower") / "model.pte"
+    data = bytearray(lowered.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, different content: only the content hash can tell
+    lowered.write_bytes(bytes(data))
+    project.env["XPORTBUILD_CACHE"] = str(tmp_path / "fresh-2")
+    mark = len(project.events())
+    result = project.doit(f"export:{TARGET}")
+    assert "rejected" in result.stderr and "does not match its content hash" in result.stderr
+    assert f"lower:{TARGET}" in project.built_since(mark)
+    assert "fetch:tiny-llama" not in project.built_since(mark)
+
+    pushed_to = tmp_path / "remote-2"
+    project.env["XPORTBUILD_REMOTE_CACHE"] = str(pushed_to)
+    project.edit_recipe("xnnpack-fp32", "max_abs = 0.1", "max_abs = 0.2")
+    mark = len(project.events())
+    project.doit(f"export:{TARGET}")
+    assert project.built_since(mark) == [f"verify:{TARGET}"]
+    pushed = _entry_of(pushed_to, "verify")
+    assert Store(tmp_path / "fresh-3", remote=pushed_to).lookup(pushed.name) is not None
