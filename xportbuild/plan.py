@@ -11,9 +11,12 @@ STAGE_CODE: dict[str, tuple[str, ...]] = {
     "fetch": ("xportbuild.stages.fetch", "xportbuild.sources"),
     "reference": ("xportbuild.stages.reference", "xportbuild.models.causal_lm"),
     "program": ("xportbuild.stages.program", "xportbuild.models.causal_lm"),
-    "quantize": ("xportbuild.stages.program", "xportbuild.stages.quantize", "xportbuild.models.causal_lm"),
+    "quantize": ("xportbuild.stages.program", "xportbuild.stages.quantize", "xportbuild.models.causal_lm",
+                 "xportbuild.quality"),
     "lower": ("xportbuild.stages.lower", "xportbuild.backends", "xportbuild.passes"),
-    "verify": ("xportbuild.stages.verify", "xportbuild.runtime", "xportbuild.models.causal_lm"),
+    "verify": ("xportbuild.stages.verify", "xportbuild.runtime", "xportbuild.models.causal_lm", "xportbuild.quality"),
+    "sensitivity": ("xportbuild.stages.sensitivity", "xportbuild.stages.quantize", "xportbuild.models.causal_lm",
+                    "xportbuild.quality"),
 }
 STAGE_RUNNERS: dict[str, str] = {
     "fetch": "xportbuild.stages.fetch:run",
@@ -22,6 +25,7 @@ STAGE_RUNNERS: dict[str, str] = {
     "quantize": "xportbuild.stages.quantize:run",
     "lower": "xportbuild.stages.lower:run",
     "verify": "xportbuild.stages.verify:run",
+    "sensitivity": "xportbuild.stages.sensitivity:run",
 }
 STAGE_DOCS: dict[str, str] = {
     "fetch": "fetch weights and tokenizer of a model into the cache",
@@ -30,6 +34,7 @@ STAGE_DOCS: dict[str, str] = {
     "quantize": "quantize with torchao and torch.export, one .pt2 per method",
     "lower": "lower the cached programs to an ExecuTorch .pte",
     "verify": "run the .pte in the ExecuTorch runtime and compare with the references",
+    "sensitivity": "opt-in, slow: quality with each layer group in float or 8 bits (not part of export)",
 }
 
 
@@ -96,7 +101,8 @@ def _program_node(target: Target, fetch_task: str) -> StageNode:
     # we verify against compute exactly what the delegate computes.
     group_scale_dtype = "bfloat16" if target.recipe.lower.backend == "xnnpack" else "float32"
     params = {**export_params, "quantize": as_dict(target.recipe.quantize), "group_scale_dtype": group_scale_dtype}
-    return StageNode("quantize", target.name, params, {"fetch": fetch_task}, target.recipe.file)
+    inputs = {"fetch": fetch_task, "reference": f"reference:{target.model.name}"}
+    return StageNode("quantize", target.name, params, inputs, target.recipe.file)
 
 
 def plan_targets(targets: list[Target]) -> Plan:
@@ -121,6 +127,9 @@ def plan_targets(targets: list[Target]) -> Plan:
         )
         for node in (program, lower, verify):
             nodes[node.task] = node
+        if program.stage == "quantize":
+            sensitivity = StageNode("sensitivity", target.name, program.params, program.inputs, target.recipe.file)
+            nodes[sensitivity.task] = sensitivity
         plans[target.name] = TargetPlan(target, verify.task, program.task, lower.task)
     return Plan(nodes, plans)
 

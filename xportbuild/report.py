@@ -15,10 +15,20 @@ def _stage_rows(stages: dict) -> list[str]:
 
 
 def _verify_rows(numbers: dict) -> list[str]:
-    rows = ["| compared with | mean cosine | min cosine | top-1 | max abs |", "|---|---|---|---|---|"]
+    rows = ["| .pte compared with | mean cosine | min cosine | top-1 | max abs | mean KL |", "|---|---|---|---|---|---|"]
     for label, key in (("float eager model", "vs_reference"), ("pre-lowering program", "vs_program")):
         n = numbers[key]
-        rows.append(f"| {label} | {n['cosine_mean']:.6f} | {n['cosine_min']:.6f} | {n['top1']:.3f} | {n['max_abs']:.4g} |")
+        rows.append(f"| {label} | {n['cosine_mean']:.6f} | {n['cosine_min']:.6f} | {n['top1']:.3f} | "
+                    f"{n['max_abs']:.4g} | {n['kl_mean']:.4g} |")
+    return rows
+
+
+def quality_rows(by_stage: dict) -> list[str]:
+    """One row per stage (quantized eager -> exported program -> .pte), each against the float model."""
+    rows = ["| stage vs float | top-1 | mean cosine | mean KL | greedy departs at (per prompt) |", "|---|---|---|---|---|"]
+    for stage, n in by_stage.items():
+        departs = ", ".join("-" if at is None else str(at) for at in n["greedy_departs_at"])
+        rows.append(f"| {stage} | {n['top1']:.3f} | {n['cosine_mean']:.4f} | {n['kl_mean']:.4f} | {departs} |")
     return rows
 
 
@@ -31,6 +41,11 @@ def render_report(manifest: dict) -> str:
         "",
         f"model `{manifest['model']}`, recipe `{manifest['recipe']}`, backend `{lower['backend']}`, "
         f".pte {lower['pte_bytes'] / 2**20:.1f} MiB",
+        "",
+        "## Quality by stage",
+        "Teacher-forced on the float model's greedy text; \"-\": greedy text equal to float's.",
+        "",
+        *quality_rows(verify["quality_by_stage"]),
         "",
         "## Verification",
         *_verify_rows(verify),
@@ -45,3 +60,13 @@ def render_report(manifest: dict) -> str:
     lines += ["## Stages", *_stage_rows(stages), ""]
     lines += ["## Tools", *(f"- {name} {version}" for name, version in manifest["libraries"].items()), ""]
     return "\n".join(lines)
+
+
+def sensitivity_rows(variants: dict) -> list[str]:
+    """The sensitivity table: one row per variant of the recipe's quantization, measured eagerly."""
+    rows = ["| variant | weights MiB | top-1 | mean cosine | mean KL | greedy departs at |", "|---|---|---|---|---|---|"]
+    for label, n in variants.items():
+        departs = ", ".join("-" if at is None else str(at) for at in n["greedy_departs_at"])
+        rows.append(f"| {label} | {n['weight_bytes'] / 2**20:.3f} | {n['top1']:.3f} | {n['cosine_mean']:.4f} | "
+                    f"{n['kl_mean']:.4f} | {departs} |")
+    return rows

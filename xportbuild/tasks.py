@@ -15,7 +15,7 @@ from xportbuild.errors import RecipeError, XportError
 from xportbuild.plan import STAGE_DOCS, Plan, plan_targets
 from xportbuild.recipe import load_project
 
-STAGES = ("fetch", "reference", "program", "quantize", "lower", "verify")
+STAGES = ("fetch", "reference", "program", "quantize", "lower", "verify", "sensitivity")
 log = logging.getLogger(__name__)
 
 
@@ -59,10 +59,13 @@ def _configure_logging() -> None:
 def run_stage(plan: Plan, workspace: Workspace, task: str):
     _configure_logging()
     try:
-        build_node(plan, workspace, task)
+        entry = build_node(plan, workspace, task)
     except XportError as err:
         message = str(err)
         return TaskFailed(message if message.startswith(task) else f"{task}: {message}")
+    table = entry.file("sensitivity.md")
+    if table.is_file():  # the sensitivity stage's whole point is this table, built or reused
+        print(table.read_text())
     return None
 
 

@@ -137,24 +137,39 @@ def _load_recipe(file: Path, problems: _Problems) -> RecipeSpec | None:
     tolerances = _build(Tolerances, data.pop("verify", {}), file, "verify.", problems)
     fixed = {"name": file.stem, "file": str(file), "quantize": quantize, "lower": lower, "tolerances": tolerances}
     recipe = _build(RecipeSpec, data, file, "", problems, fixed=fixed, tables=("backend", "quantize", "lower", "verify"))
-    for key in ("linear_group_size", "embedding_group_size"):
-        size = quantize_data.get(key, 0) if isinstance(quantize_data, dict) else 0
-        if isinstance(size, int) and (size < 0 or size % 2):
-            problems.add(file, f"quantize.{key}", f"{size} must be 0 (per-channel) or a positive even number")
+    _check_quantize(quantize_data if isinstance(quantize_data, dict) else {}, quantize, lower, file, problems)
     if lower is not None and lower.backend != "xnnpack" and lower.per_op_mode:
         problems.add(file, "lower.per_op_mode", f"true: only the xnnpack backend partitions per op, not {lower.backend}")
-    for part in ("linear", "embedding"):
-        scheme = quantize_data.get(part, "none") if isinstance(quantize_data, dict) else "none"
-        if scheme == "none" and isinstance(quantize_data, dict) and f"{part}_group_size" in quantize_data:
-            problems.add(file, f"quantize.{part}_group_size", f"set, but quantize.{part} is \"none\": it would do nothing")
-    if None not in (quantize, lower) and lower.backend == "portable" and quantize.linear != "none":
-        problems.add(file, "quantize.linear", f"{quantize.linear!r}: the portable backend has no kernels for "
-                     "quantized linears (only embeddings); use backend = \"xnnpack\" or linear = \"none\"")
-    if None not in (quantize, lower) and lower.backend == "xnnpack" and quantize.linear != "none":
-        if quantize.linear_group_size % 32:
-            problems.add(file, "quantize.linear_group_size",
-                         f"{quantize.linear_group_size}: XNNPACK needs a multiple of 32 (or 0 for per-channel)")
     return recipe if None not in (quantize, lower, tolerances) else None
+
+
+def _check_quantize(data: dict, quantize: QuantSpec | None, lower: LowerSpec | None, file: Path,
+                    problems: _Problems) -> None:
+    """Knob combinations that cannot work on the backend, or that would silently do nothing."""
+    for key in ("linear_group_size", "head_group_size", "embedding_group_size"):
+        size = data.get(key, 0)
+        if isinstance(size, int) and (size < 0 or size % 2):
+            problems.add(file, f"quantize.{key}", f"{size} must be 0 (per-channel) or a positive even number")
+    for part in ("linear", "embedding"):
+        if data.get(part, "none") == "none" and f"{part}_group_size" in data:
+            problems.add(file, f"quantize.{part}_group_size", f"set, but quantize.{part} is \"none\": it would do nothing")
+    if data.get("head", "same") in ("same", "none") and "head_group_size" in data:
+        problems.add(file, "quantize.head_group_size", f"set, but quantize.head is {data.get('head', 'same')!r}: "
+                     "it would do nothing (\"same\" uses linear_group_size)")
+    if quantize is None or lower is None:
+        return
+    if "qparams" in data and quantize.linear == "none" and quantize.head_scheme == "none" and quantize.embedding == "none":
+        problems.add(file, "quantize.qparams", f"{quantize.qparams!r} set, but nothing is quantized: it would do nothing")
+    for part, scheme, group_size in (("linear", quantize.linear, quantize.linear_group_size),
+                                     ("head", quantize.head, quantize.head_group_size)):
+        if scheme in ("none", "same"):
+            continue
+        key = f"quantize.{part}"
+        if lower.backend == "portable":
+            problems.add(file, key, f"{scheme!r}: the portable backend has no kernels for quantized linears (only "
+                         "embeddings); use backend = \"xnnpack\" or \"none\"")
+        elif lower.backend == "xnnpack" and group_size % 32:
+            problems.add(file, f"{key}_group_size", f"{group_size}: XNNPACK needs a multiple of 32 (or 0 for per-channel)")
 
 
 def _pair(model: ModelSpec, overrides: dict, recipes: dict[str, RecipeSpec], problems: _Problems) -> list[Target]:

@@ -12,6 +12,8 @@ TaskKind = Literal["causal-lm"]
 Backend = Literal["xnnpack", "portable"]
 LinearScheme = Literal["none", "8da4w", "8da8w", "4w", "8w"]
 EmbeddingScheme = Literal["none", "4w", "8w"]
+HeadScheme = Literal["same", "none", "8da4w", "8da8w", "4w", "8w"]
+QParamsAlgorithm = Literal["affine", "hqq"]
 
 SOURCE_KINDS: tuple[str, ...] = ("hub", "local", "gguf")
 TASK_KINDS: tuple[str, ...] = ("causal-lm",)
@@ -61,17 +63,32 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """torchao quantization of linears and embeddings; group size 0 means per-channel."""
+    """torchao quantization of linears, the output head and embeddings; group size 0 means per-channel.
+
+    `head` is the output projection (lm_head): "same" quantizes it like the other linears.
+    `qparams` chooses weight scales without calibration data: min-max ("affine") or HQQ scale-only ("hqq").
+    """
 
     linear: LinearScheme = "none"
     linear_group_size: int = 32
+    head: HeadScheme = "same"
+    head_group_size: int = 0
     embedding: EmbeddingScheme = "none"
     embedding_group_size: int = 0
+    qparams: QParamsAlgorithm = "affine"
     per_axis_fallback: bool = True
 
     @property
+    def head_scheme(self) -> str:
+        return self.linear if self.head == "same" else self.head
+
+    @property
+    def head_groups(self) -> int:
+        return self.linear_group_size if self.head == "same" else self.head_group_size
+
+    @property
     def enabled(self) -> bool:
-        return self.linear != "none" or self.embedding != "none"
+        return self.linear != "none" or self.embedding != "none" or self.head_scheme != "none"
 
 
 @dataclass(frozen=True)
@@ -92,6 +109,7 @@ class Tolerances:
     the others compare the .pte with the float eager model (quantization loss included).
     Greedy tokens of the .pte must equal the program's; `greedy_tie_margin` (logits) admits a first
     difference only where the program itself ranks the two tokens within that margin.
+    `max_kl` bounds the mean KL divergence of the .pte's next-token distribution from the float model's.
     """
 
     min_cosine: float = 0.99
@@ -100,6 +118,7 @@ class Tolerances:
     min_cosine_vs_program: float = 0.9999
     max_abs_vs_program: float = 0.05
     greedy_tie_margin: float = 0.0
+    max_kl: float = 100.0  # mean KL(float || .pte) per position, in nats
 
 
 @dataclass(frozen=True)

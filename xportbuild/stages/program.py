@@ -18,7 +18,9 @@ def save_programs(programs: dict, out_dir: Path) -> dict:
         path = out_dir / f"{method}.pt2"
         torch.export.save(program, path)
         ops = Counter(str(n.target) for n in program.graph.nodes if n.op == "call_function")
-        facts[method] = {"file": path.name, "bytes": path.stat().st_size, "ops": sum(ops.values())}
+        quant_ops = sum(count for name, count in ops.items() if "quantize" in name or "choose_qparams" in name)
+        facts[method] = {"file": path.name, "bytes": path.stat().st_size, "ops": sum(ops.values()),
+                         "quant_ops": quant_ops}
     (out_dir / METHODS_FILE).write_text(json.dumps(facts, indent=1, sort_keys=True))
     return facts
 

@@ -5,6 +5,7 @@ Every knob must take effect: the stage reads back what it quantized and fails if
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -15,23 +16,38 @@ from xportbuild.stages.program import export_program
 _BITS = {"4w": 4, "8w": 8, "8da4w": 4, "8da8w": 8}
 
 
-def _config(scheme: str, group_size: int, group_scale_dtype: str):
+def _config(scheme: str, group_size: int, group_scale_dtype: str, qparams: str):
     import torch
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig
     from torchao.quantization.granularity import PerAxis, PerGroup
+    from torchao.quantization.quantize_.workflows.intx.intx_choose_qparams_algorithm import (
+        IntxChooseQParamsAlgorithm,
+    )
 
     granularity = PerAxis(0) if group_size == 0 else PerGroup(group_size)
     weight_dtype = torch.int4 if _BITS[scheme] == 4 else torch.int8
     scale_dtype = getattr(torch, group_scale_dtype) if group_size else None
+    algorithm = IntxChooseQParamsAlgorithm.HQQ_SCALE_ONLY if qparams == "hqq" else IntxChooseQParamsAlgorithm.AFFINE
     if scheme.startswith("8da"):
         return Int8DynamicActivationIntxWeightConfig(weight_dtype=weight_dtype, weight_granularity=granularity,
-                                                     weight_scale_dtype=scale_dtype)
-    return IntxWeightOnlyConfig(weight_dtype=weight_dtype, granularity=granularity, scale_dtype=scale_dtype)
+                                                     weight_scale_dtype=scale_dtype,
+                                                     intx_choose_qparams_algorithm=algorithm)
+    return IntxWeightOnlyConfig(weight_dtype=weight_dtype, granularity=granularity, scale_dtype=scale_dtype,
+                                intx_choose_qparams_algorithm=algorithm)
 
 
-def _group_sizes(model, kind) -> dict[str, int]:
-    """{module name: group size chosen} for quantizable modules of `kind` (per-axis = in_features)."""
-    return {name: module.weight.shape[-1] for name, module in model.named_modules() if isinstance(module, kind)}
+def module_parts(model) -> dict[str, dict[str, int]]:
+    """{part: {module name: input width}} for the parts a recipe quantizes separately."""
+    import torch
+
+    head = model.get_output_embeddings()
+    parts: dict[str, dict[str, int]] = {"embedding": {}, "head": {}, "linear": {}}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Embedding):
+            parts["embedding"][name] = module.weight.shape[-1]
+        elif isinstance(module, torch.nn.Linear):
+            parts["head" if module is head else "linear"][name] = module.weight.shape[-1]
+    return parts
 
 
 def _plan_groups(widths: dict[str, int], group_size: int, fallback: bool, what: str) -> dict[str, int]:
@@ -47,49 +63,89 @@ def _plan_groups(widths: dict[str, int], group_size: int, fallback: bool, what: 
     return {name: (0 if name in undivided else group_size) for name in widths}
 
 
-def _apply(model, scheme: str, groups: dict[str, int], group_scale_dtype: str) -> None:
+Plan = dict[str, tuple[str, str, int]]  # module name -> (part, scheme, group size)
+
+
+def quantization_plan(model, spec: QuantSpec) -> Plan:
+    """What the recipe asks for each module; raises if a requested part is absent or cannot be grouped."""
+    parts = module_parts(model)
+    plan: Plan = {}
+    for part, scheme, group_size in (("embedding", spec.embedding, spec.embedding_group_size),
+                                     ("head", spec.head_scheme, spec.head_groups),
+                                     ("linear", spec.linear, spec.linear_group_size)):
+        if scheme == "none":
+            continue
+        if not parts[part]:
+            if part == "head" and spec.head == "same":
+                continue  # a model without a separate output projection: nothing to follow
+            raise StageError(f"quantize.{part} = {scheme!r} but the model has no {part} layers")
+        for name, size in _plan_groups(parts[part], group_size, spec.per_axis_fallback, part).items():
+            plan[name] = (part, scheme, size)
+    return plan
+
+
+def apply_plan(model, plan: Plan, group_scale_dtype: str, qparams: str) -> dict:
+    """Quantize in place as planned; returns per part the scheme and layer counts read back from the weights."""
     from torchao.quantization import quantize_
 
-    for group_size in sorted(set(groups.values())):
-        names = {name for name, size in groups.items() if size == group_size}
-        config = _config(scheme, group_size, group_scale_dtype)
+    tied = _tied(model)
+    for scheme, group_size in sorted({(scheme, size) for _, scheme, size in plan.values()}):
+        names = {name for name, (_, s, size) in plan.items() if (s, size) == (scheme, group_size)}
+        config = _config(scheme, group_size, group_scale_dtype, qparams)
         quantize_(model, config, filter_fn=lambda module, fqn, names=names: fqn in names)
+    report = _read_back(model, plan)
+    if tied:
+        # The output head reuses the embedding table in float; quantized, each keeps its own copy.
+        report["tied_embedding"] = {"tied_in_float": True, "quantized_copies": 2 if _tied_parts_quantized(plan) else 1}
+    return report
 
 
-def _read_back(model, groups: dict[str, int], what: str) -> dict:
-    """Check each module's weight is quantized with the planned block size; count per group size."""
+def _tied(model) -> bool:
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    return head is not None and embedding is not None and head.weight is embedding.weight
+
+
+def _tied_parts_quantized(plan: Plan) -> bool:
+    return any(part == "head" for part, _, _ in plan.values()) and any(part == "embedding" for part, _, _ in plan.values())
+
+
+def _read_back(model, plan: Plan) -> dict:
+    """Check each module's weight is quantized with the planned block size; count per part and group size."""
     modules = dict(model.named_modules())
-    counts: Counter = Counter()
-    for name, group_size in groups.items():
+    report: dict[str, dict] = {}
+    for name, (part, scheme, group_size) in plan.items():
         weight = modules[name].weight
         block = getattr(weight, "block_size", None)
         expected = group_size or weight.shape[-1]
         if block is None or block[-1] != expected:
-            raise StageError(f"quantize: {what} {name} was not quantized as planned "
+            raise StageError(f"quantize: {part} {name} was not quantized as planned "
                              f"(weight {type(weight).__name__}, block {block}, expected group {expected})")
-        counts["per-channel" if group_size == 0 else f"group {group_size}"] += 1
-    return dict(counts)
+        entry = report.setdefault(part, {"scheme": scheme, "layers": Counter()})
+        entry["layers"]["per-channel" if group_size == 0 else f"group {group_size}"] += 1
+    return {part: {**entry, "layers": dict(entry["layers"])} for part, entry in report.items()}
 
 
 def quantize_model(model, spec: QuantSpec, group_scale_dtype: str = "float32") -> dict:
-    """Quantize in place; returns {"linear": {...}, "embedding": {...}} counts read back from the weights."""
-    import torch
-
-    report = {}
-    parts = (("embedding", torch.nn.Embedding, spec.embedding, spec.embedding_group_size),
-             ("linear", torch.nn.Linear, spec.linear, spec.linear_group_size))
-    for what, kind, scheme, group_size in parts:
-        if scheme == "none":
-            continue
-        groups = _plan_groups(_group_sizes(model, kind), group_size, spec.per_axis_fallback, what)
-        if not groups:
-            raise StageError(f"quantize.{what} = {scheme!r} but the model has no {what} layers")
-        _apply(model, scheme, groups, group_scale_dtype)
-        report[what] = {"scheme": scheme, "layers": _read_back(model, groups, what)}
-    return report
+    """Quantize in place as the recipe says; returns what was quantized, read back from the weights."""
+    return apply_plan(model, quantization_plan(model, spec), group_scale_dtype, spec.qparams)
 
 
 def run(node, inputs: dict[str, Path], out_dir: Path, workspace) -> dict:
+    from xportbuild.quality import quality
+    from xportbuild.stages.reference import load_reference
+    from xportbuild.stages.verify import EAGER_QUALITY_FILE
+
     spec = QuantSpec(**node.params["quantize"])
-    return export_program(inputs["fetch"], node.params["max_seq_len"], out_dir,
-                          prepare=lambda model: {"quantized": quantize_model(model, spec, node.params["group_scale_dtype"])})
+    max_seq_len = node.params["max_seq_len"]
+    references = load_reference(inputs["reference"])
+
+    def measure_eager(model) -> dict:
+        from xportbuild.models import causal_lm
+
+        numbers = quality(causal_lm.module_step(causal_lm.exportable(model, max_seq_len)), references)
+        (out_dir / EAGER_QUALITY_FILE).write_text(json.dumps(numbers, indent=1))
+        return {"eager_quality": numbers}
+
+    return export_program(inputs["fetch"], max_seq_len, out_dir,
+                          prepare=lambda model: {"quantized": quantize_model(model, spec, node.params["group_scale_dtype"]),
+                                                 **measure_eager(model)})

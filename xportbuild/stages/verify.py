@@ -9,37 +9,11 @@ from pathlib import Path
 import numpy as np
 
 from xportbuild.errors import VerifyFailed
+from xportbuild.quality import compare_logits, first_divergence, merge
 from xportbuild.recipe.spec import Tolerances
 
-
-def compare_logits(actual: np.ndarray, expected: np.ndarray) -> dict:
-    """Row-wise cosine, top-1 agreement and max abs error of two [positions, vocab] arrays."""
-    dot = (actual * expected).sum(-1)
-    norms = np.linalg.norm(actual, axis=-1) * np.linalg.norm(expected, axis=-1)
-    cosine = dot / np.maximum(norms, 1e-12)
-    return {
-        "cosine_mean": float(cosine.mean()),
-        "cosine_min": float(cosine.min()),
-        "top1": float((actual.argmax(-1) == expected.argmax(-1)).mean()),
-        "max_abs": float(np.abs(actual - expected).max()),
-    }
-
-
-def _merge(per_prompt: list[dict]) -> dict:
-    return {
-        "cosine_mean": float(np.mean([m["cosine_mean"] for m in per_prompt])),
-        "cosine_min": min(m["cosine_min"] for m in per_prompt),
-        "top1": float(np.mean([m["top1"] for m in per_prompt])),
-        "max_abs": max(m["max_abs"] for m in per_prompt),
-    }
-
-
-def first_divergence(a: list[int], b: list[int]) -> int | None:
-    """Index of the first differing token, or None when equal."""
-    for index, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            return index
-    return None if len(a) == len(b) else min(len(a), len(b))
+# Written by the quantize stage: the quantized eager model's quality, before export and lowering.
+EAGER_QUALITY_FILE = "eager_quality.json"
 
 
 def _margin(program_step, prompt: list[int], pte_tokens: list[int], program_tokens: list[int], at: int | None):
@@ -56,13 +30,14 @@ def measure(pte_step, program_step, references: list[dict]) -> dict:
     """All numbers verify judges, for the `forward` method of a causal LM."""
     from xportbuild.models import causal_lm
 
-    vs_reference, vs_program, greedy, decode_seconds, decoded = [], [], [], 0.0, 0
+    vs_reference, vs_program, program_vs_reference, greedy, decode_seconds, decoded = [], [], [], [], 0.0, 0
     for ref in references:
         prompt, continuation = ref["prompt"].tolist(), ref["greedy"].tolist()
         pte_logits = causal_lm.teacher_forced_logits(pte_step, prompt, continuation)
         program_logits = causal_lm.teacher_forced_logits(program_step, prompt, continuation)
         vs_reference.append(compare_logits(pte_logits, ref["logits"]))
         vs_program.append(compare_logits(pte_logits, program_logits))
+        program_vs_reference.append(compare_logits(program_logits, ref["logits"]))
         started = time.perf_counter()
         pte_tokens = causal_lm.greedy(pte_step, prompt, len(continuation))
         decode_seconds += time.perf_counter() - started
@@ -73,8 +48,12 @@ def measure(pte_step, program_step, references: list[dict]) -> dict:
                        "diverges_from_program_at": at,
                        "program_margin_at_divergence": _margin(program_step, prompt, pte_tokens, program_tokens, at),
                        "diverges_from_reference_at": first_divergence(pte_tokens, continuation)})
-    return {"vs_reference": _merge(vs_reference), "vs_program": _merge(vs_program), "greedy": greedy,
-            "generate_tokens_per_s": decoded / decode_seconds if decode_seconds else None}
+    departures = {"program": [g["program"] for g in greedy], ".pte": [g["pte"] for g in greedy]}
+    stages = {"program": merge(program_vs_reference), ".pte": merge(vs_reference)}
+    for name, tokens in departures.items():
+        stages[name]["greedy_departs_at"] = [first_divergence(t, g["reference"]) for t, g in zip(tokens, greedy)]
+    return {"vs_reference": merge(vs_reference), "vs_program": merge(vs_program), "greedy": greedy,
+            "quality_by_stage": stages, "generate_tokens_per_s": decoded / decode_seconds if decode_seconds else None}
 
 
 def judge(numbers: dict, tolerances: Tolerances) -> list[str]:
@@ -84,6 +63,7 @@ def judge(numbers: dict, tolerances: Tolerances) -> list[str]:
         ("vs float: mean cosine", ref["cosine_mean"], ">=", tolerances.min_cosine),
         ("vs float: top-1 agreement", ref["top1"], ">=", tolerances.min_top1),
         ("vs float: max abs error", ref["max_abs"], "<=", tolerances.max_abs),
+        ("vs float: mean KL divergence", ref["kl_mean"], "<=", tolerances.max_kl),
         ("vs program: min cosine", prog["cosine_min"], ">=", tolerances.min_cosine_vs_program),
         ("vs program: max abs error", prog["max_abs"], "<=", tolerances.max_abs_vs_program),
     ]
@@ -108,6 +88,10 @@ def verify(pte_path: Path, program_dir: Path, reference_dir: Path, tolerances: T
     program = load_programs(program_dir)["forward"]
     numbers = measure(runtime.method_step(pte_path), causal_lm.module_step(program.module()),
                       load_reference(reference_dir))
+    eager_quality = program_dir / EAGER_QUALITY_FILE
+    if eager_quality.is_file():  # quantized recipes: where the loss starts
+        numbers["quality_by_stage"] = {"quantized eager": json.loads(eager_quality.read_text()),
+                                       **numbers["quality_by_stage"]}
     failures = judge(numbers, tolerances)
     if failures:
         raise VerifyFailed(target, failures, numbers)

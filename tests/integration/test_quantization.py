@@ -1,0 +1,101 @@
+"""Quantization knobs take effect and their cost in quality is visible per stage: head and embedding schemes on
+tied (Gemma 3) and untied (Llama) tiny models, the qparams algorithm, KL limits and the sensitivity report."""
+
+from __future__ import annotations
+
+import json
+
+from tests.integration.models import local, model_toml
+
+BASE = "xnnpack-8da4w"
+RECIPE = '''doc = "{doc}"
+backend = "xnnpack"
+[quantize]
+linear = "8da4w"
+linear_group_size = 32
+{extra}
+[verify]
+min_cosine = 0.8
+min_top1 = 0.5
+max_abs = 100.0
+min_cosine_vs_program = 0.93
+max_abs_vs_program = 8.0
+greedy_tie_margin = 0.5
+'''
+VARIANTS = {
+    "head-float": 'head = "none"\nembedding = "8w"',
+    "head-8bit": 'head = "8da8w"\nembedding = "8w"',
+    "embedding-4bit": 'embedding = "4w"\nembedding_group_size = 32',
+}
+
+
+def _manifest(project, target: str) -> dict:
+    return json.loads((project.root / "artifacts" / target / "manifest.json").read_text())
+
+
+def test_head_and_embedding_schemes_change_sizes_and_ops_on_a_tied_model(project, weights):
+    for name, extra in VARIANTS.items():
+        project.write_recipe(name, RECIPE.format(doc=name, extra=extra))
+    project.write_model("tiny-gemma3", model_toml(local(weights / "tiny-gemma3"), [BASE, *VARIANTS]))
+    project.doit(*[f"export:tiny-gemma3-{r}" for r in (BASE, *VARIANTS)])
+    manifests = {r: _manifest(project, f"tiny-gemma3-{r}") for r in (BASE, *VARIANTS)}
+    pte = {r: m["stages"]["lower"]["result"]["pte_bytes"] for r, m in manifests.items()}
+    quantized = {r: m["stages"]["quantize"]["result"]["quantized"] for r, m in manifests.items()}
+    quant_ops = {r: m["stages"]["quantize"]["result"]["methods"]["forward"]["quant_ops"] for r, m in manifests.items()}
+
+    assert quantized[BASE]["head"] == {"scheme": "8da4w", "layers": {"group 32": 1}}
+    assert quantized[BASE]["tied_embedding"] == {"tied_in_float": True, "quantized_copies": 2}
+    assert "head" not in quantized["head-float"]
+    assert quantized["head-8bit"]["head"] == {"scheme": "8da8w", "layers": {"per-channel": 1}}
+    assert quantized["embedding-4bit"]["embedding"] == {"scheme": "4w", "layers": {"group 32": 1}}
+    # A float head keeps 4-byte weights, an 8-bit one 1 byte, the 4-bit default half a byte (plus scales).
+    assert pte["head-float"] > pte["head-8bit"] > pte[BASE]
+    assert pte["embedding-4bit"] < pte[BASE]
+    assert quant_ops["head-float"] < quant_ops[BASE]
+    for manifest in manifests.values():
+        stages = manifest["stages"]["verify"]["result"]["quality_by_stage"]
+        assert list(stages) == ["quantized eager", "program", ".pte"]
+        assert all(0.0 <= s["kl_mean"] and 0.0 <= s["top1"] <= 1.0 for s in stages.values())
+    report = (project.root / "artifacts" / f"tiny-gemma3-{BASE}" / "report.md").read_text()
+    assert "## Quality by stage" in report and "| quantized eager |" in report and "| .pte |" in report
+
+
+def test_head_scheme_and_qparams_on_an_untied_model(project, weights):
+    project.write_recipe("head-8bit", RECIPE.format(doc="h", extra=VARIANTS["head-8bit"]))
+    project.write_recipe("hqq", RECIPE.format(doc="hqq", extra='qparams = "hqq"'))
+    project.write_model("tiny-llama", model_toml(local(weights / "tiny-llama"), [BASE, "head-8bit", "hqq"]))
+    project.doit(*[f"quantize:tiny-llama-{r}" for r in (BASE, "head-8bit", "hqq")])
+    results = {}
+    for event in project.events():
+        if event["task"].startswith("quantize:tiny-llama-") and event["event"] in ("built", "hit"):
+            from xportbuild.cache import Store
+
+            entry = Store(project.env["XPORTBUILD_CACHE"]).lookup(event["key"])
+            results[event["task"].split("tiny-llama-")[1]] = entry
+    assert results["head-8bit"].result["quantized"]["head"] == {"scheme": "8da8w", "layers": {"per-channel": 1}}
+    assert results[BASE].result["quantized"]["head"]["scheme"] == "8da4w"
+    assert "tied_embedding" not in results[BASE].result["quantized"]
+    assert results["hqq"].digest != results[BASE].digest  # other scales: other program
+
+
+def test_kl_limit_fails_verification_with_the_number(project, weights):
+    project.write_model("tiny-llama", model_toml(local(weights / "tiny-llama"), [BASE]))
+    project.doit(f"export:tiny-llama-{BASE}")
+    project.edit_recipe(BASE, "greedy_tie_margin = 0.5", "greedy_tie_margin = 0.5\nmax_kl = 0.0")
+    result = project.doit(f"export:tiny-llama-{BASE}", check=False)
+    assert result.returncode != 0
+    assert "vs float: mean KL divergence" in result.stdout and "(required <= 0)" in result.stdout
+
+
+def test_sensitivity_report(project, weights):
+    project.write_model("tiny-llama", model_toml(local(weights / "tiny-llama"), [BASE]))
+    result = project.doit(f"sensitivity:tiny-llama-{BASE}")
+    table = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    variants = {line.split("|")[1].strip(): line for line in table[1:]}
+    for expected in ("recipe as written", "embeddings in float", "output head in float", "attention in float",
+                     "MLP in float", "MLP in 8 bits", "first block in float", "last block in 8 bits"):
+        assert expected in variants, f"{expected} missing from:\n{result.stdout}"
+    mib = {label: float(line.split("|")[2]) for label, line in variants.items()}
+    assert mib["MLP in float"] > mib["MLP in 8 bits"] > mib["recipe as written"]
+    kls = {line.split("|")[5].strip() for line in variants.values()}
+    assert len(kls) > 3, "variants did not change the quantized model"

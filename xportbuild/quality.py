@@ -1,0 +1,64 @@
+"""How close a model's next-token predictions are to the float reference: the numbers every stage reports.
+
+A `Step` (see models.causal_lm) is teacher-forced on the reference's greedy continuation, so every position
+is compared on the same context; greedy decoding then shows where the generated text first departs."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def compare_logits(actual: np.ndarray, expected: np.ndarray) -> dict:
+    """Row-wise cosine, top-1 agreement, max abs error and KL(expected || actual) of [positions, vocab] arrays."""
+    actual, expected = actual.astype(np.float64), expected.astype(np.float64)
+    dot = (actual * expected).sum(-1)
+    norms = np.linalg.norm(actual, axis=-1) * np.linalg.norm(expected, axis=-1)
+    cosine = dot / np.maximum(norms, 1e-12)
+    return {
+        "cosine_mean": float(cosine.mean()),
+        "cosine_min": float(cosine.min()),
+        "top1": float((actual.argmax(-1) == expected.argmax(-1)).mean()),
+        "max_abs": float(np.abs(actual - expected).max()),
+        "kl_mean": float(kl_divergence(expected, actual).mean()),
+    }
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+def kl_divergence(reference: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """KL(softmax(reference) || softmax(other)) per row, in nats."""
+    log_p, log_q = _log_softmax(reference), _log_softmax(other)
+    return (np.exp(log_p) * (log_p - log_q)).sum(-1)
+
+
+def merge(per_prompt: list[dict]) -> dict:
+    """Means over prompts, worst case for minima and maxima."""
+    merged = {}
+    for name in per_prompt[0]:
+        values = [m[name] for m in per_prompt]
+        merged[name] = min(values) if name.endswith("_min") else max(values) if name.startswith("max") else \
+            float(np.mean(values))
+    return merged
+
+
+def first_divergence(a: list[int], b: list[int]) -> int | None:
+    """Index of the first differing token, or None when equal."""
+    for index, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return index
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def quality(step, references: list[dict]) -> dict:
+    """Teacher-forced agreement with the float reference, plus where greedy text first departs from it."""
+    from xportbuild.models import causal_lm
+
+    per_prompt, departures = [], []
+    for ref in references:
+        prompt, continuation = ref["prompt"].tolist(), ref["greedy"].tolist()
+        per_prompt.append(compare_logits(causal_lm.teacher_forced_logits(step, prompt, continuation), ref["logits"]))
+        departures.append(first_divergence(causal_lm.greedy(step, prompt, len(continuation)), continuation))
+    return {**merge(per_prompt), "greedy_departs_at": departures}
