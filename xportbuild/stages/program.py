@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
+import zipfile
 from collections import Counter
 from pathlib import Path
+
+from xportbuild.errors import StageError
 
 METHODS_FILE = "methods.json"
 
@@ -31,7 +35,38 @@ def load_programs(entry_dir: Path) -> dict:
     import torchao  # noqa: F401  registers the quantized tensor types a .pt2 may hold
 
     facts = json.loads((entry_dir / METHODS_FILE).read_text())
-    return {method: torch.export.load(entry_dir / fact["file"]) for method, fact in facts.items()}
+    programs = {}
+    for method, fact in facts.items():
+        refuse_unsafe_pickles(entry_dir / fact["file"])
+        programs[method] = torch.export.load(entry_dir / fact["file"])
+    return programs
+
+
+def refuse_unsafe_pickles(path: Path) -> None:
+    """torch.export.load unpickles some payloads with weights_only=False. A .pt2 may come from a shared cache, so
+    every pickled payload in it must first load under the weights_only unpickler (tensors, allowlisted types)."""
+    import pickle
+
+    import torch
+    from torch.export.pt2_archive.constants import CUSTOM_OBJ_FILENAME_PREFIX, OPAQUE_OBJ_FILENAME_PREFIX
+
+    def check(archive: zipfile.ZipFile, member: str) -> None:
+        try:
+            torch.load(io.BytesIO(archive.read(member)), weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, KeyError, EOFError) as err:
+            raise StageError(f"{path}: refusing to load: {member} is not a plain tensor payload ({err})") from err
+
+    with zipfile.ZipFile(path) as archive:
+        for member in archive.namelist():
+            if member.endswith((".pt", ".pkl")):
+                check(archive, member)
+            elif member.endswith(("_weights_config.json", "_constants_config.json")):
+                folder = member.rsplit("/", 1)[0]
+                for meta in json.loads(archive.read(member))["config"].values():
+                    if meta["path_name"].startswith((CUSTOM_OBJ_FILENAME_PREFIX, OPAQUE_OBJ_FILENAME_PREFIX)):
+                        raise StageError(f"{path}: refusing to load: it holds a pickled object ({meta['path_name']})")
+                    if meta.get("use_pickle"):
+                        check(archive, f"{folder}/{meta['path_name']}")
 
 
 def export_program(model_dir: Path, max_seq_len: int, out_dir: Path, prepare=None) -> dict:
