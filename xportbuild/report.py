@@ -26,7 +26,9 @@ def _verify_rows(numbers: dict) -> list[str]:
 def quality_rows(by_stage: dict) -> list[str]:
     """One row per stage (quantized eager -> exported program -> .pte), each against the float model."""
     rows = ["| stage vs float | top-1 | mean cosine | mean KL | greedy departs at (per prompt) |", "|---|---|---|---|---|"]
-    for stage, n in by_stage.items():
+    order = ("quantized eager", "program", ".pte")
+    for stage in sorted(by_stage, key=lambda name: order.index(name) if name in order else len(order)):
+        n = by_stage[stage]
         departs = ", ".join("-" if at is None else str(at) for at in n["greedy_departs_at"])
         rows.append(f"| {stage} | {n['top1']:.3f} | {n['cosine_mean']:.4f} | {n['kl_mean']:.4f} | {departs} |")
     return rows
@@ -56,7 +58,12 @@ def render_report(manifest: dict) -> str:
         lines += [f"greedy generation with the .pte: {rate:.1f} tokens/s", ""]
     quantized = stages.get("quantize", {}).get("result", {}).get("quantized")
     if quantized:
-        lines += ["## Quantization", *(f"- {part}: {q['scheme']} {q['layers']}" for part, q in quantized.items()), ""]
+        parts = {part: q for part, q in quantized.items() if "scheme" in q}
+        lines += ["## Quantization", *(f"- {part}: {q['scheme']} {q['layers']}" for part, q in parts.items())]
+        tied = quantized.get("tied_embedding")
+        if tied:
+            lines.append(f"- tied embedding table: stored {tied['quantized_copies']} time(s) in the .pte")
+        lines.append("")
     lines += ["## Stages", *_stage_rows(stages), ""]
     lines += ["## Tools", *(f"- {name} {version}" for name, version in manifest["libraries"].items()), ""]
     return "\n".join(lines)

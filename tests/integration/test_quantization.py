@@ -54,7 +54,7 @@ def test_head_and_embedding_schemes_change_sizes_and_ops_on_a_tied_model(project
     assert quant_ops["head-float"] < quant_ops[BASE]
     for manifest in manifests.values():
         stages = manifest["stages"]["verify"]["result"]["quality_by_stage"]
-        assert list(stages) == ["quantized eager", "program", ".pte"]
+        assert set(stages) == {"quantized eager", "program", ".pte"}
         assert all(0.0 <= s["kl_mean"] and 0.0 <= s["top1"] <= 1.0 for s in stages.values())
     report = (project.root / "artifacts" / f"tiny-gemma3-{BASE}" / "report.md").read_text()
     assert "## Quality by stage" in report and "| quantized eager |" in report and "| .pte |" in report

@@ -89,9 +89,12 @@ def apply_plan(model, plan: Plan, group_scale_dtype: str, qparams: str) -> dict:
     from torchao.quantization import quantize_
 
     tied = _tied(model)
-    for scheme, group_size in sorted({(scheme, size) for _, scheme, size in plan.values()}):
-        names = {name for name, (_, s, size) in plan.items() if (s, size) == (scheme, group_size)}
-        config = _config(scheme, group_size, group_scale_dtype, qparams)
+    for part, scheme, group_size in sorted(set(plan.values())):
+        names = {name for name, planned in plan.items() if planned == (part, scheme, group_size)}
+        # Group scales in the delegate's storage type apply to linears only: embeddings run on ExecuTorch's
+        # own quantized kernels, which read float32 scales.
+        scale_dtype = "float32" if part == "embedding" else group_scale_dtype
+        config = _config(scheme, group_size, scale_dtype, qparams)
         quantize_(model, config, filter_fn=lambda module, fqn, names=names: fqn in names)
     report = _read_back(model, plan)
     if tied:
