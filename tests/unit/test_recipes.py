@@ -115,3 +115,30 @@ def test_unimportable_pass_is_a_recipe_error(tmp_path):
         plan_targets(targets)
     assert "r.toml: lower.passes: 'no_such_module:fn'" in str(caught.value)
     assert "unknown pass 'nope'" in str(caught.value)
+
+
+def test_head_knobs_are_checked_like_linears(tmp_path):
+    recipe = 'doc = "x"\nbackend = "xnnpack"\n[quantize]\nlinear = "8da4w"\nhead = "8da8w"\nhead_group_size = 48\n'
+    with pytest.raises(RecipeError, match="r.toml: quantize.head_group_size: 48: XNNPACK needs a multiple of 32"):
+        load_project(_project(tmp_path, GOOD_MODEL.replace('"xnnpack-fp32"', '"r"'), recipe))
+    with pytest.raises(RecipeError, match="r.toml: quantize.qparams: 'minmax' is not one of 'affine', 'hqq'"):
+        load_project(_project(tmp_path / "2", GOOD_MODEL.replace('"xnnpack-fp32"', '"r"'),
+                              recipe.replace("head_group_size = 48", 'qparams = "minmax"')))
+
+
+def test_head_group_size_without_its_own_scheme_would_do_nothing(tmp_path):
+    recipe = 'doc = "x"\nbackend = "xnnpack"\n[quantize]\nlinear = "8da4w"\nhead_group_size = 64\n'
+    with pytest.raises(RecipeError, match="quantize.head_group_size: set, but quantize.head is 'same'"):
+        load_project(_project(tmp_path, GOOD_MODEL.replace('"xnnpack-fp32"', '"r"'), recipe))
+
+
+def test_portable_cannot_take_a_quantized_head(tmp_path):
+    recipe = 'doc = "x"\nbackend = "portable"\n[quantize]\nhead = "8w"\n'
+    with pytest.raises(RecipeError, match="quantize.head: '8w': the portable backend has no kernels"):
+        load_project(_project(tmp_path, GOOD_MODEL.replace('"xnnpack-fp32"', '"r"'), recipe))
+
+
+def test_qparams_with_nothing_quantized_would_do_nothing(tmp_path):
+    recipe = 'doc = "x"\nbackend = "xnnpack"\n[quantize]\nqparams = "hqq"\n'
+    with pytest.raises(RecipeError, match="quantize.qparams: 'hqq' set, but nothing is quantized"):
+        load_project(_project(tmp_path, GOOD_MODEL.replace('"xnnpack-fp32"', '"r"'), recipe))
