@@ -7,6 +7,7 @@ QUANT_TOLERANCES = """
 min_cosine = 0.8
 min_top1 = 0.5
 max_abs = 100.0
+max_kl = 10.0
 """
 
 

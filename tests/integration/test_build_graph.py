@@ -23,8 +23,9 @@ def test_tiny_decoders_build_and_verify_fp32_and_8da4w(project, weights, arch):
         assert all(g["diverges_from_program_at"] is None for g in verify["greedy"])
         assert manifest["stages"]["lower"]["result"]["delegation"]["forward"]["delegate_calls"] > 0
     quantized = _published(project, f"tiny-{arch}-xnnpack-8da4w")["stages"]["quantize"]["result"]["quantized"]
-    assert quantized["linear"]["scheme"] == "8da4w" and sum(quantized["linear"]["layers"].values()) > 0
-    assert quantized["embedding"]["layers"] == {"per-channel": 1}
+    assert quantized["linear"]["scheme"] == "8da8w" and sum(quantized["linear"]["layers"].values()) > 0
+    assert quantized["head"] == {"scheme": "8da4w", "layers": {"group 32": 1}}
+    assert quantized["embedding"] == {"scheme": "4w", "layers": {"group 32": 1}}
     fp32 = _published(project, f"tiny-{arch}-xnnpack-fp32")["stages"]["verify"]["result"]
     assert fp32["vs_reference"]["top1"] == 1.0
 
