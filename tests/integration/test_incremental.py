@@ -36,13 +36,12 @@ def test_only_stale_stages_rerun(project, weights, tmp_path):
     project.doit(f"export:{TARGET}")
     assert project.built_since(mark) == [f"verify:{TARGET}"]
 
-    project.edit_recipe("xnnpack-8da4w", "linear_group_size = 0", "linear_group_size = 64")
+    project.edit_recipe("xnnpack-8da4w", "head_group_size = 32", "head_group_size = 64")
     mark = len(project.events())
     project.doit(f"export:{TARGET}")
     assert project.built_since(mark) == [f"lower:{TARGET}", f"quantize:{TARGET}", f"verify:{TARGET}"]
     report = (project.root / "artifacts" / TARGET / "report.md").read_text()
-    linear = next(line for line in report.splitlines() if line.startswith("- linear:"))
-    assert "group 64" in linear and "per-channel" in linear  # 96-wide down_proj falls back
+    assert "- head: 8da4w {'group 64': 1}" in report
 
 
 def test_restored_cache_without_doit_state_is_reused(project, weights, tmp_path):

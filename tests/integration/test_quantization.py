@@ -66,8 +66,10 @@ def test_head_scheme_and_qparams_on_an_untied_model(project, weights):
     project.write_recipe("head-8bit", RECIPE.format(doc="h", extra=VARIANTS["head-8bit"]))
     project.write_recipe("affine", RECIPE.format(doc="affine", extra=""))
     project.write_recipe("hqq", RECIPE.format(doc="hqq", extra='qparams = "hqq"'))
-    project.write_model("tiny-llama", model_toml(local(weights / "tiny-llama"), [BASE, "head-8bit", "affine", "hqq"]))
-    project.doit(*[f"quantize:tiny-llama-{r}" for r in (BASE, "head-8bit", "affine", "hqq")])
+    project.write_recipe("g64", RECIPE.format(doc="g64", extra="").replace("linear_group_size = 32", "linear_group_size = 64"))
+    recipes = [BASE, "head-8bit", "affine", "hqq", "g64"]
+    project.write_model("tiny-llama", model_toml(local(weights / "tiny-llama"), recipes))
+    project.doit(*[f"quantize:tiny-llama-{r}" for r in recipes])
     results = {}
     for event in project.events():
         if event["task"].startswith("quantize:tiny-llama-") and event["event"] in ("built", "hit"):
@@ -79,6 +81,8 @@ def test_head_scheme_and_qparams_on_an_untied_model(project, weights):
     assert results[BASE].result["quantized"]["head"]["scheme"] == "8da4w"
     assert "tied_embedding" not in results[BASE].result["quantized"]
     assert results["hqq"].digest != results["affine"].digest  # other scales: other program
+    # 64 does not divide the 96-wide down_proj of each block: those fall back to per-channel.
+    assert results["g64"].result["quantized"]["linear"]["layers"] == {"group 64": 12, "per-channel": 2}
 
 
 def test_kl_limit_fails_verification_with_the_number(project, weights):

@@ -142,3 +142,9 @@ def test_qparams_with_nothing_quantized_would_do_nothing(tmp_path):
     recipe = 'doc = "x"\nbackend = "xnnpack"\n[quantize]\nqparams = "hqq"\n'
     with pytest.raises(RecipeError, match="quantize.qparams: 'hqq' set, but nothing is quantized"):
         load_project(_project(tmp_path, GOOD_MODEL.replace('"xnnpack-fp32"', '"r"'), recipe))
+
+
+def test_xnnpack_has_no_group_wise_8_bit_weights(tmp_path):
+    recipe = 'doc = "x"\nbackend = "xnnpack"\n[quantize]\nlinear = "8da8w"\nlinear_group_size = 64\n'
+    with pytest.raises(RecipeError, match="quantize.linear_group_size: 64: XNNPACK has no group-wise kernels for 8-bit"):
+        load_project(_project(tmp_path, GOOD_MODEL.replace('"xnnpack-fp32"', '"r"'), recipe))

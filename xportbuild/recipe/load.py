@@ -170,6 +170,9 @@ def _check_quantize(data: dict, quantize: QuantSpec | None, lower: LowerSpec | N
                          "embeddings); use backend = \"xnnpack\" or \"none\"")
         elif lower.backend == "xnnpack" and group_size % 32:
             problems.add(file, f"{key}_group_size", f"{group_size}: XNNPACK needs a multiple of 32 (or 0 for per-channel)")
+        elif lower.backend == "xnnpack" and group_size and scheme.endswith("8w"):
+            problems.add(file, f"{key}_group_size", f"{group_size}: XNNPACK has no group-wise kernels for 8-bit weights "
+                         "(its runtime rejects them); use 0 for per-channel")
 
 
 def _pair(model: ModelSpec, overrides: dict, recipes: dict[str, RecipeSpec], problems: _Problems) -> list[Target]:
