@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -59,18 +60,6 @@ def test_every_problem_reported_at_once(tmp_path):
     assert "r.toml: quantize.linear_group_size: 33 must be 0" in text
 
 
-def test_xnnpack_group_size_must_be_a_multiple_of_32(tmp_path):
-    recipe = 'doc = "x"\nbackend = "xnnpack"\n[quantize]\nlinear = "8da4w"\nlinear_group_size = 16\n'
-    with pytest.raises(RecipeError, match="quantize.linear_group_size: 16: XNNPACK needs a multiple of 32"):
-        load_project(_project(tmp_path, GOOD_MODEL.replace('"xnnpack-fp32"', '"r"'), recipe))
-
-
-def test_portable_cannot_take_quantized_linears(tmp_path):
-    recipe = 'doc = "x"\nbackend = "portable"\n[quantize]\nlinear = "8da4w"\n'
-    with pytest.raises(RecipeError, match="quantize.linear: '8da4w': the portable backend has no kernels"):
-        load_project(_project(tmp_path, GOOD_MODEL.replace('"xnnpack-fp32"', '"r"'), recipe))
-
-
 def test_knobs_that_would_do_nothing_are_rejected(tmp_path):
     recipe = 'doc = "x"\nbackend = "portable"\n[quantize]\nembedding_group_size = 32\n[lower]\nper_op_mode = true\n'
     with pytest.raises(RecipeError) as caught:
@@ -117,34 +106,27 @@ def test_unimportable_pass_is_a_recipe_error(tmp_path):
     assert "unknown pass 'nope'" in str(caught.value)
 
 
-def test_head_knobs_are_checked_like_linears(tmp_path):
-    recipe = 'doc = "x"\nbackend = "xnnpack"\n[quantize]\nlinear = "8da4w"\nhead = "8da8w"\nhead_group_size = 48\n'
-    with pytest.raises(RecipeError, match="r.toml: quantize.head_group_size: 48: XNNPACK needs a multiple of 32"):
-        load_project(_project(tmp_path, GOOD_MODEL.replace('"xnnpack-fp32"', '"r"'), recipe))
-    with pytest.raises(RecipeError, match="r.toml: quantize.qparams: 'minmax' is not one of 'affine', 'hqq'"):
-        load_project(_project(tmp_path / "2", GOOD_MODEL.replace('"xnnpack-fp32"', '"r"'),
-                              recipe.replace("head_group_size = 48", 'qparams = "minmax"')))
+# (recipe body after `doc` and `backend`, the message naming file, key and value)
+REJECTED_RECIPES = [
+    ('backend = "xnnpack"\n[quantize]\nlinear = "8da4w"\nlinear_group_size = 16\n',
+     "quantize.linear_group_size: 16: XNNPACK needs a multiple of 32"),
+    ('backend = "xnnpack"\n[quantize]\nlinear = "8da4w"\nhead = "8da8w"\nhead_group_size = 48\n',
+     "quantize.head_group_size: 48: XNNPACK needs a multiple of 32"),
+    ('backend = "xnnpack"\n[quantize]\nlinear = "8da8w"\nlinear_group_size = 64\n',
+     "quantize.linear_group_size: 64: XNNPACK has no group-wise kernels for 8-bit"),
+    ('backend = "portable"\n[quantize]\nlinear = "8da4w"\n',
+     "quantize.linear: '8da4w': the portable backend has no kernels"),
+    ('backend = "portable"\n[quantize]\nhead = "8w"\n', "quantize.head: '8w': the portable backend has no kernels"),
+    ('backend = "xnnpack"\n[quantize]\nlinear = "8da4w"\nhead_group_size = 64\n',
+     "quantize.head_group_size: set, but quantize.head is 'same'"),
+    ('backend = "xnnpack"\n[quantize]\nqparams = "hqq"\n', "quantize.qparams: 'hqq' set, but nothing is quantized"),
+    ('backend = "xnnpack"\n[quantize]\nlinear = "8da4w"\nqparams = "minmax"\n',
+     "quantize.qparams: 'minmax' is not one of 'affine', 'hqq'"),
+]
 
 
-def test_head_group_size_without_its_own_scheme_would_do_nothing(tmp_path):
-    recipe = 'doc = "x"\nbackend = "xnnpack"\n[quantize]\nlinear = "8da4w"\nhead_group_size = 64\n'
-    with pytest.raises(RecipeError, match="quantize.head_group_size: set, but quantize.head is 'same'"):
-        load_project(_project(tmp_path, GOOD_MODEL.replace('"xnnpack-fp32"', '"r"'), recipe))
-
-
-def test_portable_cannot_take_a_quantized_head(tmp_path):
-    recipe = 'doc = "x"\nbackend = "portable"\n[quantize]\nhead = "8w"\n'
-    with pytest.raises(RecipeError, match="quantize.head: '8w': the portable backend has no kernels"):
-        load_project(_project(tmp_path, GOOD_MODEL.replace('"xnnpack-fp32"', '"r"'), recipe))
-
-
-def test_qparams_with_nothing_quantized_would_do_nothing(tmp_path):
-    recipe = 'doc = "x"\nbackend = "xnnpack"\n[quantize]\nqparams = "hqq"\n'
-    with pytest.raises(RecipeError, match="quantize.qparams: 'hqq' set, but nothing is quantized"):
-        load_project(_project(tmp_path, GOOD_MODEL.replace('"xnnpack-fp32"', '"r"'), recipe))
-
-
-def test_xnnpack_has_no_group_wise_8_bit_weights(tmp_path):
-    recipe = 'doc = "x"\nbackend = "xnnpack"\n[quantize]\nlinear = "8da8w"\nlinear_group_size = 64\n'
-    with pytest.raises(RecipeError, match="quantize.linear_group_size: 64: XNNPACK has no group-wise kernels for 8-bit"):
-        load_project(_project(tmp_path, GOOD_MODEL.replace('"xnnpack-fp32"', '"r"'), recipe))
+@pytest.mark.parametrize("body, message", REJECTED_RECIPES, ids=[m.split(":")[0] + " " + m.split(":")[1][:12]
+                                                                   for _, m in REJECTED_RECIPES])
+def test_recipe_rejected_naming_file_key_and_value(tmp_path, body, message):
+    with pytest.raises(RecipeError, match=re.escape(f"r.toml: {message}")):
+        load_project(_project(tmp_path, GOOD_MODEL.replace('"xnnpack-fp32"', '"r"'), f'doc = "x"\n{body}'))
