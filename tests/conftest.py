@@ -49,6 +49,18 @@ class Project:
         path = self.root / ".xportbuild" / "events.jsonl"
         return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
+    def entry(self, task: str):
+        """The cache entry of a stage task, found the way doit's up-to-date check finds it."""
+        from xportbuild.build import Resolver, Workspace
+        from xportbuild.plan import plan_targets
+        from xportbuild.recipe import load_project
+
+        plan = plan_targets(load_project(self.root / "recipes"))
+        workspace = Workspace(Path(self.env["XPORTBUILD_CACHE"]), self.root / "artifacts", self.root / ".xportbuild")
+        entry = Resolver(plan, workspace).entry(task)
+        assert entry is not None, f"{task} is not built"
+        return entry
+
     def built_since(self, count: int) -> list[str]:
         """Tasks whose stage function ran after the first `count` events."""
         return sorted(e["task"] for e in self.events()[count:] if e["event"] == "built")

@@ -70,13 +70,7 @@ def test_head_scheme_and_qparams_on_an_untied_model(project, weights):
     recipes = [BASE, "head-8bit", "affine", "hqq", "g64"]
     project.write_model("tiny-llama", model_toml(local(weights / "tiny-llama"), recipes))
     project.doit(*[f"quantize:tiny-llama-{r}" for r in recipes])
-    results = {}
-    for event in project.events():
-        if event["task"].startswith("quantize:tiny-llama-") and event["event"] in ("built", "hit"):
-            from xportbuild.cache import Store
-
-            entry = Store(project.env["XPORTBUILD_CACHE"]).lookup(event["key"])
-            results[event["task"].split("tiny-llama-")[1]] = entry
+    results = {r: project.entry(f"quantize:tiny-llama-{r}") for r in recipes}
     assert results["head-8bit"].result["quantized"]["head"] == {"scheme": "8da8w", "layers": {"per-channel": 1}}
     assert results[BASE].result["quantized"]["head"]["scheme"] == "8da4w"
     assert "tied_embedding" not in results[BASE].result["quantized"]
