@@ -13,7 +13,7 @@ from xportbuild.errors import StageError
 from xportbuild.recipe.spec import QuantSpec
 from xportbuild.stages.program import export_program
 
-_BITS = {"4w": 4, "8w": 8, "8da4w": 4, "8da8w": 8}
+WEIGHT_BITS = {"4w": 4, "8w": 8, "8da4w": 4, "8da8w": 8}
 
 
 def _config(scheme: str, group_size: int, group_scale_dtype: str, qparams: str):
@@ -25,7 +25,7 @@ def _config(scheme: str, group_size: int, group_scale_dtype: str, qparams: str):
     )
 
     granularity = PerAxis(0) if group_size == 0 else PerGroup(group_size)
-    weight_dtype = torch.int4 if _BITS[scheme] == 4 else torch.int8
+    weight_dtype = torch.int4 if WEIGHT_BITS[scheme] == 4 else torch.int8
     scale_dtype = getattr(torch, group_scale_dtype) if group_size else None
     algorithm = IntxChooseQParamsAlgorithm.HQQ_SCALE_ONLY if qparams == "hqq" else IntxChooseQParamsAlgorithm.AFFINE
     if scheme.startswith("8da"):

@@ -8,10 +8,9 @@ import re
 from pathlib import Path
 
 from xportbuild.recipe.spec import QuantSpec
-from xportbuild.stages.quantize import Plan, apply_plan, quantization_plan
+from xportbuild.stages.quantize import WEIGHT_BITS, Plan, apply_plan, quantization_plan
 
 _BLOCK = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
-_BITS = {"4w": 4, "8w": 8, "8da4w": 4, "8da8w": 8}
 
 
 def layer_groups(plan: Plan, module_names: list[str]) -> dict[str, set[str]]:
@@ -41,7 +40,7 @@ def variants(plan: Plan, module_names: list[str]) -> dict[str, Plan]:
     result = {"recipe as written": plan}
     for label, names in layer_groups(plan, module_names).items():
         result[f"{label} in float"] = {n: v for n, v in plan.items() if n not in names}
-        if any(_BITS[plan[n][1]] < 8 for n in names):
+        if any(WEIGHT_BITS[plan[n][1]] < 8 for n in names):
             result[f"{label} in 8 bits"] = {n: (v[0], *_eight_bit(v[0], v[1])) if n in names else v
                                             for n, v in plan.items()}
     return result
@@ -57,7 +56,7 @@ def weight_bytes(model, plan: Plan, scale_bytes: int) -> int:
         if name in plan:
             _, scheme, group = plan[name]
             groups = weight.numel() // (group or weight.shape[-1])
-            total += weight.numel() * _BITS[scheme] // 8 + groups * scale_bytes
+            total += weight.numel() * WEIGHT_BITS[scheme] // 8 + groups * scale_bytes
         elif id(weight) not in float_weights:
             float_weights.add(id(weight))
             total += weight.numel() * weight.element_size()

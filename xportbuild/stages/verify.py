@@ -6,7 +6,6 @@ import json
 import time
 from pathlib import Path
 
-
 from xportbuild.errors import VerifyFailed
 from xportbuild.quality import compare_logits, first_divergence, merge
 from xportbuild.recipe.spec import Tolerances
