@@ -183,20 +183,33 @@ class Store:
             log.info("pulled %s from the remote cache", key)
             return self._place(key, scratch, record)
 
+    def _remote_entry_intact(self, path: Path, key: str) -> bool:
+        try:
+            self._validated_record(path, key, hash_file)
+        except CacheCorrupt:
+            return False
+        return True
+
     def push(self, entry: Entry) -> None:
         """Copy a local entry to the remote store (atomically); a remote that cannot be written is skipped."""
         if self.remote is None:
             return
         key = entry.record["key"]
         final = self.remote / SCHEMA / ALGORITHM / key[:2] / key
-        if (final / ENTRY_FILE).is_file():
+        if (final / ENTRY_FILE).is_file() and self._remote_entry_intact(final, key):
             return
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
             staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{key[:12]}-"))
             try:
                 shutil.copytree(entry.path, staging, dirs_exist_ok=True)
+                damaged = None
+                if final.exists():  # a damaged entry: move it out of the way, then let the good one in
+                    damaged = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{key[:12]}-bad-"))
+                    os.rename(final, damaged / key)
                 os.rename(staging, final)
+                if damaged is not None:
+                    shutil.rmtree(damaged, ignore_errors=True)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
         except OSError as err:

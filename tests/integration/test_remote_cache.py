@@ -44,6 +44,8 @@ def test_pull_verify_and_push(project, weights, shared_cache, tmp_path):
     assert "rejected" in result.stderr and "does not match its content hash" in result.stderr
     assert f"lower:{TARGET}" in project.built_since(mark)
     assert "fetch:tiny-llama" not in project.built_since(mark)
+    repaired = _entry_of(remote, "lower")  # the rebuilt entry replaced the damaged one in the remote
+    assert Store(tmp_path / "fresh-4", remote=remote).lookup(repaired.name) is not None
 
     pushed_to = tmp_path / "remote-2"
     project.env["XPORTBUILD_REMOTE_CACHE"] = str(pushed_to)
