@@ -19,6 +19,7 @@ _EMBEDDING_NAMES = ("embed_tokens", "word_embeddings", "wte", "token_embd")
 class SourceFacts:
     """What the checks need to know of a source: where its config came from and its layer widths."""
 
+    location: Path  # the resolved source: a weights folder or a .gguf file
     described_by: str  # the file the facts were read from, for messages
     model_type: str
     max_positions: int | None
@@ -63,6 +64,7 @@ def _folder_facts(folder: Path) -> SourceFacts:
             if len(shape) == 2 and name.endswith(".weight"):
                 (embeddings if _is_embedding(name) else linears)[name] = shape[1]
     return SourceFacts(
+        location=folder,
         described_by=str(config_path),
         model_type=str(config.get("model_type", "")),
         max_positions=text.get("max_position_embeddings") or config.get("max_position_embeddings"),
@@ -87,7 +89,7 @@ def _gguf_facts(path: Path) -> SourceFacts:
         # GGUF lists dimensions innermost first: shape[0] is a weight matrix's input width.
         if len(tensor.shape) == 2 and tensor.name.endswith(".weight"):
             (embeddings if _is_embedding(tensor.name) else linears)[tensor.name] = int(tensor.shape[0])
-    return SourceFacts(described_by=str(path), model_type=str(architecture),
+    return SourceFacts(location=path, described_by=str(path), model_type=str(architecture),
                        max_positions=int(context.contents()) if context is not None else None,
                        remote_code="", linear_widths=linears, embedding_widths=embeddings)
 

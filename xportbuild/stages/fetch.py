@@ -7,7 +7,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from xportbuild import preflight, sources
+from xportbuild import preflight
 from xportbuild.errors import SourceError
 from xportbuild.recipe.spec import SourceSpec
 
@@ -25,9 +25,9 @@ def fetch(source: SourceSpec, model_file: str, out_dir: Path, scratch_root: Path
     if source.kind == "gguf":
         if problems := preflight.model_type_problems(source, model_file, facts):
             raise SourceError(problems[0])
-        _convert_gguf(sources.gguf_path(source, model_file, scratch_root), out_dir, model_file)
+        _convert_gguf(facts.location, out_dir, model_file)
     else:
-        for file in preflight.source_folder(source, model_file).iterdir():
+        for file in facts.location.iterdir():
             if file.is_file() and file.suffix not in _PICKLE_SUFFIXES:
                 shutil.copyfile(file, out_dir / file.name)
     (out_dir / SOURCE_RECORD).write_text(json.dumps({"trust_remote_code": source.trust_remote_code}))
