@@ -117,6 +117,7 @@ def plan_targets(targets: list[Target]) -> Plan:
         lower_params = {
             "lower": as_dict(target.recipe.lower),
             "passes": passes.fingerprints(target.recipe.lower.passes, target.recipe.file),
+            "shared_table": target.recipe.quantize.tied_table == "shared",
         }
         lower = StageNode("lower", target.name, lower_params, {"program": program.task}, origin=target.recipe.file)
         verify = StageNode(

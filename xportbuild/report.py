@@ -34,6 +34,13 @@ def quality_rows(by_stage: dict) -> list[str]:
     return rows
 
 
+def _sizes(lower: dict) -> str:
+    if "ptd_bytes" not in lower:
+        return f".pte {lower['pte_bytes'] / 2**20:.1f} MiB"
+    return (f".pte {lower['pte_bytes'] / 2**20:.1f} MiB + .ptd {lower['ptd_bytes'] / 2**20:.1f} MiB (external weights; "
+            f"the tied embedding/head table is stored once) = {lower['artifact_bytes'] / 2**20:.1f} MiB")
+
+
 def render_report(manifest: dict) -> str:
     stages = manifest["stages"]
     verify = stages["verify"]["result"]
@@ -42,7 +49,7 @@ def render_report(manifest: dict) -> str:
         f"# {manifest['target']}",
         "",
         f"model `{manifest['model']}`, recipe `{manifest['recipe']}`, backend `{lower['backend']}`, "
-        f".pte {lower['pte_bytes'] / 2**20:.1f} MiB",
+        f"{_sizes(lower)}",
         "",
         "## Quality by stage",
         "Teacher-forced on the float model's greedy text; \"-\": greedy text equal to float's.",

@@ -12,15 +12,15 @@ def load_kernels() -> None:
 
 
 def method_step(pte_path: Path, method: str = "forward"):
-    """A `Step` calling `method` of the program at `pte_path`."""
+    """A `Step` calling `method` of the program at `pte_path`, with its external weights (.ptd) if it has them."""
     import torch
-    from executorch.runtime import Runtime
+    from executorch.extension.pybindings.portable_lib import _load_for_executorch
 
     load_kernels()
-    program = Runtime.get().load_program(Path(pte_path))
-    loaded = program.load_method(method)
+    data_path = Path(pte_path).with_suffix(".ptd")
+    module = _load_for_executorch(str(pte_path), str(data_path) if data_path.is_file() else None)
 
     def step(input_ids: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
-        return loaded.execute([input_ids, cache_position])[0]
+        return module.run_method(method, (input_ids, cache_position))[0]
 
     return step

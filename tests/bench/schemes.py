@@ -23,7 +23,7 @@ TOLERANT = "[verify]\nmin_cosine = 0.0\nmin_top1 = 0.0\nmax_abs = 1000.0\nmin_co
            "max_abs_vs_program = 100.0\ngreedy_tie_margin = 100.0\n"
 SCHEMES = {
     "plain": 'linear = "8da4w"\nlinear_group_size = 32\nembedding = "8w"\nqparams = "hqq"',
-    # the shipped default: recipes/recipes/xnnpack-8da4w.toml
+    # the previous default
     "lin8-head4-emb4-hqq": 'linear = "8da8w"\nlinear_group_size = 0\nhead = "8da4w"\nhead_group_size = 32\n'
                            'embedding = "4w"\nembedding_group_size = 32\nqparams = "hqq"',
     "lin8-head4-emb4": 'linear = "8da8w"\nlinear_group_size = 0\nhead = "8da4w"\nhead_group_size = 32\n'
@@ -31,6 +31,8 @@ SCHEMES = {
     "lin4-head8-emb4": 'linear = "8da4w"\nlinear_group_size = 32\nhead = "8da8w"\nembedding = "4w"\n'
                        'embedding_group_size = 32',
     "all8": 'linear = "8da8w"\nlinear_group_size = 0\nembedding = "8w"',
+    # the shipped default: recipes/recipes/xnnpack-8da4w.toml
+    "all8-shared": 'linear = "8da8w"\nlinear_group_size = 0\nembedding = "8w"\ntied_table = "shared"',
 }
 
 
@@ -53,7 +55,7 @@ def _row(root: Path, target: str) -> dict:
     manifest = json.loads((root / "artifacts" / target / "manifest.json").read_text())
     verify = manifest["stages"]["verify"]["result"]
     pte = verify["quality_by_stage"][".pte"]
-    return {"mib": manifest["stages"]["lower"]["result"]["pte_bytes"] / 2**20, "top1": pte["top1"],
+    return {"mib": manifest["stages"]["lower"]["result"]["artifact_bytes"] / 2**20, "top1": pte["top1"],
             "cosine": pte["cosine_mean"], "kl": pte["kl_mean"], "tok_s": verify["generate_tokens_per_s"],
             "eager_top1": verify["quality_by_stage"]["quantized eager"]["top1"]}
 
@@ -75,7 +77,7 @@ def main() -> None:
             sys.exit(f"export:{target} failed")
         rows[scheme] = _row(root, target)
     base = rows["plain"]
-    print("| scheme | .pte MiB | size vs plain | top-1 vs float (.pte) | top-1 (quantized eager) | mean cosine | "
+    print("| scheme | .pte + .ptd MiB | size vs plain | top-1 vs float (.pte) | top-1 (quantized eager) | mean cosine | "
           "mean KL | decode tok/s | speed vs plain |")
     print("|---|---|---|---|---|---|---|---|---|")
     for scheme, r in rows.items():

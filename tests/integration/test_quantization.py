@@ -27,6 +27,7 @@ VARIANTS = {
     "head-float": 'head = "none"\nembedding = "8w"',
     "head-8bit": 'head = "8da8w"\nembedding = "8w"',
     "embedding-4bit": 'embedding = "4w"\nembedding_group_size = 32',
+    "shared": 'head = "8da8w"\nembedding = "8w"\ntied_table = "shared"',
 }
 
 
@@ -58,8 +59,27 @@ def test_head_and_embedding_schemes_change_sizes_and_ops_on_a_tied_model(project
         stages = manifest["stages"]["verify"]["result"]["quality_by_stage"]
         assert set(stages) == {"quantized eager", "program", ".pte"}
         assert all(0.0 <= s["kl_mean"] and 0.0 <= s["top1"] <= 1.0 for s in stages.values())
+    _assert_one_shared_table(project, manifests["shared"], manifests["head-8bit"])
     report = (project.root / "artifacts" / "tiny-gemma3-plain" / "report.md").read_text()
     assert "## Quality by stage" in report and "| quantized eager |" in report and "| .pte |" in report
+
+
+def _assert_one_shared_table(project, shared: dict, copies: dict) -> None:
+    """Same scheme as `copies` (8-bit head and embedding), but one table in the external data file."""
+    quantized = shared["stages"]["quantize"]["result"]["quantized"]["tied_embedding"]
+    lowered, lowered_copies = shared["stages"]["lower"]["result"], copies["stages"]["lower"]["result"]
+    vocab, hidden = quantized["shared_table"]
+    assert quantized["quantized_copies"] == 1
+    assert lowered["shared_table"]["table_bytes"] == vocab * hidden
+    assert "ptd_bytes" not in lowered_copies and lowered["ptd_bytes"] < 2 * vocab * hidden
+    saved = lowered_copies["artifact_bytes"] - lowered["artifact_bytes"]
+    assert 0.9 * vocab * hidden <= saved <= 1.1 * vocab * hidden, (saved, vocab * hidden)
+    assert "model.ptd" in shared["files"]
+    assert (project.root / "artifacts" / shared["target"] / "model.ptd").is_file()
+    # One table read by both kernels computes what two identical copies compute.
+    numbers = [m["stages"]["verify"]["result"]["quality_by_stage"][".pte"] for m in (shared, copies)]
+    assert numbers[0]["top1"] == numbers[1]["top1"]
+    assert abs(numbers[0]["cosine_mean"] - numbers[1]["cosine_mean"]) < 1e-6
 
 
 def test_head_scheme_and_qparams_on_an_untied_model(project, weights):
@@ -72,11 +92,22 @@ def test_head_scheme_and_qparams_on_an_untied_model(project, weights):
     project.doit(*[f"quantize:tiny-llama-{r}" for r in recipes])
     results = {r: project.entry(f"quantize:tiny-llama-{r}") for r in recipes}
     assert results["head-8bit"].result["quantized"]["head"] == {"scheme": "8da8w", "layers": {"per-channel": 1}}
-    assert results[BASE].result["quantized"]["head"]["scheme"] == "8da4w"
-    assert "tied_embedding" not in results[BASE].result["quantized"]
+    assert results["affine"].result["quantized"]["head"] == {"scheme": "8da4w", "layers": {"group 32": 1}}
+    assert "tied_embedding" not in results["affine"].result["quantized"]
     assert results["hqq"].digest != results["affine"].digest  # other scales: other program
     # 64 does not divide the 96-wide down_proj of each block: those fall back to per-channel.
     assert results["g64"].result["quantized"]["linear"]["layers"] == {"group 64": 12, "per-channel": 2}
+
+
+def test_shared_table_on_an_untied_model_is_reported_not_applied(project, weights):
+    project.write_recipe("shared", RECIPE.format(doc="s", extra=VARIANTS["shared"]))
+    project.write_model("tiny-llama", model_toml(local(weights / "tiny-llama"), ["shared"]))
+    result = project.doit("export:tiny-llama-shared")
+    assert 'quantize.tied_table = "shared" does nothing for this model' in result.stdout + result.stderr
+    manifest = _manifest(project, "tiny-llama-shared")
+    assert manifest["stages"]["quantize"]["result"]["quantized"]["tied_embedding"] == {
+        "tied_in_float": False, "shared_table": None}
+    assert "model.ptd" not in manifest["files"]
 
 
 def test_kl_limit_fails_verification_with_the_number(project, weights):

@@ -122,6 +122,15 @@ REJECTED_RECIPES = [
     ('backend = "xnnpack"\n[quantize]\nqparams = "hqq"\n', "quantize.qparams: 'hqq' set, but nothing is quantized"),
     ('backend = "xnnpack"\n[quantize]\nlinear = "8da4w"\nqparams = "minmax"\n',
      "quantize.qparams: 'minmax' is not one of 'affine', 'hqq'"),
+    ('backend = "xnnpack"\n[quantize]\nlinear = "8da8w"\nlinear_group_size = 0\nhead = "8da4w"\nhead_group_size = 32\n'
+     'embedding = "8w"\ntied_table = "shared"\n',
+     'quantize.tied_table: "shared" needs the head and the embedding both in 8 bits per channel (head 8da8w or 8w, '
+     'embedding 8w, group sizes 0); this recipe has head 8da4w group 32, embedding 8w'),
+    ('backend = "xnnpack"\n[quantize]\nlinear = "8da8w"\nlinear_group_size = 0\nembedding = "4w"\n'
+     'embedding_group_size = 32\ntied_table = "shared"\n',
+     'quantize.tied_table: "shared" needs the head and the embedding both in 8 bits per channel'),
+    ('backend = "xnnpack"\n[quantize]\nlinear = "8da8w"\nlinear_group_size = 0\ntied_table = "one"\n',
+     "quantize.tied_table: 'one' is not one of 'copies', 'shared'"),
 ]
 
 

@@ -173,6 +173,20 @@ def _check_quantize(data: dict, quantize: QuantSpec | None, lower: LowerSpec | N
         elif lower.backend == "xnnpack" and group_size and scheme.endswith("8w"):
             problems.add(file, f"{key}_group_size", f"{group_size}: XNNPACK has no group-wise kernels for 8-bit weights "
                          "(its runtime rejects them); use 0 for per-channel")
+    if quantize.tied_table == "shared":
+        _check_shared_table(quantize, file, problems)
+
+
+def _check_shared_table(quantize: QuantSpec, file: Path, problems: _Problems) -> None:
+    """One table serves both only if both quantize it to the same bytes: 8 bits, one scale per row."""
+    head = f"{quantize.head_scheme} group {quantize.head_groups}" if quantize.head_groups else quantize.head_scheme
+    embedding = (f"{quantize.embedding} group {quantize.embedding_group_size}" if quantize.embedding_group_size
+                 else quantize.embedding)
+    if quantize.head_scheme not in ("8da8w", "8w") or quantize.head_groups or quantize.embedding != "8w" \
+            or quantize.embedding_group_size:
+        problems.add(file, "quantize.tied_table", f"\"shared\" needs the head and the embedding both in 8 bits per "
+                     f"channel (head 8da8w or 8w, embedding 8w, group sizes 0); this recipe has head {head}, "
+                     f"embedding {embedding}")
 
 
 def _pair(model: ModelSpec, overrides: dict, recipes: dict[str, RecipeSpec], problems: _Problems) -> list[Target]:

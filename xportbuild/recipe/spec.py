@@ -14,6 +14,7 @@ LinearScheme = Literal["none", "8da4w", "8da8w", "4w", "8w"]
 EmbeddingScheme = Literal["none", "4w", "8w"]
 HeadScheme = Literal["same", "none", "8da4w", "8da8w", "4w", "8w"]
 QParamsAlgorithm = Literal["affine", "hqq"]
+TiedTable = Literal["copies", "shared"]
 
 SOURCE_KINDS: tuple[str, ...] = ("hub", "local", "gguf")
 TASK_KINDS: tuple[str, ...] = ("causal-lm",)
@@ -67,6 +68,8 @@ class QuantSpec:
 
     `head` is the output projection (lm_head): "same" quantizes it like the other linears.
     `qparams` chooses weight scales without calibration data: min-max ("affine") or HQQ scale-only ("hqq").
+    `tied_table`: when the model ties its embedding and output head, "shared" stores one 8-bit table that both
+    read (the embedding lookup and the delegate's matmul), "copies" quantizes each on its own.
     """
 
     linear: LinearScheme = "none"
@@ -77,6 +80,7 @@ class QuantSpec:
     embedding_group_size: int = 0
     qparams: QParamsAlgorithm = "affine"
     per_axis_fallback: bool = True
+    tied_table: TiedTable = "copies"
 
     @property
     def head_scheme(self) -> str:

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from pathlib import Path
 
 from xportbuild import backends, passes
+from xportbuild.errors import StageError
 from xportbuild.recipe.spec import LowerSpec
 from xportbuild.stages.program import load_programs
 
 PTE_FILE = "model.pte"
+# Weights stored outside the .pte (ExecuTorch's program-data separation): the shared tied table lives here,
+# because only an external data file lets a delegate and a plain kernel read the same bytes.
+DATA_FILE = "model.ptd"
+_DATA_TAG = DATA_FILE.removesuffix(".ptd")
 
 
 def _delegation(edge, methods) -> dict:
@@ -23,13 +29,15 @@ def _delegation(edge, methods) -> dict:
     return report
 
 
-def lower(program_dir: Path, spec: LowerSpec, pass_refs: list[str], repo_root: str, out_dir: Path) -> dict:
-    """Write out_dir/model.pte; returns size and delegation facts."""
+def lower(program_dir: Path, spec: LowerSpec, pass_refs: list[str], repo_root: str, out_dir: Path,
+          shared_table: bool = False) -> dict:
+    """Write out_dir/model.pte (and model.ptd when a table is shared); returns sizes and delegation facts."""
     import torch
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
 
     programs = load_programs(program_dir)
     functions = [passes.strip_embedding_padding_idx] + [passes.resolve(ref, repo_root) for ref in pass_refs]
+    table_shapes = _shared_table_shapes(programs) if shared_table else set()
     # Lowering a loaded program with autograd on fails on the KV cache's in-place copy_.
     with torch.no_grad():
         for method, program in programs.items():
@@ -38,22 +46,74 @@ def lower(program_dir: Path, spec: LowerSpec, pass_refs: list[str], repo_root: s
             programs[method] = program
         edge = to_edge_transform_and_lower(
             programs,
+            transform_passes=[_tag_tables(table_shapes)] if table_shapes else None,
             partitioner=backends.partitioners(spec.backend, spec.per_op_mode),
             compile_config=EdgeCompileConfig(_check_ir_validity=False),
         )
         delegation = _delegation(edge, programs)
         executorch_program = edge.to_executorch(
             ExecutorchBackendConfig(
-                extract_delegate_segments=spec.extract_delegate_segments, do_quant_fusion_and_const_prop=True
+                extract_delegate_segments=spec.extract_delegate_segments, do_quant_fusion_and_const_prop=True,
+                external_constants=_external_tag if table_shapes else False,
             )
         )
     path = out_dir / PTE_FILE
     path.write_bytes(executorch_program.buffer)
-    return {"pte_bytes": path.stat().st_size, "backend": spec.backend, "delegation": delegation}
+    facts = {"pte_bytes": path.stat().st_size, "backend": spec.backend, "delegation": delegation}
+    if table_shapes:
+        executorch_program.write_tensor_data_to_file(str(out_dir))
+        facts["ptd_bytes"] = (out_dir / DATA_FILE).stat().st_size
+        facts["shared_table"] = _check_stored_once(table_shapes, facts["ptd_bytes"])
+    facts["artifact_bytes"] = facts["pte_bytes"] + facts.get("ptd_bytes", 0)
+    return facts
+
+
+def _shared_table_shapes(programs) -> set[tuple[int, ...]]:
+    """Shapes of 8-bit tables that appear twice with identical codes (a tied embedding and head, which the
+    quantize stage checked)."""
+    import xxhash
+
+    seen: dict[tuple, int] = Counter()
+    for program in programs.values():
+        for value in program.state_dict.values():
+            codes = getattr(value, "qdata", None)
+            if codes is not None and str(codes.dtype) == "torch.int8" and codes.dim() == 2:
+                seen[(tuple(codes.shape), xxhash.xxh3_64_hexdigest(codes.contiguous().numpy().tobytes()))] += 1
+    # None for an untied model: the quantize stage reported that sharing does not apply.
+    return {shape for (shape, _), count in seen.items() if count >= 2}
+
+
+def _tag_tables(shapes: set[tuple[int, ...]]):
+    """Edge pass: mark the shared table's constants for the external data file, in the delegate and outside it."""
+    def tag(graph_module):
+        from executorch.exir.pass_base import PassResult
+
+        for node in graph_module.graph.nodes:
+            value = node.meta.get("val")
+            if node.op == "placeholder" and value is not None and str(value.dtype) == "torch.int8" \
+                    and tuple(value.shape) in shapes:
+                node.meta.setdefault("custom", {})["delegate_constant_tag"] = _DATA_TAG
+        return PassResult(graph_module, True)
+
+    return tag
+
+
+def _external_tag(node) -> str | None:
+    return node.meta.get("custom", {}).get("delegate_constant_tag")
+
+
+def _check_stored_once(shapes: set[tuple[int, ...]], ptd_bytes: int) -> dict:
+    """The data file must hold each shared table once: ExecuTorch merges identical buffers, but only if they match."""
+    table_bytes = sum(math.prod(shape) for shape in shapes)
+    if ptd_bytes >= 2 * table_bytes:
+        raise StageError(f"lower: the shared table was stored twice ({ptd_bytes} bytes for {table_bytes}-byte "
+                         "tables): the embedding and head codes differ after lowering")
+    return {"shapes": sorted(list(shape) for shape in shapes), "table_bytes": table_bytes}
 
 
 def run(node, inputs: dict[str, Path], out_dir: Path, workspace) -> dict:
     lower_params = dict(node.params["lower"])
     spec = LowerSpec(**{**lower_params, "passes": tuple(lower_params["passes"])})
     refs = [p["ref"] for p in node.params["passes"]]
-    return lower(inputs["program"], spec, refs, str(passes.repo_root(node.origin)), out_dir)
+    return lower(inputs["program"], spec, refs, str(passes.repo_root(node.origin)), out_dir,
+                 node.params["shared_table"])

@@ -14,10 +14,10 @@ from xportbuild.cache import Entry
 from xportbuild.keys import digest_value, file_stamp, library_versions
 from xportbuild.plan import Plan
 from xportbuild.report import render_report
-from xportbuild.stages.lower import PTE_FILE
+from xportbuild.stages.lower import DATA_FILE, PTE_FILE
 
 MANIFEST = "manifest.json"
-SHIPPED = {PTE_FILE: "lower", "tokenizer.json": "fetch", "tokenizer_config.json": "fetch"}
+SHIPPED = {PTE_FILE: "lower", DATA_FILE: "lower", "tokenizer.json": "fetch", "tokenizer_config.json": "fetch"}
 
 
 def _stage_record(task: str, entry: Entry) -> dict:

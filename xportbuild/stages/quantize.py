@@ -6,12 +6,15 @@ Every knob must take effect: the stage reads back what it quantized and fails if
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 from pathlib import Path
 
 from xportbuild.errors import StageError
 from xportbuild.recipe.spec import QuantSpec
 from xportbuild.stages.program import export_program
+
+log = logging.getLogger(__name__)
 
 WEIGHT_BITS = {"4w": 4, "8w": 8, "8da4w": 4, "8da8w": 8}
 
@@ -130,7 +133,28 @@ def _read_back(model, plan: Plan) -> dict:
 
 def quantize_model(model, spec: QuantSpec, group_scale_dtype: str = "float32") -> dict:
     """Quantize in place as the recipe says; returns what was quantized, read back from the weights."""
-    return apply_plan(model, quantization_plan(model, spec), group_scale_dtype, spec.qparams)
+    tied_in_float = _tied(model)
+    report = apply_plan(model, quantization_plan(model, spec), group_scale_dtype, spec.qparams)
+    if spec.tied_table == "shared":
+        shared = _check_shared_table(model, tied_in_float)
+        report["tied_embedding"] = {**shared, "quantized_copies": 1} if shared["shared_table"] else shared
+    return report
+
+
+def _check_shared_table(model, tied_in_float: bool) -> dict:
+    """The lower stage stores one table for the embedding and the head only if their 8-bit codes are identical."""
+    import torch
+
+    if not tied_in_float:
+        log.warning("quantize.tied_table = \"shared\" does nothing for this model: its output head does not reuse "
+                    "its embedding table (tie_word_embeddings is false)")
+        return {"tied_in_float": False, "shared_table": None}
+    head, embedding = model.get_output_embeddings().weight, model.get_input_embeddings().weight
+    codes = [getattr(weight, "qdata", None) for weight in (head, embedding)]
+    if any(code is None for code in codes) or not torch.equal(codes[0], codes[1]):
+        raise StageError("quantize.tied_table = \"shared\": the quantized head and embedding differ, so they "
+                         "cannot share one table (check that both use the same qparams and per-channel scales)")
+    return {"tied_in_float": True, "shared_table": list(codes[0].shape)}
 
 
 def run(node, inputs: dict[str, Path], out_dir: Path, workspace) -> dict:
