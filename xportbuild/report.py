@@ -41,6 +41,16 @@ def _sizes(lower: dict) -> str:
             f"the tied embedding/head table is stored once) = {lower['artifact_bytes'] / 2**20:.1f} MiB")
 
 
+def _tied_rows(tied: dict | None) -> list[str]:
+    if not tied:
+        return []
+    if not tied["tied_in_float"]:
+        return ["- tied table: not shared, the model's head and embedding are separate tables"]
+    if tied.get("shared_table"):
+        return [f"- tied embedding/head table {tied['shared_table']}: stored once, in model.ptd"]
+    return [f"- tied embedding/head table: stored {tied['quantized_copies']} times in the .pte"]
+
+
 def render_report(manifest: dict) -> str:
     stages = manifest["stages"]
     verify = stages["verify"]["result"]
@@ -67,9 +77,7 @@ def render_report(manifest: dict) -> str:
     if quantized:
         parts = {part: q for part, q in quantized.items() if "scheme" in q}
         lines += ["## Quantization", *(f"- {part}: {q['scheme']} {q['layers']}" for part, q in parts.items())]
-        tied = quantized.get("tied_embedding")
-        if tied:
-            lines.append(f"- tied embedding table: stored {tied['quantized_copies']} time(s) in the .pte")
+        lines += _tied_rows(quantized.get("tied_embedding"))
         lines.append("")
     lines += ["## Stages", *_stage_rows(stages), ""]
     lines += ["## Tools", *(f"- {name} {version}" for name, version in manifest["libraries"].items()), ""]
