@@ -12,13 +12,18 @@ MAX_POSITIONS = 256
 
 
 def save_tokenizer(folder: Path) -> None:
-    """A word-level tokenizer (special tokens first) saved as tokenizer.json + config."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    """A BPE tokenizer laid out like Gemma's (spaces as "▁", no pre-tokenizer split), which ExecuTorch's C++
+    tokenizer reads too; trained on WORDS, special tokens first."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {token: i for i, token in enumerate(["<pad>", "<bos>", "<eos>", "<unk>", *WORDS])}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.normalizer = normalizers.Replace(" ", "▁")
+    backend.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse()])
+    trainer = trainers.BpeTrainer(vocab_size=120, special_tokens=["<pad>", "<bos>", "<eos>", "<unk>"],
+                                  show_progress=False)
+    backend.train_from_iterator([" ".join(WORDS), *(f" {word}" for word in WORDS)], trainer)
     backend.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>",
                                         unk_token="<unk>", pad_token="<pad>")
@@ -32,7 +37,8 @@ def _config(arch: str, tie: bool):
                   num_key_value_heads=1, max_position_embeddings=MAX_POSITIONS, tie_word_embeddings=tie,
                   pad_token_id=0, bos_token_id=1, eos_token_id=2)
     if arch == "gemma3":
-        return Gemma3TextConfig(**common, head_dim=32, sliding_window=64, query_pre_attn_scalar=32,
+        # head_dim 48 is not hidden / heads (32): runner metadata must read it from the config, as for Gemma 3.
+        return Gemma3TextConfig(**common, head_dim=48, sliding_window=64, query_pre_attn_scalar=48,
                                 layer_types=["sliding_attention", "full_attention"])
     if arch == "qwen3":
         return Qwen3Config(**common, head_dim=32)
@@ -49,6 +55,10 @@ def save_model(folder: Path, arch: str = "llama", tie: bool = False, seed: int =
     # Random tiny weights give near-uniform logits; scale the head so greedy choices are not ties.
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(8.0)
+    if arch == "gemma3":
+        # Like Gemma 3: bfloat16 weights (exported as float32) and a second end-of-turn id in generation_config.
+        model.generation_config.eos_token_id = [2, 7]
+        model.to(torch.bfloat16)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     save_tokenizer(folder)

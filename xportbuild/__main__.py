@@ -1,4 +1,8 @@
-"""`python -m xportbuild validate [recipes_dir]`: every problem of every target, before any work starts."""
+"""Command line.
+
+    python -m xportbuild validate [recipes_dir]      every problem of every target, before any work starts
+    python -m xportbuild run ARTIFACT --prompt TEXT  generate with a published .pte, as an app would
+"""
 
 from __future__ import annotations
 
@@ -24,12 +28,36 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    from xportbuild.llm_runner import generate
+
+    artifact = Path(args.artifact)
+    pte = artifact / "model.pte" if artifact.is_dir() else artifact
+    tokenizer = Path(args.tokenizer) if args.tokenizer else pte.parent / "tokenizer.json"
+    for what, path in (("program", pte), ("tokenizer", tokenizer)):
+        if not path.is_file():
+            print(f"run: {what} {path} does not exist", file=sys.stderr)
+            return 2
+    # The runner itself streams each piece to stdout, as it does in an app's console.
+    figures = generate(pte, tokenizer, args.prompt, args.max_new_tokens, args.temperature)
+    print()
+    print(figures.summary(), file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m xportbuild")
     commands = parser.add_subparsers(dest="command", required=True)
     validate = commands.add_parser("validate", help="check recipes and sources of every target, build nothing")
     validate.add_argument("recipes", nargs="?", default="recipes", help="the recipes folder (default: ./recipes)")
     validate.set_defaults(handler=_validate)
+    run = commands.add_parser("run", help="generate text with a published causal-LM .pte (ExecuTorch's LLM runner)")
+    run.add_argument("artifact", help="artifacts/<target> folder, or a .pte file (a .ptd beside it is used)")
+    run.add_argument("--prompt", required=True)
+    run.add_argument("--tokenizer", help="tokenizer.json (default: the one beside the .pte)")
+    run.add_argument("--max-new-tokens", type=int, default=32)
+    run.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    run.set_defaults(handler=_run)
     args = parser.parse_args(argv)
     return args.handler(args)
 

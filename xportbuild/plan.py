@@ -14,7 +14,8 @@ STAGE_CODE: dict[str, tuple[str, ...]] = {
     "quantize": ("xportbuild.stages.program", "xportbuild.stages.quantize", "xportbuild.models.causal_lm",
                  "xportbuild.quality"),
     "lower": ("xportbuild.stages.lower", "xportbuild.backends", "xportbuild.passes"),
-    "verify": ("xportbuild.stages.verify", "xportbuild.runtime", "xportbuild.models.causal_lm", "xportbuild.quality"),
+    "verify": ("xportbuild.stages.verify", "xportbuild.runtime", "xportbuild.llm_runner", "xportbuild.models.causal_lm",
+               "xportbuild.quality"),
     "sensitivity": ("xportbuild.stages.sensitivity", "xportbuild.stages.quantize", "xportbuild.models.causal_lm",
                     "xportbuild.quality"),
 }
@@ -118,13 +119,14 @@ def plan_targets(targets: list[Target]) -> Plan:
             "lower": as_dict(target.recipe.lower),
             "passes": passes.fingerprints(target.recipe.lower.passes, target.recipe.file),
             "shared_table": target.recipe.quantize.tied_table == "shared",
+            "target": target.name,  # the .pte's provenance names it
         }
         lower = StageNode("lower", target.name, lower_params, {"program": program.task}, origin=target.recipe.file)
         verify = StageNode(
             "verify",
             target.name,
             {"tolerances": as_dict(target.tolerances), "task": target.model.task},
-            {"lower": lower.task, "program": program.task, "reference": reference_task},
+            {"lower": lower.task, "program": program.task, "reference": reference_task, "fetch": fetch_task},
         )
         for node in (program, lower, verify):
             nodes[node.task] = node

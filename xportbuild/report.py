@@ -51,6 +51,15 @@ def _tied_rows(tied: dict | None) -> list[str]:
     return [f"- tied embedding/head table: stored {tied['quantized_copies']} times in the .pte"]
 
 
+def _runner_rows(runner: dict) -> list[str]:
+    from xportbuild.llm_runner import RunFigures
+
+    figures = RunFigures(**{name: runner[name] for name in RunFigures.__dataclass_fields__})
+    return ["## ExecuTorch LLM runner", "What an app sees (prompt 0, greedy; `python -m xportbuild run` prints the same):",
+            "", f"- {figures.summary()}", f"- text: {runner['text']!r} (equals the .pte's greedy text: "
+            f"{'yes' if runner['matches_pte_greedy'] else 'NO'})", ""]
+
+
 def render_report(manifest: dict) -> str:
     stages = manifest["stages"]
     verify = stages["verify"]["result"]
@@ -72,7 +81,9 @@ def render_report(manifest: dict) -> str:
     ]
     rate = verify.get("generate_tokens_per_s")
     if rate:
-        lines += [f"greedy generation with the .pte: {rate:.1f} tokens/s", ""]
+        lines += [f"greedy generation with the .pte (Python bindings, one call per token): {rate:.1f} tokens/s", ""]
+    if verify.get("runner"):
+        lines += _runner_rows(verify["runner"])
     quantized = stages.get("quantize", {}).get("result", {}).get("quantized")
     if quantized:
         parts = {part: q for part, q in quantized.items() if "scheme" in q}

@@ -24,8 +24,15 @@ def test_tiny_decoders_build_and_verify_fp32_and_8da4w(project, weights, arch):
         assert manifest["stages"]["lower"]["result"]["delegation"]["forward"]["delegate_calls"] > 0
     quantized = _published(project, f"tiny-{arch}-xnnpack-8da4w")["stages"]["quantize"]["result"]["quantized"]
     assert quantized["linear"]["scheme"] == "8da8w" and sum(quantized["linear"]["layers"].values()) > 0
-    assert quantized["head"] == {"scheme": "8da4w", "layers": {"group 32": 1}}
-    assert quantized["embedding"] == {"scheme": "4w", "layers": {"group 32": 1}}
+    assert quantized["head"] == {"scheme": "8da8w", "layers": {"per-channel": 1}}
+    assert quantized["embedding"] == {"scheme": "8w", "layers": {"per-channel": 1}}
+    # The default recipe shares a tied table (gemma3) and says it does nothing for an untied one (llama).
+    tied = arch == "gemma3"
+    assert bool(quantized["tied_embedding"]["shared_table"]) == tied
+    assert ("model.ptd" in _published(project, f"tiny-{arch}-xnnpack-8da4w")["files"]) == tied
+    for recipe in ("xnnpack-fp32", "xnnpack-8da4w"):
+        runner = _published(project, f"tiny-{arch}-{recipe}")["stages"]["verify"]["result"]["runner"]
+        assert runner["matches_pte_greedy"] and runner["text"], runner
     fp32 = _published(project, f"tiny-{arch}-xnnpack-fp32")["stages"]["verify"]["result"]
     assert fp32["vs_reference"]["top1"] == 1.0
 

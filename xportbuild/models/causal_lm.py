@@ -69,6 +69,47 @@ def export_methods(module: torch.nn.Module, max_seq_len: int) -> dict[str, torch
     return {"forward": program}
 
 
+def runner_metadata(model: torch.nn.Module, model_dir: Path, max_seq_len: int) -> dict:
+    """The constant methods ExecuTorch's LLM runner reads (its runner/constants.h names), plus model facts.
+
+    Read from the model's own config, not derived: head_dim is the config's (Gemma 3: 256, not hidden / heads),
+    and the end-of-sequence ids merge generation_config.json's list with config.json's.
+    """
+    from transformers import GenerationConfig
+
+    config = model.config.get_text_config()
+    generation = GenerationConfig.from_pretrained(model_dir) if (model_dir / "generation_config.json").is_file() \
+        else None
+    eos_ids: list[int] = []
+    for value in (getattr(generation, "eos_token_id", None), config.eos_token_id):
+        for token in value if isinstance(value, list) else [value]:
+            if token is not None and int(token) not in eos_ids:
+                eos_ids.append(int(token))
+    bos = config.bos_token_id if config.bos_token_id is not None else getattr(generation, "bos_token_id", None)
+    metadata = {
+        "get_max_seq_len": max_seq_len,
+        "get_max_context_len": max_seq_len,
+        "get_vocab_size": config.vocab_size,
+        "get_eos_ids": eos_ids,
+        "use_kv_cache": True,
+        "use_sdpa_with_kv_cache": False,
+        "enable_dynamic_shape": True,  # export_methods makes the sequence length dynamic
+        "get_n_layers": config.num_hidden_layers,
+        "get_n_kv_heads": getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+        "get_head_dim": getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
+    }
+    if bos is not None:
+        metadata["get_bos_id"] = int(bos)
+    return metadata
+
+
+def output_dtype(program: torch.export.ExportedProgram) -> str:
+    """The dtype the program computes its logits in, e.g. "float32": what the .pte really returns."""
+    output = next(node for node in program.graph.nodes if node.op == "output")
+    first = output.args[0][0] if isinstance(output.args[0], (list, tuple)) else output.args[0]
+    return str(first.meta["val"].dtype).removeprefix("torch.")
+
+
 def module_step(module: torch.nn.Module) -> Step:
     def step(input_ids: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
 from pathlib import Path
 
-from xportbuild import preflight
+from xportbuild import preflight, sources
 from xportbuild.errors import SourceError
+from xportbuild.keys import StatCache
 from xportbuild.recipe.spec import SourceSpec
 
 log = logging.getLogger(__name__)
@@ -17,7 +19,7 @@ _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 SOURCE_RECORD = "xportbuild-source.json"
 
 
-def fetch(source: SourceSpec, model_file: str, out_dir: Path, scratch_root: Path) -> dict:
+def fetch(source: SourceSpec, model_file: str, out_dir: Path, scratch_root: Path, stats: StatCache) -> dict:
     """Materialize the source as a save_pretrained folder in `out_dir`; returns a summary."""
     facts = preflight.source_facts(source, model_file, scratch_root)
     if problem := preflight.remote_code_problem(source, model_file, facts):
@@ -30,7 +32,10 @@ def fetch(source: SourceSpec, model_file: str, out_dir: Path, scratch_root: Path
         for file in facts.location.iterdir():
             if file.is_file() and file.suffix not in _PICKLE_SUFFIXES:
                 shutil.copyfile(file, out_dir / file.name)
-    (out_dir / SOURCE_RECORD).write_text(json.dumps({"trust_remote_code": source.trust_remote_code}))
+    # Which source exactly (commit SHA or content digest), for the provenance record in the .pte.
+    identity = {**dataclasses.asdict(source), **sources.fingerprint(source, model_file, stats, scratch_root)}
+    (out_dir / SOURCE_RECORD).write_text(json.dumps({"trust_remote_code": source.trust_remote_code,
+                                                     "source": identity}))
     config = json.loads((out_dir / "config.json").read_text())
     return {"model_type": config.get("model_type"), "architectures": config.get("architectures"),
             "files": sorted(p.name for p in out_dir.iterdir())}
@@ -70,4 +75,4 @@ def _drop_gguf_quantizer(model, path: Path) -> None:
 
 def run(node, inputs: dict[str, Path], out_dir: Path, workspace) -> dict:
     source = SourceSpec(**node.params["source"])
-    return fetch(source, node.origin, out_dir, workspace.cache_dir / "sources")
+    return fetch(source, node.origin, out_dir, workspace.cache_dir / "sources", workspace.store.stats)

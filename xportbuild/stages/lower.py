@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
 from pathlib import Path
 
-from xportbuild import backends, passes
+from xportbuild import __version__, backends, passes
 from xportbuild.errors import StageError
+from xportbuild.keys import library_versions, module_source_digest
+from xportbuild.plan import STAGE_CODE
 from xportbuild.recipe.spec import LowerSpec
-from xportbuild.stages.program import load_programs
+from xportbuild.stages.program import MODEL_FACTS_FILE, load_programs
 
 PTE_FILE = "model.pte"
 # Weights stored outside the .pte (ExecuTorch's program-data separation): the shared tied table lives here,
 # because only an external data file lets a delegate and a plain kernel read the same bytes.
 DATA_FILE = "model.ptd"
 _DATA_TAG = DATA_FILE.removesuffix(".ptd")
+PROVENANCE_METHOD = "get_provenance"
 
 
 def _delegation(edge, methods) -> dict:
@@ -29,8 +33,16 @@ def _delegation(edge, methods) -> dict:
     return report
 
 
+def constant_methods(program_dir: Path, provenance: dict) -> dict:
+    """Runner metadata recorded by the program stage, plus `get_provenance`: a JSON string saying what built this."""
+    facts = json.loads((program_dir / MODEL_FACTS_FILE).read_text())
+    record = {**provenance, "source": facts["source"], "xportbuild": __version__, "libraries": library_versions(),
+              "lower_code": {module: module_source_digest(module) for module in STAGE_CODE["lower"]}}
+    return {**facts["runner"], PROVENANCE_METHOD: json.dumps(record, sort_keys=True)}
+
+
 def lower(program_dir: Path, spec: LowerSpec, pass_refs: list[str], repo_root: str, out_dir: Path,
-          shared_table: bool = False) -> dict:
+          shared_table: bool = False, provenance: dict | None = None) -> dict:
     """Write out_dir/model.pte (and model.ptd when a table is shared); returns sizes and delegation facts."""
     import torch
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
@@ -46,6 +58,7 @@ def lower(program_dir: Path, spec: LowerSpec, pass_refs: list[str], repo_root: s
             programs[method] = program
         edge = to_edge_transform_and_lower(
             programs,
+            constant_methods=constant_methods(program_dir, provenance or {}),
             transform_passes=[_tag_tables(table_shapes)] if table_shapes else None,
             partitioner=backends.partitioners(spec.backend, spec.per_op_mode),
             compile_config=EdgeCompileConfig(_check_ir_validity=False),
@@ -115,5 +128,7 @@ def run(node, inputs: dict[str, Path], out_dir: Path, workspace) -> dict:
     lower_params = dict(node.params["lower"])
     spec = LowerSpec(**{**lower_params, "passes": tuple(lower_params["passes"])})
     refs = [p["ref"] for p in node.params["passes"]]
+    # An entry's folder is named by its key: the provenance names the exact program lowered.
+    provenance = {"target": node.subject, "program_key": inputs["program"].name, "lower_params": node.params}
     return lower(inputs["program"], spec, refs, str(passes.repo_root(node.origin)), out_dir,
-                 node.params["shared_table"])
+                 node.params["shared_table"], provenance)

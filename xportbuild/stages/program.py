@@ -9,8 +9,11 @@ from collections import Counter
 from pathlib import Path
 
 from xportbuild.errors import StageError
+from xportbuild.stages.fetch import SOURCE_RECORD
 
 METHODS_FILE = "methods.json"
+# Runner metadata and the source's identity, for the lower stage to write into the .pte.
+MODEL_FACTS_FILE = "model_facts.json"
 
 
 def save_programs(programs: dict, out_dir: Path) -> dict:
@@ -74,12 +77,16 @@ def export_program(model_dir: Path, max_seq_len: int, out_dir: Path, prepare=Non
     from xportbuild.models import causal_lm
 
     model = causal_lm.load_model(model_dir)
+    metadata = causal_lm.runner_metadata(model, model_dir, max_seq_len)
     prepared = prepare(model) if prepare is not None else {}
     programs = causal_lm.export_methods(causal_lm.exportable(model, max_seq_len), max_seq_len)
     missing = set(causal_lm.METHODS) - set(programs)
     if missing:
         raise RuntimeError(f"export produced no program for methods {sorted(missing)}")
-    return {"methods": save_programs(programs, out_dir), **prepared}
+    metadata["get_dtype"] = causal_lm.output_dtype(programs["forward"])
+    source = json.loads((model_dir / SOURCE_RECORD).read_text()).get("source")
+    (out_dir / MODEL_FACTS_FILE).write_text(json.dumps({"runner": metadata, "source": source}, indent=1))
+    return {"methods": save_programs(programs, out_dir), "runner_metadata": metadata, **prepared}
 
 
 def run(node, inputs: dict[str, Path], out_dir: Path, workspace) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from xportbuild.errors import VerifyFailed
@@ -76,11 +77,34 @@ def judge(numbers: dict, tolerances: Tolerances) -> list[str]:
     return failures
 
 
-def verify(pte_path: Path, program_dir: Path, reference_dir: Path, tolerances: Tolerances, target: str) -> dict:
+@dataclass(frozen=True)
+class RunnerInputs:
+    """What an app gives ExecuTorch's LLM runner: the tokenizer and a prompt as text."""
+
+    tokenizer_dir: Path
+    prompt: str
+
+
+def runner_check(pte_path: Path, inputs: RunnerInputs, pte_greedy: list[int], eos_ids: list[int]) -> dict:
+    """Generate with the C++ runner as an app would; its text must be the .pte's greedy text up to an end token.
+
+    Surrounding whitespace is not compared: tokenizers' decoders differ in stripping it, the model does not."""
+    from transformers import AutoTokenizer
+
+    from xportbuild import llm_runner
+
+    figures = llm_runner.generate(pte_path, inputs.tokenizer_dir / "tokenizer.json", inputs.prompt, len(pte_greedy))
+    ends = [index for index, token in enumerate(pte_greedy) if token in eos_ids]
+    expected = AutoTokenizer.from_pretrained(inputs.tokenizer_dir).decode(pte_greedy[: ends[0] if ends else None])
+    return {**figures.as_dict(), "expected": expected, "matches_pte_greedy": figures.text.strip() == expected.strip()}
+
+
+def verify(pte_path: Path, program_dir: Path, reference_dir: Path, tolerances: Tolerances, target: str,
+           runner: RunnerInputs | None = None) -> dict:
     """Numbers of the .pte against the pre-lowering program and the float reference; raises VerifyFailed."""
     from xportbuild import runtime
     from xportbuild.models import causal_lm
-    from xportbuild.stages.program import load_programs
+    from xportbuild.stages.program import MODEL_FACTS_FILE, load_programs
     from xportbuild.stages.reference import load_reference
 
     program = load_programs(program_dir)["forward"]
@@ -91,6 +115,12 @@ def verify(pte_path: Path, program_dir: Path, reference_dir: Path, tolerances: T
         numbers["quality_by_stage"] = {"quantized eager": json.loads(eager_quality.read_text()),
                                        **numbers["quality_by_stage"]}
     failures = judge(numbers, tolerances)
+    if runner is not None:
+        eos_ids = json.loads((program_dir / MODEL_FACTS_FILE).read_text())["runner"]["get_eos_ids"]
+        numbers["runner"] = runner_check(pte_path, runner, numbers["greedy"][0]["pte"], eos_ids)
+        if not numbers["runner"]["matches_pte_greedy"]:
+            failures.append(f"ExecuTorch's LLM runner generated {numbers['runner']['text']!r} from prompt 0, not "
+                            f"the .pte's greedy {numbers['runner']['expected']!r}")
     if failures:
         raise VerifyFailed(target, failures, numbers)
     return numbers
@@ -100,6 +130,8 @@ def run(node, inputs: dict[str, Path], out_dir: Path, workspace) -> dict:
     from xportbuild.stages.lower import PTE_FILE
 
     tolerances = Tolerances(**node.params["tolerances"])
-    numbers = verify(inputs["lower"] / PTE_FILE, inputs["program"], inputs["reference"], tolerances, node.subject)
+    prompt = json.loads((inputs["reference"] / "texts.json").read_text())[0]["prompt"]
+    numbers = verify(inputs["lower"] / PTE_FILE, inputs["program"], inputs["reference"], tolerances, node.subject,
+                     RunnerInputs(inputs["fetch"], prompt))
     (out_dir / "verification.json").write_text(json.dumps(numbers, indent=1))
     return numbers
