@@ -54,6 +54,8 @@ def _tied_rows(tied: dict | None) -> list[str]:
 def _runner_rows(runner: dict) -> list[str]:
     from xportbuild.llm_runner import RunFigures
 
+    if "error" in runner:
+        return ["## ExecuTorch LLM runner", f"The runner could not run this artifact: {runner['error']}", ""]
     figures = RunFigures(**{name: runner[name] for name in RunFigures.__dataclass_fields__})
     return ["## ExecuTorch LLM runner", "What an app sees (prompt 0, greedy; `python -m xportbuild run` prints the same):",
             "", f"- {figures.summary()}", f"- text: {runner['text']!r} (equals the .pte's greedy text: "
