@@ -10,10 +10,10 @@ from xportbuild.recipe.spec import Target, as_dict
 STAGE_CODE: dict[str, tuple[str, ...]] = {
     "fetch": ("xportbuild.stages.fetch", "xportbuild.sources"),
     "reference": ("xportbuild.stages.reference", "xportbuild.models.causal_lm"),
-    "program": ("xportbuild.stages.program", "xportbuild.models.causal_lm"),
+    "program": ("xportbuild.stages.program", "xportbuild.models.causal_lm", "xportbuild.models.custom_attention"),
     "quantize": ("xportbuild.stages.program", "xportbuild.stages.quantize", "xportbuild.models.causal_lm",
-                 "xportbuild.quality"),
-    "lower": ("xportbuild.stages.lower", "xportbuild.backends", "xportbuild.passes"),
+                 "xportbuild.models.custom_attention", "xportbuild.quality"),
+    "lower": ("xportbuild.stages.lower", "xportbuild.backends", "xportbuild.passes", "xportbuild.models.custom_attention"),
     "verify": ("xportbuild.stages.verify", "xportbuild.runtime", "xportbuild.llm_runner", "xportbuild.models.causal_lm",
                "xportbuild.quality"),
     "sensitivity": ("xportbuild.stages.sensitivity", "xportbuild.stages.quantize", "xportbuild.models.causal_lm",
@@ -94,10 +94,18 @@ def _model_nodes(target: Target) -> dict[str, StageNode]:
     return {fetch.task: fetch, reference.task: reference}
 
 
+def _program_subject(target: Target) -> str:
+    """Recipes of a model share its float program unless they export attention differently."""
+    export = target.recipe.export
+    variant = "custom-sdpa" if export.custom_sdpa else "custom-kv-cache" if export.custom_kv_cache else ""
+    return f"{target.model.name}.{variant}" if variant else target.model.name
+
+
 def _program_node(target: Target, fetch_task: str) -> StageNode:
-    export_params = {"task": target.model.task, "max_seq_len": target.model.max_seq_len}
+    export_params = {"task": target.model.task, "max_seq_len": target.model.max_seq_len,
+                     "export": as_dict(target.recipe.export)}
     if not target.recipe.quantize.enabled:
-        return StageNode("program", target.model.name, export_params, {"fetch": fetch_task}, target.model.file)
+        return StageNode("program", _program_subject(target), export_params, {"fetch": fetch_task}, target.model.file)
     # XNNPACK stores group-wise scales as bfloat16: quantizing with bf16 scales makes the program
     # we verify against compute exactly what the delegate computes.
     group_scale_dtype = "bfloat16" if target.recipe.lower.backend == "xnnpack" else "float32"
@@ -120,6 +128,7 @@ def plan_targets(targets: list[Target]) -> Plan:
             "passes": passes.fingerprints(target.recipe.lower.passes, target.recipe.file),
             "shared_table": target.recipe.quantize.tied_table == "shared",
             "target": target.name,  # the .pte's provenance names it
+            "custom_ops": list(target.recipe.export.custom_ops),  # must survive lowering
         }
         lower = StageNode("lower", target.name, lower_params, {"program": program.task}, origin=target.recipe.file)
         verify = StageNode(

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from xportbuild.errors import StageError
+from xportbuild.recipe.spec import ExportSpec
 
 Step = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 METHODS = ("forward",)
@@ -35,23 +36,32 @@ def load_model(model_dir: Path) -> torch.nn.Module:
     return model.eval()
 
 
-def exportable(model: torch.nn.Module, max_seq_len: int) -> torch.nn.Module:
-    """The module exported as `forward(input_ids, cache_position)`, KV cache held as buffers."""
+def exportable(model: torch.nn.Module, max_seq_len: int, export: ExportSpec = ExportSpec()) -> torch.nn.Module:
+    """The module exported as `forward(input_ids, cache_position)`, KV cache held as buffers; with the recipe's
+    custom ops, attention and cache updates go through ExecuTorch's llama:: ops."""
     from transformers import GenerationConfig
     from transformers.integrations.executorch import TorchExportableModuleForDecoderOnlyLM
+
+    from xportbuild.models import custom_attention
 
     limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     if limit is not None and max_seq_len > limit:
         raise StageError(f"max_seq_len = {max_seq_len} exceeds the model's max_position_embeddings ({limit}): "
                          "lower max_seq_len in the model file")
     model.generation_config = GenerationConfig(use_cache=True, cache_implementation="static")
+    custom_attention.use_custom_ops(model, export)
     wrapper = TorchExportableModuleForDecoderOnlyLM(model, batch_size=1, max_cache_len=max_seq_len)
     # The outer wrapper's forward drops cache_position; its inner module is what export traces.
+    custom_attention.swap_kv_cache(wrapper.model, export)
     return wrapper.model
 
 
-def export_methods(module: torch.nn.Module, max_seq_len: int) -> dict[str, torch.export.ExportedProgram]:
-    """torch.export of every method, with a dynamic sequence length up to max_seq_len - 1."""
+def export_methods(module: torch.nn.Module, max_seq_len: int,
+                   export: ExportSpec = ExportSpec()) -> dict[str, torch.export.ExportedProgram]:
+    """torch.export of every method, with a dynamic sequence length up to max_seq_len - 1; a custom op the
+    recipe asks for must be in the graph."""
+    from xportbuild.models.custom_attention import missing_ops
+
     example = torch.tensor([[1, 2]], dtype=torch.long)
     seq_len = torch.export.Dim("seq_len", min=1, max=max_seq_len - 1)
     try:
@@ -66,10 +76,13 @@ def export_methods(module: torch.nn.Module, max_seq_len: int) -> dict[str, torch
     except Exception as err:  # torch.export raises many unrelated types; the user needs the method and reason
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise StageError(f"{type(module).__name__}: method forward is not exportable: {reason}") from err
+    if missing := missing_ops(program, export):
+        raise StageError(f"export: {', '.join(missing)} requested by the recipe but absent from method forward: "
+                         f"this model's attention does not go through transformers' attention interface")
     return {"forward": program}
 
 
-def runner_metadata(model: torch.nn.Module, model_dir: Path, max_seq_len: int) -> dict:
+def runner_metadata(model: torch.nn.Module, model_dir: Path, max_seq_len: int, export: ExportSpec) -> dict:
     """The constant methods ExecuTorch's LLM runner reads (its runner/constants.h names), plus model facts.
 
     Read from the model's own config, not derived: head_dim is the config's (Gemma 3: 256, not hidden / heads),
@@ -92,7 +105,7 @@ def runner_metadata(model: torch.nn.Module, model_dir: Path, max_seq_len: int) -
         "get_vocab_size": config.vocab_size,
         "get_eos_ids": eos_ids,
         "use_kv_cache": True,
-        "use_sdpa_with_kv_cache": False,
+        "use_sdpa_with_kv_cache": export.custom_sdpa,
         "enable_dynamic_shape": True,  # export_methods makes the sequence length dynamic
         "get_n_layers": config.num_hidden_layers,
         "get_n_kv_heads": getattr(config, "num_key_value_heads", None) or config.num_attention_heads,

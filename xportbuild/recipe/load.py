@@ -12,6 +12,7 @@ from xportbuild.errors import RecipeError
 from xportbuild.recipe.spec import (
     LowerSpec,
     ModelSpec,
+    ExportSpec,
     QuantSpec,
     RecipeSpec,
     SourceSpec,
@@ -135,12 +136,18 @@ def _load_recipe(file: Path, problems: _Problems) -> RecipeSpec | None:
     lower = _build(LowerSpec, data.pop("lower", {}), file, "lower.", problems, fixed={"backend": backend})
     lower = lower if backend is not None else None
     tolerances = _build(Tolerances, data.pop("verify", {}), file, "verify.", problems)
-    fixed = {"name": file.stem, "file": str(file), "quantize": quantize, "lower": lower, "tolerances": tolerances}
-    recipe = _build(RecipeSpec, data, file, "", problems, fixed=fixed, tables=("backend", "quantize", "lower", "verify"))
+    export = _build(ExportSpec, data.pop("export", {}), file, "export.", problems)
+    if export is not None and export.custom_sdpa and not export.custom_kv_cache:
+        problems.add(file, "export.custom_sdpa", "true needs custom_kv_cache = true: llama::custom_sdpa reads the "
+                     "cache in the layout llama::update_cache writes")
+    fixed = {"name": file.stem, "file": str(file), "quantize": quantize, "lower": lower, "tolerances": tolerances,
+             "export": export}
+    recipe = _build(RecipeSpec, data, file, "", problems, fixed=fixed,
+                    tables=("backend", "quantize", "lower", "verify", "export"))
     _check_quantize(quantize_data if isinstance(quantize_data, dict) else {}, quantize, lower, file, problems)
     if lower is not None and lower.backend != "xnnpack" and lower.per_op_mode:
         problems.add(file, "lower.per_op_mode", f"true: only the xnnpack backend partitions per op, not {lower.backend}")
-    return recipe if None not in (quantize, lower, tolerances) else None
+    return recipe if None not in (quantize, lower, tolerances, export) else None
 
 
 def _check_quantize(data: dict, quantize: QuantSpec | None, lower: LowerSpec | None, file: Path,

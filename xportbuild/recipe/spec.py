@@ -96,6 +96,20 @@ class QuantSpec:
 
 
 @dataclass(frozen=True)
+class ExportSpec:
+    """How a causal LM's attention is exported: ExecuTorch's custom ops (`llama::custom_sdpa` reading a KV cache
+    that `llama::update_cache` writes in [batch, position, head, dim] layout) or the model's own stock ops."""
+
+    custom_sdpa: bool = False
+    custom_kv_cache: bool = False
+
+    @property
+    def custom_ops(self) -> tuple[str, ...]:
+        """The llama:: ops the exported program must contain."""
+        return (("update_cache",) if self.custom_kv_cache else ()) + (("custom_sdpa",) if self.custom_sdpa else ())
+
+
+@dataclass(frozen=True)
 class LowerSpec:
     """Backend lowering options and extra graph passes (registry names or `module:attr`)."""
 
@@ -135,6 +149,7 @@ class RecipeSpec:
     lower: LowerSpec
     tolerances: Tolerances
     file: str = ""
+    export: ExportSpec = ExportSpec()
 
 
 @dataclass(frozen=True)

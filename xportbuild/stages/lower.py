@@ -42,7 +42,7 @@ def constant_methods(program_dir: Path, provenance: dict) -> dict:
 
 
 def lower(program_dir: Path, spec: LowerSpec, pass_refs: list[str], repo_root: str, out_dir: Path,
-          shared_table: bool = False, provenance: dict | None = None) -> dict:
+          shared_table: bool = False, provenance: dict | None = None, custom_ops: tuple[str, ...] = ()) -> dict:
     """Write out_dir/model.pte (and model.ptd when a table is shared); returns sizes and delegation facts."""
     import torch
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
@@ -70,15 +70,34 @@ def lower(program_dir: Path, spec: LowerSpec, pass_refs: list[str], repo_root: s
                 external_constants=_external_tag if table_shapes else False,
             )
         )
+    llama_ops = _check_custom_ops(executorch_program, programs, custom_ops)
     path = out_dir / PTE_FILE
     path.write_bytes(executorch_program.buffer)
-    facts = {"pte_bytes": path.stat().st_size, "backend": spec.backend, "delegation": delegation}
+    facts = {"pte_bytes": path.stat().st_size, "backend": spec.backend, "delegation": delegation, "llama_ops": llama_ops}
     if table_shapes:
         executorch_program.write_tensor_data_to_file(str(out_dir))
         facts["ptd_bytes"] = (out_dir / DATA_FILE).stat().st_size
         facts["shared_table"] = _check_stored_once(table_shapes, facts["ptd_bytes"])
     facts["artifact_bytes"] = facts["pte_bytes"] + facts.get("ptd_bytes", 0)
     return facts
+
+
+def _check_custom_ops(executorch_program, methods, custom_ops: tuple[str, ...]) -> dict[str, int]:
+    """Counts of llama:: ops in the final program (the edge graph still holds update_cache functionalized);
+    raises if one the recipe asked for is gone."""
+    from xportbuild.models.custom_attention import missing_ops
+    from xportbuild.recipe.spec import ExportSpec
+
+    # update_cache is implied by custom_sdpa in the recipe; name exactly the ops asked for.
+    export = ExportSpec(custom_sdpa="custom_sdpa" in custom_ops, custom_kv_cache="update_cache" in custom_ops)
+    for method in methods:
+        if missing := missing_ops(executorch_program.exported_program(method), export):
+            raise StageError(f"lower: {', '.join(missing)} requested by the recipe but absent from method {method} "
+                             "after lowering")
+    counts = Counter(str(node.target).split(".")[1] for method in methods
+                     for node in executorch_program.exported_program(method).graph.nodes
+                     if node.op == "call_function" and str(node.target).startswith("llama."))
+    return dict(counts)
 
 
 def _shared_table_shapes(programs) -> set[tuple[int, ...]]:
@@ -131,4 +150,4 @@ def run(node, inputs: dict[str, Path], out_dir: Path, workspace) -> dict:
     # An entry's folder is named by its key: the provenance names the exact program lowered.
     provenance = {"target": node.subject, "program_key": inputs["program"].name, "lower_params": node.params}
     return lower(inputs["program"], spec, refs, str(passes.repo_root(node.origin)), out_dir,
-                 node.params["shared_table"], provenance)
+                 node.params["shared_table"], provenance, tuple(node.params["custom_ops"]))

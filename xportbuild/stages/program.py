@@ -9,6 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 from xportbuild.errors import StageError
+from xportbuild.recipe.spec import ExportSpec
 from xportbuild.stages.fetch import SOURCE_RECORD
 
 METHODS_FILE = "methods.json"
@@ -36,6 +37,7 @@ def load_programs(entry_dir: Path) -> dict:
     """{method: ExportedProgram} from a program or quantize entry."""
     import torch
     import torchao  # noqa: F401  registers the quantized tensor types a .pt2 may hold
+    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  llama:: ops a .pt2 may call
 
     facts = json.loads((entry_dir / METHODS_FILE).read_text())
     programs = {}
@@ -72,14 +74,14 @@ def refuse_unsafe_pickles(path: Path) -> None:
                         check(archive, f"{folder}/{meta['path_name']}")
 
 
-def export_program(model_dir: Path, max_seq_len: int, out_dir: Path, prepare=None) -> dict:
+def export_program(model_dir: Path, max_seq_len: int, export: ExportSpec, out_dir: Path, prepare=None) -> dict:
     """Load the float model, let `prepare` transform it (e.g. quantize), export every method."""
     from xportbuild.models import causal_lm
 
     model = causal_lm.load_model(model_dir)
-    metadata = causal_lm.runner_metadata(model, model_dir, max_seq_len)
+    metadata = causal_lm.runner_metadata(model, model_dir, max_seq_len, export)
     prepared = prepare(model) if prepare is not None else {}
-    programs = causal_lm.export_methods(causal_lm.exportable(model, max_seq_len), max_seq_len)
+    programs = causal_lm.export_methods(causal_lm.exportable(model, max_seq_len, export), max_seq_len, export)
     missing = set(causal_lm.METHODS) - set(programs)
     if missing:
         raise RuntimeError(f"export produced no program for methods {sorted(missing)}")
@@ -90,4 +92,4 @@ def export_program(model_dir: Path, max_seq_len: int, out_dir: Path, prepare=Non
 
 
 def run(node, inputs: dict[str, Path], out_dir: Path, workspace) -> dict:
-    return export_program(inputs["fetch"], node.params["max_seq_len"], out_dir)
+    return export_program(inputs["fetch"], node.params["max_seq_len"], ExportSpec(**node.params["export"]), out_dir)

@@ -11,7 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 from xportbuild.errors import StageError
-from xportbuild.recipe.spec import QuantSpec
+from xportbuild.recipe.spec import ExportSpec, QuantSpec
 from xportbuild.stages.program import export_program
 
 log = logging.getLogger(__name__)
@@ -173,6 +173,6 @@ def run(node, inputs: dict[str, Path], out_dir: Path, workspace) -> dict:
         (out_dir / EAGER_QUALITY_FILE).write_text(json.dumps(numbers, indent=1))
         return {"eager_quality": numbers}
 
-    return export_program(inputs["fetch"], max_seq_len, out_dir,
+    return export_program(inputs["fetch"], max_seq_len, ExportSpec(**node.params["export"]), out_dir,
                           prepare=lambda model: {"quantized": quantize_model(model, spec, node.params["group_scale_dtype"]),
                                                  **measure_eager(model)})
