@@ -4,7 +4,8 @@
 
 Builds `<model>-<scheme>` for each candidate below in a scratch project that shares the cache folder (default:
 this repo's .xportbuild/cache), then prints one row per scheme from the published manifests, with size and
-decode speed as ratios to the first ("plain") scheme: the peers' scheme, linears and head 8da4w, embeddings 8w.
+decode speed as ratios to the --base scheme (default "plain": the peers' scheme, linears and head 8da4w,
+embeddings 8w). Decode speed is measured twice: by verify's Python loop and by ExecuTorch's C++ LLM runner.
 """
 
 from __future__ import annotations
@@ -31,9 +32,11 @@ SCHEMES = {
     "lin4-head8-emb4": 'linear = "8da4w"\nlinear_group_size = 32\nhead = "8da8w"\nembedding = "4w"\n'
                        'embedding_group_size = 32',
     "all8": 'linear = "8da8w"\nlinear_group_size = 0\nembedding = "8w"',
-    # the shipped default: recipes/recipes/xnnpack-8da4w.toml
+    # recipes/recipes/xnnpack-8da4w-plain-ops.toml
     "all8-shared": 'linear = "8da8w"\nlinear_group_size = 0\nembedding = "8w"\ntied_table = "shared"',
 }
+# the shipped default: all8-shared with ExecuTorch's custom SDPA and KV-cache ops
+SCHEMES["all8-shared-custom-ops"] = SCHEMES["all8-shared"] + "\n[export]\ncustom_sdpa = true\ncustom_kv_cache = true"
 
 
 def _project(model: str, schemes: list[str]) -> Path:
@@ -57,7 +60,9 @@ def _row(root: Path, target: str) -> dict:
     pte = verify["quality_by_stage"][".pte"]
     return {"mib": manifest["stages"]["lower"]["result"]["artifact_bytes"] / 2**20, "top1": pte["top1"],
             "cosine": pte["cosine_mean"], "kl": pte["kl_mean"], "tok_s": verify["generate_tokens_per_s"],
-            "eager_top1": verify["quality_by_stage"]["quantized eager"]["top1"]}
+            "eager_top1": verify["quality_by_stage"]["quantized eager"]["top1"],
+            "runner_tok_s": verify["runner"].get("decode_tokens_per_s") or 0.0,
+            "first_token_ms": 1000 * (verify["runner"].get("first_token_s") or 0.0)}
 
 
 def main() -> None:
@@ -65,8 +70,9 @@ def main() -> None:
     parser.add_argument("schemes", nargs="*", default=list(SCHEMES))
     parser.add_argument("--model", default="gemma3")
     parser.add_argument("--cache", default=str(REPO / ".xportbuild" / "cache"))
+    parser.add_argument("--base", default="plain", help="the scheme ratios are relative to")
     args = parser.parse_args()
-    schemes = ["plain", *[s for s in args.schemes if s != "plain"]]
+    schemes = [args.base, *[s for s in args.schemes if s != args.base]]
     root = _project(args.model, schemes)
     env = {**os.environ, "XPORTBUILD_CACHE": args.cache, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     rows = {}
@@ -76,14 +82,15 @@ def main() -> None:
         if result.returncode != 0:
             sys.exit(f"export:{target} failed")
         rows[scheme] = _row(root, target)
-    base = rows["plain"]
-    print("| scheme | .pte + .ptd MiB | size vs plain | top-1 vs float (.pte) | top-1 (quantized eager) | mean cosine | "
-          "mean KL | decode tok/s | speed vs plain |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    base = rows[args.base]
+    print(f"| scheme | .pte + .ptd MiB | size vs {args.base} | top-1 vs float (.pte) | top-1 (quantized eager) | "
+          f"mean cosine | mean KL | decode tok/s (Python loop) | speed vs {args.base} | decode tok/s (C++ runner) | "
+          f"runner speed vs {args.base} | first token ms (runner) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for scheme, r in rows.items():
         print(f"| {scheme} | {r['mib']:.1f} | {r['mib'] / base['mib']:.3f} | {r['top1']:.3f} | {r['eager_top1']:.3f} | "
-              f"{r['cosine']:.4f} | {r['kl']:.4f} | {r['tok_s']:.1f} | {r['tok_s'] / base['tok_s']:.3f} |")
-
+              f"{r['cosine']:.4f} | {r['kl']:.4f} | {r['tok_s']:.1f} | {r['tok_s'] / base['tok_s']:.3f} | "
+              f"{r['runner_tok_s']:.1f} | {r['runner_tok_s'] / base['runner_tok_s']:.3f} | {r['first_token_ms']:.0f} |")
 
 if __name__ == "__main__":
     main()
