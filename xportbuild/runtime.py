@@ -8,7 +8,8 @@ from pathlib import Path
 def load_kernels() -> None:
     """Register kernel libraries a .pte may reference; a missing one shows as load error 0x14."""
     import executorch.kernels.quantized  # noqa: F401  quantized embeddings
-    from executorch.extension.llm import custom_ops  # noqa: F401  custom SDPA / KV-cache ops
+    # The module, not the package: importing it loads the library holding the llama:: kernels.
+    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  custom SDPA / KV-cache ops
 
 
 def method_step(pte_path: Path, method: str = "forward"):

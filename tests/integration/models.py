@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+# Random tiny weights are far more sensitive to quantization than trained ones: relax the float comparison of the
+# shipped quantized recipes (their comparison with the program stays as shipped).
 QUANT_TOLERANCES = """
-[tolerances.xnnpack-8da4w]
+[tolerances.{recipe}]
 min_cosine = 0.8
 min_top1 = 0.5
 max_abs = 100.0
@@ -16,7 +18,7 @@ def model_toml(source: str, recipes: list[str], prompts: tuple[str, ...] = ("the
     """A model file; `source` is the body of its [source] table."""
     quoted = ", ".join(f'"{r}"' for r in recipes)
     prompt_list = ", ".join(f'"{p}"' for p in prompts)
-    overrides = QUANT_TOLERANCES if "xnnpack-8da4w" in recipes else ""
+    overrides = "".join(QUANT_TOLERANCES.format(recipe=r) for r in recipes if r.startswith("xnnpack-8da4w"))
     return (f'doc = "tiny test model"\ntask = "causal-lm"\nmax_seq_len = {max_seq_len}\nrecipes = [{quoted}]\n\n'
             f"[source]\n{source}\n\n[verify]\nprompts = [{prompt_list}]\nmax_new_tokens = {max_new_tokens}\n"
             f"{overrides}")

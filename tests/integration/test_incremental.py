@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 from tests.integration.models import local, model_toml
@@ -36,12 +37,12 @@ def test_only_stale_stages_rerun(project, weights, tmp_path):
     project.doit(f"export:{TARGET}")
     assert project.built_since(mark) == [f"verify:{TARGET}"]
 
-    project.edit_recipe("xnnpack-8da4w", "head_group_size = 32", "head_group_size = 64")
+    project.edit_recipe("xnnpack-8da4w", 'qparams = "affine"', 'qparams = "hqq"')
     mark = len(project.events())
     project.doit(f"export:{TARGET}")
     assert project.built_since(mark) == [f"lower:{TARGET}", f"quantize:{TARGET}", f"verify:{TARGET}"]
-    report = (project.root / "artifacts" / TARGET / "report.md").read_text()
-    assert "- head: 8da4w {'group 64': 1}" in report
+    manifest = json.loads((project.root / "artifacts" / TARGET / "manifest.json").read_text())
+    assert manifest["stages"]["quantize"]["params"]["quantize"]["qparams"] == "hqq"
 
 
 def test_restored_cache_without_doit_state_is_reused(project, weights, tmp_path):
