@@ -17,6 +17,7 @@ from xportbuild.recipe.spec import ExportSpec
 
 Step = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 METHODS = ("forward",)
+STOCK_OPS = ExportSpec()  # the model's own attention and cache ops
 
 
 def load_model(model_dir: Path) -> torch.nn.Module:
@@ -36,7 +37,7 @@ def load_model(model_dir: Path) -> torch.nn.Module:
     return model.eval()
 
 
-def exportable(model: torch.nn.Module, max_seq_len: int, export: ExportSpec = ExportSpec()) -> torch.nn.Module:
+def exportable(model: torch.nn.Module, max_seq_len: int, export: ExportSpec = STOCK_OPS) -> torch.nn.Module:
     """The module exported as `forward(input_ids, cache_position)`, KV cache held as buffers; with the recipe's
     custom ops, attention and cache updates go through ExecuTorch's llama:: ops."""
     from transformers import GenerationConfig
@@ -57,7 +58,7 @@ def exportable(model: torch.nn.Module, max_seq_len: int, export: ExportSpec = Ex
 
 
 def export_methods(module: torch.nn.Module, max_seq_len: int,
-                   export: ExportSpec = ExportSpec()) -> dict[str, torch.export.ExportedProgram]:
+                   export: ExportSpec = STOCK_OPS) -> dict[str, torch.export.ExportedProgram]:
     """torch.export of every method, with a dynamic sequence length up to max_seq_len - 1; a custom op the
     recipe asks for must be in the graph."""
     from xportbuild.models.custom_attention import missing_ops
