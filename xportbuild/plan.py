@@ -15,7 +15,7 @@ STAGE_CODE: dict[str, tuple[str, ...]] = {
                  "xportbuild.models.custom_attention", "xportbuild.quality"),
     "lower": ("xportbuild.stages.lower", "xportbuild.backends", "xportbuild.passes", "xportbuild.models.custom_attention"),
     "verify": ("xportbuild.stages.verify", "xportbuild.runtime", "xportbuild.llm_runner", "xportbuild.models.causal_lm",
-               "xportbuild.quality"),
+               "xportbuild.models.custom_attention", "xportbuild.quality"),
     "sensitivity": ("xportbuild.stages.sensitivity", "xportbuild.stages.quantize", "xportbuild.models.causal_lm",
                     "xportbuild.quality"),
 }

@@ -8,8 +8,10 @@ from pathlib import Path
 def load_kernels() -> None:
     """Register kernel libraries a .pte may reference; a missing one shows as load error 0x14."""
     import executorch.kernels.quantized  # noqa: F401  quantized embeddings
-    # The module, not the package: importing it loads the library holding the llama:: kernels.
-    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  custom SDPA / KV-cache ops
+
+    from xportbuild.models.custom_attention import import_llama_ops
+
+    import_llama_ops()  # custom SDPA / KV-cache kernels
 
 
 def method_step(pte_path: Path, method: str = "forward"):

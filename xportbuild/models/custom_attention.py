@@ -15,6 +15,27 @@ from xportbuild.recipe.spec import ExportSpec
 ATTENTION_NAME = "xportbuild_custom_sdpa"
 
 
+def import_llama_ops() -> None:
+    """Register ExecuTorch's llama:: ops (AOT and runtime kernels).
+
+    executorch's custom_ops module probes for its ops inside a bare `except:`, which swallows a Ctrl-C that
+    lands during the probe (the build then runs on and exits 0). Hold SIGINT during the import, deliver it after."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
+
+
 def _start_position(positions: torch.Tensor, cache_length: int):
     start = positions[0, 0].item()
     torch._check_is_size(start)
@@ -77,8 +98,9 @@ def use_custom_ops(model: torch.nn.Module, export: ExportSpec) -> None:
     """Before wrapping: route the model's attention through custom_sdpa (registered here, not at import)."""
     if not export.custom_sdpa:
         return
-    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  registers torch.ops.llama
     from transformers import AttentionInterface, AttentionMaskInterface
+
+    import_llama_ops()
 
     AttentionInterface.register(ATTENTION_NAME, custom_sdpa)
     AttentionMaskInterface.register(ATTENTION_NAME, _no_mask)
@@ -89,7 +111,7 @@ def swap_kv_cache(wrapper: torch.nn.Module, export: ExportSpec) -> None:
     """After wrapping: replace each static cache layer (and its registered buffers) by a CustomOpKVLayer."""
     if not export.custom_kv_cache:
         return
-    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  registers torch.ops.llama
+    import_llama_ops()
 
     layer_class = _layer_class()
     cache = wrapper.static_cache if hasattr(wrapper, "static_cache") else wrapper.cache

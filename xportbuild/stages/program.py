@@ -28,7 +28,8 @@ def save_programs(programs: dict, out_dir: Path) -> dict:
         ops = Counter(str(n.target) for n in program.graph.nodes if n.op == "call_function")
         quant_ops = sum(count for name, count in ops.items() if "quantize" in name or "choose_qparams" in name)
         facts[method] = {"file": path.name, "bytes": path.stat().st_size, "ops": sum(ops.values()),
-                         "quant_ops": quant_ops}
+                         "quant_ops": quant_ops,
+                         "llama_ops": sum(count for name, count in ops.items() if name.startswith("llama."))}
     (out_dir / METHODS_FILE).write_text(json.dumps(facts, indent=1, sort_keys=True))
     return facts
 
@@ -37,9 +38,12 @@ def load_programs(entry_dir: Path) -> dict:
     """{method: ExportedProgram} from a program or quantize entry."""
     import torch
     import torchao  # noqa: F401  registers the quantized tensor types a .pt2 may hold
-    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  llama:: ops a .pt2 may call
 
     facts = json.loads((entry_dir / METHODS_FILE).read_text())
+    if any(fact.get("llama_ops", 0) for fact in facts.values()):
+        from xportbuild.models.custom_attention import import_llama_ops
+
+        import_llama_ops()
     programs = {}
     for method, fact in facts.items():
         refuse_unsafe_pickles(entry_dir / fact["file"])
