@@ -24,13 +24,19 @@ MIN_KILLS = 20  # each round kills once inside every stage of both targets (10 s
 ALL_STAGES = {"fetch", "reference", "program", "quantize", "lower", "verify", "publish"}
 
 
+def _interruptible() -> None:
+    """A shell starting pytest in the background ignores SIGINT, and children inherit that (Python then installs no
+    KeyboardInterrupt handler): give the build a user's terminal default, as Ctrl-C would find it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class WatchedBuild:
     """A `doit` process whose log is followed line by line, to kill it while a chosen stage runs."""
 
     def __init__(self, project, args: list[str]):
         self.process = subprocess.Popen([sys.executable, "-m", "doit", *args], cwd=project.root, env=project.env,
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                        start_new_session=True)
+                                        start_new_session=True, preexec_fn=_interruptible)
         self.running: str | None = None  # the stage task currently between "building" and "built"
         self.started: list[str] = []
         self.lines: list[str] = []
