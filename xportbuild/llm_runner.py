@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -43,29 +42,22 @@ def bos_tokens(tokenizer_path: Path) -> int:
     return 1 if single and "SpecialToken" in single[0] else 0
 
 
-def generate(pte_path: Path, tokenizer_path: Path, prompt: str, max_new_tokens: int, temperature: float = 0.0,
-             on_token: Callable[[str], None] | None = None) -> RunFigures:
-    """Generate from `prompt` (greedy at temperature 0), streaming each decoded piece to `on_token`."""
-    from xportbuild.runtime import load_kernels
+def generate(pte_path: Path, tokenizer_path: Path, prompt: str, max_new_tokens: int,
+             temperature: float = 0.0) -> RunFigures:
+    """Generate from `prompt` (greedy at temperature 0); the runner itself streams each piece to stdout."""
+    from xportbuild.runtime import data_file, load_kernels
 
     load_kernels()
     from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
 
-    data_path = Path(pte_path).with_suffix(".ptd")
     started = time.perf_counter()
-    runner = TextLLMRunner(str(pte_path), str(tokenizer_path), str(data_path) if data_path.is_file() else None)
+    runner = TextLLMRunner(str(pte_path), str(tokenizer_path), data_file(pte_path))
     constructed_s = time.perf_counter() - started
     pieces: list[str] = []
     stats = []
-
-    def token(piece: str) -> None:
-        pieces.append(piece)
-        if on_token is not None:
-            on_token(piece)
-
     config = GenerationConfig(echo=False, max_new_tokens=max_new_tokens, temperature=temperature,
                               num_bos=bos_tokens(tokenizer_path), num_eos=0)
-    runner.generate(prompt, config, token, stats.append)
+    runner.generate(prompt, config, pieces.append, stats.append)
     return _figures("".join(pieces), json.loads(stats[-1].to_json_string()), constructed_s)
 
 

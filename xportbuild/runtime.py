@@ -14,14 +14,19 @@ def load_kernels() -> None:
     import_llama_ops()  # custom SDPA / KV-cache kernels
 
 
+def data_file(pte_path: Path) -> str | None:
+    """The external weights (.ptd) published beside a .pte, if it has any."""
+    path = Path(pte_path).with_suffix(".ptd")
+    return str(path) if path.is_file() else None
+
+
 def method_step(pte_path: Path, method: str = "forward"):
     """A `Step` calling `method` of the program at `pte_path`, with its external weights (.ptd) if it has them."""
     import torch
     from executorch.extension.pybindings.portable_lib import _load_for_executorch
 
     load_kernels()
-    data_path = Path(pte_path).with_suffix(".ptd")
-    module = _load_for_executorch(str(pte_path), str(data_path) if data_path.is_file() else None)
+    module = _load_for_executorch(str(pte_path), data_file(pte_path))
 
     def step(input_ids: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
         return module.run_method(method, (input_ids, cache_position))[0]

@@ -61,7 +61,7 @@ def export_methods(module: torch.nn.Module, max_seq_len: int,
                    export: ExportSpec = STOCK_OPS) -> dict[str, torch.export.ExportedProgram]:
     """torch.export of every method, with a dynamic sequence length up to max_seq_len - 1; a custom op the
     recipe asks for must be in the graph."""
-    from xportbuild.models.custom_attention import missing_ops
+    from xportbuild.models.custom_attention import llama_op_counts, missing_ops
 
     example = torch.tensor([[1, 2]], dtype=torch.long)
     seq_len = torch.export.Dim("seq_len", min=1, max=max_seq_len - 1)
@@ -77,7 +77,7 @@ def export_methods(module: torch.nn.Module, max_seq_len: int,
     except Exception as err:  # torch.export raises many unrelated types; the user needs the method and reason
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise StageError(f"{type(module).__name__}: method forward is not exportable: {reason}") from err
-    if missing := missing_ops(program, export):
+    if missing := missing_ops(llama_op_counts(program), export.custom_ops):
         raise StageError(f"export: {', '.join(missing)} requested by the recipe but absent from method forward: "
                          f"this model's attention does not go through transformers' attention interface")
     return {"forward": program}

@@ -8,6 +8,8 @@ own exportable wrapper, and custom_sdpa gets an explicit window mask once the ca
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 
 from xportbuild.recipe.spec import ExportSpec
@@ -127,7 +129,12 @@ def swap_kv_cache(wrapper: torch.nn.Module, export: ExportSpec) -> None:
         wrapper.register_buffer(f"cumulative_length_{index}", replacement.cumulative_length, persistent=False)
 
 
-def missing_ops(program, export: ExportSpec) -> list[str]:
-    """Requested custom ops absent from an exported (or lowered) program's graph."""
-    targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
-    return [f"llama::{op}" for op in export.custom_ops if not any(f"llama.{op}." in target for target in targets)]
+def llama_op_counts(program) -> Counter:
+    """How many times each llama:: op (by name, e.g. "custom_sdpa") is called in a program's graph."""
+    return Counter(str(node.target).split(".")[1] for node in program.graph.nodes
+                   if node.op == "call_function" and str(node.target).startswith("llama."))
+
+
+def missing_ops(counts: Counter, requested: tuple[str, ...]) -> list[str]:
+    """Requested custom ops absent from a graph whose llama:: op counts are `counts`."""
+    return [f"llama::{op}" for op in requested if not counts[op]]

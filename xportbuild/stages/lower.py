@@ -85,19 +85,16 @@ def lower(program_dir: Path, spec: LowerSpec, pass_refs: list[str], repo_root: s
 def _check_custom_ops(executorch_program, methods, custom_ops: tuple[str, ...]) -> dict[str, int]:
     """Counts of llama:: ops in the final program (the edge graph still holds update_cache functionalized);
     raises if one the recipe asked for is gone."""
-    from xportbuild.models.custom_attention import missing_ops
-    from xportbuild.recipe.spec import ExportSpec
+    from xportbuild.models.custom_attention import llama_op_counts, missing_ops
 
-    # update_cache is implied by custom_sdpa in the recipe; name exactly the ops asked for.
-    export = ExportSpec(custom_sdpa="custom_sdpa" in custom_ops, custom_kv_cache="update_cache" in custom_ops)
+    total: Counter = Counter()
     for method in methods:
-        if missing := missing_ops(executorch_program.exported_program(method), export):
+        counts = llama_op_counts(executorch_program.exported_program(method))
+        if missing := missing_ops(counts, custom_ops):
             raise StageError(f"lower: {', '.join(missing)} requested by the recipe but absent from method {method} "
                              "after lowering")
-    counts = Counter(str(node.target).split(".")[1] for method in methods
-                     for node in executorch_program.exported_program(method).graph.nodes
-                     if node.op == "call_function" and str(node.target).startswith("llama."))
-    return dict(counts)
+        total += counts
+    return dict(total)
 
 
 def _shared_table_shapes(programs) -> set[tuple[int, ...]]:
@@ -111,7 +108,7 @@ def _shared_table_shapes(programs) -> set[tuple[int, ...]]:
             codes = getattr(value, "qdata", None)
             if codes is not None and str(codes.dtype) == "torch.int8" and codes.dim() == 2:
                 seen[(tuple(codes.shape), xxhash.xxh3_64_hexdigest(codes.contiguous().numpy().tobytes()))] += 1
-    # None for an untied model: the quantize stage reported that sharing does not apply.
+    # Empty for an untied model: the quantize stage reported that sharing does not apply.
     return {shape for (shape, _), count in seen.items() if count >= 2}
 
 
