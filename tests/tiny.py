@@ -11,9 +11,10 @@ WORDS = ("the capital of france is paris water boils at a temperature degrees he
 MAX_POSITIONS = 256
 
 
-def save_tokenizer(folder: Path) -> None:
+def save_tokenizer(folder: Path, mask: bool = False) -> None:
     """A BPE tokenizer laid out like Gemma's (spaces as "▁", no pre-tokenizer split), which ExecuTorch's C++
-    tokenizer reads too; trained on WORDS, special tokens first."""
+    tokenizer reads too; trained on WORDS, special tokens first (with `mask`, a "<mask>" token for masked LMs and
+    an end token after each text, as encoders expect)."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -21,12 +22,13 @@ def save_tokenizer(folder: Path) -> None:
     backend.normalizer = normalizers.Replace(" ", "▁")
     backend.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
     backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse()])
-    trainer = trainers.BpeTrainer(vocab_size=120, special_tokens=["<pad>", "<bos>", "<eos>", "<unk>"],
-                                  show_progress=False)
+    specials = ["<pad>", "<bos>", "<eos>", "<unk>"] + (["<mask>"] if mask else [])
+    trainer = trainers.BpeTrainer(vocab_size=120, special_tokens=specials, show_progress=False)
     backend.train_from_iterator([" ".join(WORDS), *(f" {word}" for word in WORDS)], trainer)
-    backend.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    template = "<bos> $A <eos>" if mask else "<bos> $A"
+    backend.post_processor = processors.TemplateProcessing(single=template, special_tokens=[("<bos>", 1), ("<eos>", 2)])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>",
-                                        unk_token="<unk>", pad_token="<pad>")
+                                        unk_token="<unk>", pad_token="<pad>", **({"mask_token": "<mask>"} if mask else {}))
     tokenizer.save_pretrained(folder)
 
 
@@ -164,11 +166,99 @@ def save_foreign_gguf(path: Path, architecture: str) -> Path:
     return path
 
 
-def save_image_classifier(folder: Path) -> Path:
-    """A tiny ViT: a real, loadable model that is not a causal LM."""
-    from transformers import ViTConfig, ViTForImageClassification
+def save_image_classifier(folder: Path, arch: str = "vit", seed: int = 0) -> Path:
+    """A tiny image classifier: ViT (attention over patches) or ResNet (convolutional)."""
+    import torch
+    from transformers import AutoModelForImageClassification, ResNetConfig, ViTConfig
 
-    config = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                       image_size=32, patch_size=8, num_labels=3)
-    ViTForImageClassification(config).save_pretrained(folder)
+    torch.manual_seed(seed)
+    if arch == "vit":
+        config = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                           image_size=32, patch_size=8, num_labels=5)
+    else:
+        config = ResNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], num_labels=5,
+                              layer_type="basic")
+    model = AutoModelForImageClassification.from_config(config).eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    if arch == "resnet":  # no image_size in its config: the processor says what it takes
+        (folder / "preprocessor_config.json").write_text('{"image_processor_type": "ConvNextImageProcessor", '
+                                                          '"size": {"shortest_edge": 48}, "crop_pct": 1.0}')
+    return folder
+
+
+def _sharpen(model) -> None:
+    """Random tiny weights give near-uniform logits; scale the head so that greedy choices are not ties."""
+    import torch
+
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(8.0)
+
+
+def _spread(model, std: float = 1.0) -> None:
+    """Random tiny encoder-decoders repeat one token forever; wide weights make each token depend on the input and
+    on the tokens before it, so generation exercises the cache and the positions."""
+    import torch
+
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() == 2:
+                parameter.normal_(0, std)
+
+
+def save_masked_lm(folder: Path, arch: str = "bert", seed: int = 0) -> Path:
+    """A tiny BERT or RoBERTa with a tokenizer that has a mask token."""
+    import torch
+    from transformers import AutoModelForMaskedLM, BertConfig, RobertaConfig
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config = BertConfig(**common, max_position_embeddings=64) if arch == "bert" else \
+        RobertaConfig(**common, max_position_embeddings=66)  # RoBERTa's positions start after the padding id
+    model = AutoModelForMaskedLM.from_config(config).eval()
+    _sharpen(model)
+    model.save_pretrained(folder)
+    save_tokenizer(folder, mask=True)
+    return folder
+
+
+def save_seq2seq(folder: Path, arch: str = "t5", seed: int = 0) -> Path:
+    """A tiny T5 (tied, rescaled head; relative positions) or BART (learned positions, logit bias)."""
+    import torch
+    from transformers import AutoModelForSeq2SeqLM, BartConfig, T5Config
+
+    torch.manual_seed(seed)
+    if arch == "t5":
+        config = T5Config(vocab_size=128, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2,
+                          decoder_start_token_id=0, eos_token_id=2, pad_token_id=0)
+    else:
+        config = BartConfig(vocab_size=128, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+                            decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                            max_position_embeddings=64, decoder_start_token_id=2, eos_token_id=2, bos_token_id=1,
+                            pad_token_id=0, forced_eos_token_id=None)
+    model = AutoModelForSeq2SeqLM.from_config(config).eval()
+    _spread(model)
+    model.save_pretrained(folder)
+    save_tokenizer(folder, mask=True)
+    return folder
+
+
+def save_speech(folder: Path, arch: str = "whisper", seed: int = 0) -> Path:
+    """A tiny Whisper (log-mel features, fixed window) with its feature extractor and tokenizer."""
+    import torch
+    from transformers import AutoModelForSpeechSeq2Seq, WhisperConfig, WhisperFeatureExtractor
+
+    torch.manual_seed(seed)
+    config = WhisperConfig(vocab_size=128, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+                           decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=16,
+                           max_source_positions=50, max_target_positions=64, decoder_start_token_id=1,
+                           eos_token_id=2, pad_token_id=0, bos_token_id=1, begin_suppress_tokens=None,
+                           suppress_tokens=None)
+    model = AutoModelForSpeechSeq2Seq.from_config(config).eval()
+    _spread(model)
+    model.save_pretrained(folder)
+    # One second of 16 kHz audio -> 100 frames of 16 mel bins = 2 x max_source_positions.
+    WhisperFeatureExtractor(feature_size=16, chunk_length=1).save_pretrained(folder)
+    save_tokenizer(folder)
     return folder

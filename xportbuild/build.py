@@ -15,7 +15,7 @@ from pathlib import Path
 from xportbuild.cache import Entry, Store, write_atomic
 from xportbuild.errors import StageError, VerifyFailed
 from xportbuild.keys import SCHEMA, canonical_json, digest_value, library_versions, module_source_digest
-from xportbuild.plan import STAGE_CODE, STAGE_RUNNERS, Plan, StageNode
+from xportbuild.plan import STAGE_RUNNERS, Plan, StageNode, stage_code
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class Resolver:
             "stage": node.stage,
             "params": node.params,
             "inputs": inputs,
-            "code": {module: module_source_digest(module) for module in STAGE_CODE[node.stage]},
+            "code": {module: module_source_digest(module) for module in stage_code(node)},
             "libraries": library_versions(),
         }, ""
 

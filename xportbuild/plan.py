@@ -3,22 +3,35 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
 from xportbuild import passes
+from xportbuild.models.kinds import kind_of
 from xportbuild.recipe.spec import Target, as_dict
 
-# Modules whose source is part of each stage's key: editing them reruns that stage.
+# Modules whose source is part of each stage's key: editing them reruns that stage. Stages that load, export or
+# run a model also depend on the wrapper of its kind (`stage_code`).
 STAGE_CODE: dict[str, tuple[str, ...]] = {
     "fetch": ("xportbuild.stages.fetch", "xportbuild.sources"),
-    "reference": ("xportbuild.stages.reference", "xportbuild.models.causal_lm"),
-    "program": ("xportbuild.stages.program", "xportbuild.models.causal_lm", "xportbuild.models.custom_attention"),
-    "quantize": ("xportbuild.stages.program", "xportbuild.stages.quantize", "xportbuild.models.causal_lm",
-                 "xportbuild.models.custom_attention", "xportbuild.quality"),
+    "reference": ("xportbuild.stages.reference",),
+    "program": ("xportbuild.stages.program",),
+    "quantize": ("xportbuild.stages.program", "xportbuild.stages.quantize", "xportbuild.quality"),
     "lower": ("xportbuild.stages.lower", "xportbuild.backends", "xportbuild.passes", "xportbuild.models.custom_attention"),
-    "verify": ("xportbuild.stages.verify", "xportbuild.runtime", "xportbuild.llm_runner", "xportbuild.models.causal_lm",
-               "xportbuild.models.custom_attention", "xportbuild.quality"),
-    "sensitivity": ("xportbuild.stages.sensitivity", "xportbuild.stages.quantize", "xportbuild.models.causal_lm",
-                    "xportbuild.quality"),
+    "verify": ("xportbuild.stages.verify", "xportbuild.runtime", "xportbuild.llm_runner", "xportbuild.quality"),
+    "sensitivity": ("xportbuild.stages.sensitivity", "xportbuild.stages.quantize", "xportbuild.quality"),
 }
+_CAUSAL_LM_CODE = ("xportbuild.models.causal_lm", "xportbuild.models.custom_attention")
+
+
+def stage_code(node: "StageNode") -> tuple[str, ...]:
+    """The modules whose source is part of `node`'s key."""
+    task = node.params.get("task")
+    if task is None:
+        return STAGE_CODE[node.stage]
+    if task == "causal-lm":
+        return STAGE_CODE[node.stage] + _CAUSAL_LM_CODE
+    return STAGE_CODE[node.stage] + ("xportbuild.models.methods", "xportbuild.models.common", kind_of(task).module)
+
+
 STAGE_RUNNERS: dict[str, str] = {
     "fetch": "xportbuild.stages.fetch:run",
     "reference": "xportbuild.stages.reference:run",
@@ -48,6 +61,7 @@ class StageNode:
     params: dict
     inputs: dict[str, str] = field(default_factory=dict)
     origin: str = ""  # the model or recipe file it comes from: for messages and imports, not the key
+    part: str = ""  # the one method a per-method program or quantize node exports
 
     @property
     def task(self) -> str:
@@ -58,8 +72,12 @@ class StageNode:
 class TargetPlan:
     target: Target
     verify: str
-    program: str
+    programs: dict[str, str]  # lower's input name ("program", or "program.<method>") -> program or quantize task
     lower: str
+
+    @property
+    def program(self) -> str:
+        return next(iter(self.programs.values()))
 
 
 @dataclass(frozen=True)
@@ -101,17 +119,46 @@ def _program_subject(target: Target) -> str:
     return f"{target.model.name}.{variant}" if variant else target.model.name
 
 
+def _group_scale_dtype(target: Target) -> str:
+    # XNNPACK stores group-wise scales as bfloat16: quantizing with bf16 scales makes the program
+    # we verify against compute exactly what the delegate computes.
+    return "bfloat16" if target.recipe.lower.backend == "xnnpack" else "float32"
+
+
 def _program_node(target: Target, fetch_task: str) -> StageNode:
     export_params = {"task": target.model.task, "max_seq_len": target.model.max_seq_len,
                      "export": as_dict(target.recipe.export)}
     if not target.recipe.quantize.enabled:
         return StageNode("program", _program_subject(target), export_params, {"fetch": fetch_task}, target.model.file)
-    # XNNPACK stores group-wise scales as bfloat16: quantizing with bf16 scales makes the program
-    # we verify against compute exactly what the delegate computes.
-    group_scale_dtype = "bfloat16" if target.recipe.lower.backend == "xnnpack" else "float32"
-    params = {**export_params, "quantize": as_dict(target.recipe.quantize), "group_scale_dtype": group_scale_dtype}
+    params = {**export_params, "quantize": as_dict(target.recipe.quantize),
+              "group_scale_dtype": _group_scale_dtype(target)}
     inputs = {"fetch": fetch_task, "reference": f"reference:{target.model.name}"}
     return StageNode("quantize", target.name, params, inputs, target.recipe.file)
+
+
+def _method_nodes(target: Target, fetch_task: str, reference_task: str) -> dict[str, StageNode]:
+    """One program or quantize node per method: changing one method's quantization reruns only that method.
+
+    A method the recipe leaves in float shares the model's float program of that method with every other recipe."""
+    model, nodes = target.model, {}
+    for method in kind_of(model.task).methods:
+        params = {"task": model.task, "method": method, "max_seq_len": model.max_seq_len}
+        quantize = target.recipe.quantize_for(method)
+        if quantize.enabled:
+            params = {**params, "quantize": as_dict(quantize), "group_scale_dtype": _group_scale_dtype(target)}
+            node = StageNode("quantize", f"{target.name}.{method}", params,
+                             {"fetch": fetch_task, "reference": reference_task}, target.recipe.file, part=method)
+        else:
+            node = StageNode("program", f"{model.name}.{method}", params, {"fetch": fetch_task}, model.file, part=method)
+        nodes[f"program.{method}"] = node
+    return nodes
+
+
+def _verify_params(target: Target) -> dict:
+    params = {"tolerances": as_dict(target.tolerances), "task": target.model.task}
+    if target.model.task != "causal-lm":  # a causal LM generates as many tokens as its reference did
+        params["max_new_tokens"] = target.model.verify.max_new_tokens
+    return params
 
 
 def plan_targets(targets: list[Target]) -> Plan:
@@ -122,7 +169,11 @@ def plan_targets(targets: list[Target]) -> Plan:
         model_nodes = _model_nodes(target)
         nodes.update(model_nodes)
         fetch_task, reference_task = list(model_nodes)
-        program = _program_node(target, fetch_task)
+        if target.model.task == "causal-lm":
+            programs = {"program": _program_node(target, fetch_task)}
+        else:
+            programs = _method_nodes(target, fetch_task, reference_task)
+        program_inputs = {name: node.task for name, node in programs.items()}
         lower_params = {
             "lower": as_dict(target.recipe.lower),
             "passes": passes.fingerprints(target.recipe.lower.passes, target.recipe.file),
@@ -130,18 +181,19 @@ def plan_targets(targets: list[Target]) -> Plan:
             "target": target.name,  # the .pte's provenance names it
             "custom_ops": list(target.recipe.export.custom_ops),  # must survive lowering
         }
-        lower = StageNode("lower", target.name, lower_params, {"program": program.task}, origin=target.recipe.file)
+        lower = StageNode("lower", target.name, lower_params, program_inputs, origin=target.recipe.file)
         verify = StageNode(
             "verify",
             target.name,
-            {"tolerances": as_dict(target.tolerances), "task": target.model.task},
-            {"lower": lower.task, "program": program.task, "reference": reference_task, "fetch": fetch_task},
+            _verify_params(target),
+            {"lower": lower.task, **program_inputs, "reference": reference_task, "fetch": fetch_task},
         )
-        for node in (program, lower, verify):
+        for node in (*programs.values(), lower, verify):
             nodes[node.task] = node
-        if program.stage == "quantize":
+        program = programs.get("program")
+        if program is not None and program.stage == "quantize":  # the layer-group study is a causal-LM one
             sensitivity = StageNode("sensitivity", target.name, program.params, program.inputs, target.recipe.file)
             nodes[sensitivity.task] = sensitivity
-        plans[target.name] = TargetPlan(target, verify.task, program.task, lower.task)
+        plans[target.name] = TargetPlan(target, verify.task, program_inputs, lower.task)
     return Plan(nodes, plans)
 

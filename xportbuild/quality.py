@@ -23,6 +23,27 @@ def compare_logits(actual: np.ndarray, expected: np.ndarray) -> dict:
     }
 
 
+def compare_outputs(actual: np.ndarray, expected: np.ndarray, logits: bool) -> dict:
+    """compare_logits for scores over a vocabulary or labels; for other outputs (hidden states, embeddings) only
+    the row-wise cosine and the max abs error mean something."""
+    actual, expected = actual.reshape(-1, actual.shape[-1]), expected.reshape(-1, expected.shape[-1])
+    if logits:
+        return compare_logits(actual, expected)
+    numbers = compare_logits(actual, expected)
+    return {name: numbers[name] for name in ("cosine_mean", "cosine_min", "max_abs")}
+
+
+def method_quality(actual: list[list], expected: list[list], logit_methods: tuple[str, ...]) -> dict[str, dict]:
+    """Per method, `actual` outputs against `expected` ones, both aligned with a reference's recorded calls
+    (as `methods.replay` returns them; expected may be the recorded samples' calls)."""
+    per_method: dict[str, list[dict]] = {}
+    for actual_row, expected_row in zip(actual, expected):
+        for output, (method, reference) in zip(actual_row, expected_row):
+            if output is not None and reference is not None:
+                per_method.setdefault(method, []).append(compare_outputs(output, reference, method in logit_methods))
+    return {method: merge(numbers) for method, numbers in per_method.items()}
+
+
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(-1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))

@@ -6,15 +6,32 @@ STAGE_ORDER = ("fetch", "reference", "program", "quantize", "lower", "verify")
 
 
 def _stage_rows(stages: dict) -> list[str]:
+    """In pipeline order; a per-method stage (quantize.encoder) sits with its stage."""
     rows = ["| stage | key | seconds | peak RSS MB |", "|---|---|---|---|"]
-    for stage in STAGE_ORDER:
-        if stage in stages:
-            s = stages[stage]
-            rows.append(f"| {stage} | `{s['key'][:12]}` | {s['seconds']} | {s['peak_rss_mb']} |")
+    for name in sorted(stages, key=lambda name: (STAGE_ORDER.index(name.split(".")[0]), name)):
+        s = stages[name]
+        rows.append(f"| {name} | `{s['key'][:12]}` | {s['seconds']} | {s['peak_rss_mb']} |")
+    return rows
+
+
+def _number(numbers: dict, name: str, digits: str) -> str:
+    return format(numbers[name], digits) if name in numbers else "-"
+
+
+def _method_rows(methods: dict) -> list[str]:
+    """Per method: the .pte replayed on the float model's recorded calls, against float and against the program."""
+    rows = ["| method | vs | mean cosine | min cosine | top-1 | max abs | mean KL |", "|---|---|---|---|---|---|---|"]
+    for method, compared in methods.items():
+        for label, key in (("float", "vs_reference"), ("program", "vs_program")):
+            n = compared[key]
+            rows.append(f"| {method} | {label} | {n['cosine_mean']:.6f} | {n['cosine_min']:.6f} | "
+                        f"{_number(n, 'top1', '.3f')} | {n['max_abs']:.4g} | {_number(n, 'kl_mean', '.4g')} |")
     return rows
 
 
 def _verify_rows(numbers: dict) -> list[str]:
+    if "methods" in numbers:
+        return _method_rows(numbers["methods"])
     rows = ["| .pte compared with | mean cosine | min cosine | top-1 | max abs | mean KL |", "|---|---|---|---|---|---|"]
     for label, key in (("float eager model", "vs_reference"), ("pre-lowering program", "vs_program")):
         n = numbers[key]
@@ -30,7 +47,8 @@ def quality_rows(by_stage: dict) -> list[str]:
     for stage in sorted(by_stage, key=lambda name: order.index(name) if name in order else len(order)):
         n = by_stage[stage]
         departs = ", ".join("-" if at is None else str(at) for at in n["greedy_departs_at"])
-        rows.append(f"| {stage} | {n['top1']:.3f} | {n['cosine_mean']:.4f} | {n['kl_mean']:.4f} | {departs} |")
+        rows.append(f"| {stage} | {_number(n, 'top1', '.3f')} | {n['cosine_mean']:.4f} | {_number(n, 'kl_mean', '.4f')} "
+                    f"| {departs} |")
     return rows
 
 
@@ -86,12 +104,15 @@ def render_report(manifest: dict) -> str:
         lines += [f"greedy generation with the .pte (Python bindings, one call per token): {rate:.1f} tokens/s", ""]
     if verify.get("runner"):
         lines += _runner_rows(verify["runner"])
-    quantized = stages.get("quantize", {}).get("result", {}).get("quantized")
-    if quantized:
-        parts = {part: q for part, q in quantized.items() if "scheme" in q}
-        lines += ["## Quantization", *(f"- {part}: {q['scheme']} {q['layers']}" for part, q in parts.items())]
-        lines += _tied_rows(quantized.get("tied_embedding"))
-        lines.append("")
+    for name in sorted(stage for stage in stages if stage.split(".")[0] == "quantize"):
+        quantized = stages[name].get("result", {}).get("quantized")
+        if quantized:
+            method = name.partition(".")[2]
+            parts = {part: q for part, q in quantized.items() if "scheme" in q}
+            lines += [f"## Quantization{f' of {method}' if method else ''}",
+                      *(f"- {part}: {q['scheme']} {q['layers']}" for part, q in parts.items())]
+            lines += _tied_rows(quantized.get("tied_embedding"))
+            lines.append("")
     lines += ["## Stages", *_stage_rows(stages), ""]
     lines += ["## Tools", *(f"- {name} {version}" for name, version in manifest["libraries"].items()), ""]
     return "\n".join(lines)

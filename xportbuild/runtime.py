@@ -21,14 +21,23 @@ def data_file(pte_path: Path) -> str | None:
 
 
 def method_step(pte_path: Path, method: str = "forward"):
-    """A `Step` calling `method` of the program at `pte_path`, with its external weights (.ptd) if it has them."""
-    import torch
+    """A causal LM `Step` calling `method` of the program at `pte_path`."""
+    call = pte_call(pte_path)
+
+    def step(input_ids, cache_position):
+        return call(method, (input_ids, cache_position))
+
+    return step
+
+
+def pte_call(pte_path: Path):
+    """A `methods.Call` running methods of the program at `pte_path`."""
     from executorch.extension.pybindings.portable_lib import _load_for_executorch
 
     load_kernels()
     module = _load_for_executorch(str(pte_path), data_file(pte_path))
 
-    def step(input_ids: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
-        return module.run_method(method, (input_ids, cache_position))[0]
+    def call(method: str, args: tuple):
+        return module.run_method(method, args)[0]
 
-    return step
+    return call

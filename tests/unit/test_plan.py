@@ -17,7 +17,8 @@ def _plan():
 
 def test_model_stages_are_shared_between_recipes():
     plan = _plan()
-    assert [n for n in plan.nodes if n.startswith(("fetch:", "reference:"))] == ["fetch:gemma3", "reference:gemma3"]
+    assert [n for n in plan.nodes if n.startswith(("fetch:gemma3", "reference:gemma3"))] == ["fetch:gemma3",
+                                                                                                "reference:gemma3"]
     assert plan.targets["gemma3-xnnpack-fp32"].program == plan.targets["gemma3-portable-fp32"].program == "program:gemma3"
     assert plan.targets["gemma3-xnnpack-8da4w"].program == "quantize:gemma3-xnnpack-8da4w"
 
@@ -45,3 +46,32 @@ def test_a_lowering_change_touches_only_lower_params():
     after = plan_targets(changed)
     differing = {n.split(":")[0] for n in before.nodes if before.nodes[n].params != after.nodes[n].params}
     assert differing == {"lower"}
+
+
+def test_multi_method_targets_get_one_program_node_per_method():
+    plan = _plan()
+    float_t5 = plan.targets["t5-small-xnnpack-fp32"].programs
+    assert float_t5 == {"program.encoder": "program:t5-small.encoder", "program.text_decoder": "program:t5-small.text_decoder"}
+    mixed = plan.targets["t5-small-xnnpack-8da4w-decoder"].programs
+    assert mixed == {"program.encoder": "quantize:t5-small-xnnpack-8da4w-decoder.encoder",
+                     "program.text_decoder": "quantize:t5-small-xnnpack-8da4w-decoder.text_decoder"}
+    encoder, decoder = (plan.nodes[task].params["quantize"] for task in mixed.values())
+    # [quantize.encoder] overrides the linears of the encoder only; the rest of [quantize] applies to both.
+    assert (encoder["linear"], encoder["linear_group_size"]) == ("8da8w", 0)
+    assert (decoder["linear"], decoder["linear_group_size"]) == ("8da4w", 32)
+    assert encoder["embedding"] == decoder["embedding"] == "8w"
+    assert set(plan.nodes["lower:t5-small-xnnpack-8da4w-decoder"].inputs) == set(mixed)
+
+
+def test_one_methods_quantization_touches_only_that_method():
+    targets = load_project(REPO / "recipes")
+    before = plan_targets(targets)
+    changed = []
+    for target in targets:
+        overrides = tuple((method, dataclasses.replace(spec, linear="8da4w", linear_group_size=32) if
+                           method == "encoder" else spec) for method, spec in target.recipe.method_quantize)
+        changed.append(dataclasses.replace(target, recipe=dataclasses.replace(target.recipe, method_quantize=overrides)))
+    after = plan_targets(changed)
+    differing = {n for n in before.nodes if before.nodes[n].params != after.nodes[n].params}
+    assert differing == {"quantize:t5-small-xnnpack-8da4w-decoder.encoder",
+                         "quantize:whisper-tiny-xnnpack-8da4w-decoder.encoder"}

@@ -9,6 +9,7 @@ import typing
 from pathlib import Path
 
 from xportbuild.errors import RecipeError
+from xportbuild.models.kinds import KINDS
 from xportbuild.recipe.spec import (
     LowerSpec,
     ModelSpec,
@@ -21,6 +22,8 @@ from xportbuild.recipe.spec import (
     VerifyInputs,
 )
 
+# Tasks verified on generated images or audio only, not on prompts.
+_GENERATED_INPUT_TASKS = ("image-classification", "speech-recognition")
 _SOURCE_FIELDS = {"hub": {"repo", "revision"}, "local": {"path"}, "gguf": set()}
 # Names become task names and folder names under artifacts/ and the state dir: keep them plain.
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*(\.[a-z0-9_-]+)*$")
@@ -29,6 +32,16 @@ _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*(\.[a-z0-9_-]+)*$")
 class _Problems(list):
     def add(self, file: Path, key: str, message: str) -> None:
         self.append(f"{file}: {key}: {message}")
+
+
+class _Prefixed:
+    """Problems about [quantize] knobs, named under the table they were read from (quantize.<method>.<knob>)."""
+
+    def __init__(self, problems: _Problems, prefix: str):
+        self.problems, self.prefix = problems, prefix
+
+    def add(self, file: Path, key: str, message: str) -> None:
+        self.problems.add(file, self.prefix + key.removeprefix("quantize."), message)
 
 
 def _check_value(hint, value, file: Path, key: str, problems: _Problems):
@@ -115,13 +128,25 @@ def _load_model(file: Path, problems: _Problems) -> tuple[ModelSpec | None, dict
     verify = _build(VerifyInputs, data.pop("verify", None), file, "verify.", problems)
     fixed = {"name": file.stem, "file": str(file), "source": source, "verify": verify}
     model = _build(ModelSpec, data, file, "", problems, fixed=fixed, tables=("source", "verify", "tolerances"))
-    if model is not None and model.max_seq_len < 2:
-        problems.add(file, "max_seq_len", f"{model.max_seq_len} is too small (at least 2)")
-    if verify is not None and (not verify.prompts or verify.max_new_tokens < 1):
-        problems.add(file, "verify", "needs at least one prompt and max_new_tokens >= 1")
+    if model is not None and model.task != "image-classification" and model.max_seq_len < 2:
+        problems.add(file, "max_seq_len", f"{model.max_seq_len} is too small (at least 2)"
+                     if "max_seq_len" in data else f"missing: task {model.task!r} needs a sequence length")
+    if verify is not None and model is not None:
+        _check_verify_inputs(model.task, verify, file, problems)
     if None in (source, verify):
         return None, overrides
     return model, overrides
+
+
+def _check_verify_inputs(task: str, verify: VerifyInputs, file: Path, problems: _Problems) -> None:
+    if task in _GENERATED_INPUT_TASKS:
+        if verify.samples < 1:
+            problems.add(file, "verify.samples", f"{verify.samples}: task {task!r} is verified on generated inputs; "
+                         "at least 1")
+    elif not verify.prompts:
+        problems.add(file, "verify.prompts", f"task {task!r} is verified on text: needs at least one prompt")
+    if verify.max_new_tokens < 1:
+        problems.add(file, "verify.max_new_tokens", f"{verify.max_new_tokens}: at least 1")
 
 
 def _load_recipe(file: Path, problems: _Problems) -> RecipeSpec | None:
@@ -130,6 +155,7 @@ def _load_recipe(file: Path, problems: _Problems) -> RecipeSpec | None:
         return None
     data = dict(data)
     quantize_data = data.pop("quantize", {})
+    quantize_data, method_data = _split_method_tables(quantize_data, file, problems)
     quantize = _build(QuantSpec, quantize_data, file, "quantize.", problems)
     backend = _check_value(typing.get_type_hints(LowerSpec)["backend"], data.pop("backend", None), file, "backend",
                            problems)
@@ -140,19 +166,44 @@ def _load_recipe(file: Path, problems: _Problems) -> RecipeSpec | None:
     if export is not None and export.custom_sdpa and not export.custom_kv_cache:
         problems.add(file, "export.custom_sdpa", "true needs custom_kv_cache = true: llama::custom_sdpa reads the "
                      "cache in the layout llama::update_cache writes")
+    method_quantize = []
+    for method, overrides in method_data.items():
+        merged = {**quantize_data, **overrides}
+        spec = _build(QuantSpec, merged, file, f"quantize.{method}.", problems)
+        _check_quantize(merged, spec, lower, file, problems, f"quantize.{method}.")
+        method_quantize.append((method, spec))
     fixed = {"name": file.stem, "file": str(file), "quantize": quantize, "lower": lower, "tolerances": tolerances,
-             "export": export}
+             "export": export, "method_quantize": tuple(method_quantize)}
     recipe = _build(RecipeSpec, data, file, "", problems, fixed=fixed,
                     tables=("backend", "quantize", "lower", "verify", "export"))
     _check_quantize(quantize_data if isinstance(quantize_data, dict) else {}, quantize, lower, file, problems)
+    if any(spec is None for _, spec in method_quantize):
+        return None
     if lower is not None and lower.backend != "xnnpack" and lower.per_op_mode:
         problems.add(file, "lower.per_op_mode", f"true: only the xnnpack backend partitions per op, not {lower.backend}")
     return recipe if None not in (quantize, lower, tolerances, export) else None
 
 
+def _split_method_tables(data, file: Path, problems: _Problems) -> tuple[dict, dict[str, dict]]:
+    """[quantize] knobs, and its [quantize.<method>] tables (each overriding knobs for one method)."""
+    if not isinstance(data, dict):
+        return data, {}
+    methods = sorted({method for kind in KINDS.values() for method in kind.methods})
+    knobs, tables = {}, {}
+    for key, value in data.items():
+        if not isinstance(value, dict):
+            knobs[key] = value
+        elif key in methods:
+            tables[key] = value
+        else:
+            problems.add(file, f"quantize.{key}", f"not a method of any task kind (methods: {', '.join(methods)})")
+    return knobs, tables
+
+
 def _check_quantize(data: dict, quantize: QuantSpec | None, lower: LowerSpec | None, file: Path,
-                    problems: _Problems) -> None:
+                    problems: _Problems, prefix: str = "quantize.") -> None:
     """Knob combinations that cannot work on the backend, or that would silently do nothing."""
+    problems = _Prefixed(problems, prefix)
     for key in ("linear_group_size", "head_group_size", "embedding_group_size"):
         size = data.get(key, 0)
         if isinstance(size, int) and (size < 0 or size % 2):
@@ -196,6 +247,17 @@ def _check_shared_table(quantize: QuantSpec, file: Path, problems: _Problems) ->
                      f"embedding {embedding}")
 
 
+def _causal_lm_only_problems(model: ModelSpec, recipe: RecipeSpec) -> list[str]:
+    """Knobs only the causal-LM wrapper implements: on another kind they would do nothing, so they are refused."""
+    if model.task == "causal-lm":
+        return []
+    knobs = [f"export.{name} = true" for name in ("custom_sdpa", "custom_kv_cache") if getattr(recipe.export, name)]
+    if recipe.quantize.tied_table == "shared":
+        knobs.append('quantize.tied_table = "shared"')
+    return [f"{recipe.file}: {knob}: only a causal-lm model exports it, and model {model.name} ({model.file}) is task "
+            f"{model.task!r}; list a recipe without it (e.g. xnnpack-8da8w)" for knob in knobs]
+
+
 def _pair(model: ModelSpec, overrides: dict, recipes: dict[str, RecipeSpec], problems: _Problems) -> list[Target]:
     file = Path(model.file)
     targets = []
@@ -207,6 +269,12 @@ def _pair(model: ModelSpec, overrides: dict, recipes: dict[str, RecipeSpec], pro
         if recipe is None:
             problems.add(file, "recipes", f"unknown recipe {name!r} (known: {', '.join(sorted(recipes))})")
             continue
+        problems.extend(_causal_lm_only_problems(model, recipe))
+        methods = KINDS[model.task].methods
+        for method, _ in recipe.method_quantize:
+            if method not in methods:
+                problems.add(Path(recipe.file), f"quantize.{method}", f"model {model.name} (task {model.task!r}, "
+                             f"{file}) has no method {method!r}; its methods: {', '.join(methods)}")
         base = dataclasses.asdict(recipe.tolerances)
         merged = _build(Tolerances, {**base, **overrides.get(name, {})}, file, f"tolerances.{name}.", problems)
         if merged is not None:

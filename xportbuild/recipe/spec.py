@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Literal
 
 SourceKind = Literal["hub", "local", "gguf"]
-TaskKind = Literal["causal-lm"]
+TaskKind = Literal["causal-lm", "masked-lm", "image-classification", "text2text", "speech-recognition",
+                   "image-text-to-text", "audio-text-to-text"]
 Backend = Literal["xnnpack", "portable"]
 LinearScheme = Literal["none", "8da4w", "8da8w", "4w", "8w"]
 EmbeddingScheme = Literal["none", "4w", "8w"]
@@ -17,7 +18,6 @@ QParamsAlgorithm = Literal["affine", "hqq"]
 TiedTable = Literal["copies", "shared"]
 
 SOURCE_KINDS: tuple[str, ...] = ("hub", "local", "gguf")
-TASK_KINDS: tuple[str, ...] = ("causal-lm",)
 BACKENDS: tuple[str, ...] = ("xnnpack", "portable")
 LINEAR_SCHEMES: tuple[str, ...] = ("none", "8da4w", "8da8w", "4w", "8w")
 EMBEDDING_SCHEMES: tuple[str, ...] = ("none", "4w", "8w")
@@ -42,23 +42,26 @@ class SourceSpec:
 
 @dataclass(frozen=True)
 class VerifyInputs:
-    """What the model is verified on: prompts and how many greedy tokens to compare."""
+    """What the model is verified on: prompts (text kinds), how many images or audio clips to generate (image and
+    audio kinds), and how many greedy tokens to compare (generating kinds)."""
 
-    prompts: tuple[str, ...]
+    prompts: tuple[str, ...] = ()
     max_new_tokens: int = 16
+    samples: int = 2
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A model: its weights source, task kind, static cache length and verification inputs."""
+    """A model: its weights source, task kind, sequence length (the longest input, and the static cache of
+    generating kinds; unused by image classifiers) and verification inputs."""
 
     name: str
     doc: str
     task: TaskKind
     source: SourceSpec
-    max_seq_len: int
     verify: VerifyInputs
     recipes: tuple[str, ...]
+    max_seq_len: int = 0
     file: str = ""
 
 
@@ -150,6 +153,11 @@ class RecipeSpec:
     tolerances: Tolerances
     file: str = ""
     export: ExportSpec = ExportSpec()
+    # Per-method quantization ([quantize.<method>] tables), e.g. an encoder kept at 8 bits under a 4-bit decoder.
+    method_quantize: tuple[tuple[str, QuantSpec], ...] = ()
+
+    def quantize_for(self, method: str) -> QuantSpec:
+        return dict(self.method_quantize).get(method, self.quantize)
 
 
 @dataclass(frozen=True)

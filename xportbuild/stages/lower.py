@@ -34,20 +34,22 @@ def _delegation(edge, methods) -> dict:
 
 
 def constant_methods(program_dir: Path, provenance: dict) -> dict:
-    """Runner metadata recorded by the program stage, plus `get_provenance`: a JSON string saying what built this."""
+    """Runner metadata recorded by the program stage, plus `get_provenance`: a JSON string saying what built this.
+    (Every program of a target records the same metadata: the first one is read.)"""
     facts = json.loads((program_dir / MODEL_FACTS_FILE).read_text())
     record = {**provenance, "source": facts["source"], "xportbuild": __version__, "libraries": library_versions(),
               "lower_code": {module: module_source_digest(module) for module in STAGE_CODE["lower"]}}
     return {**facts["runner"], PROVENANCE_METHOD: json.dumps(record, sort_keys=True)}
 
 
-def lower(program_dir: Path, spec: LowerSpec, pass_refs: list[str], repo_root: str, out_dir: Path,
+def lower(program_dirs: list[Path], spec: LowerSpec, pass_refs: list[str], repo_root: str, out_dir: Path,
           shared_table: bool = False, provenance: dict | None = None, custom_ops: tuple[str, ...] = ()) -> dict:
-    """Write out_dir/model.pte (and model.ptd when a table is shared); returns sizes and delegation facts."""
+    """Write out_dir/model.pte (and model.ptd when a table is shared) holding every method of `program_dirs`;
+    returns sizes and delegation facts."""
     import torch
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
 
-    programs = load_programs(program_dir)
+    programs = {method: program for folder in program_dirs for method, program in load_programs(folder).items()}
     functions = [passes.strip_embedding_padding_idx] + [passes.resolve(ref, repo_root) for ref in pass_refs]
     table_shapes = _shared_table_shapes(programs) if shared_table else set()
     # Lowering a loaded program with autograd on fails on the KV cache's in-place copy_.
@@ -58,7 +60,7 @@ def lower(program_dir: Path, spec: LowerSpec, pass_refs: list[str], repo_root: s
             programs[method] = program
         edge = to_edge_transform_and_lower(
             programs,
-            constant_methods=constant_methods(program_dir, provenance or {}),
+            constant_methods=constant_methods(program_dirs[0], provenance or {}),
             transform_passes=[_tag_tables(table_shapes)] if table_shapes else None,
             partitioner=backends.partitioners(spec.backend, spec.per_op_mode),
             compile_config=EdgeCompileConfig(_check_ir_validity=False),
@@ -144,7 +146,12 @@ def run(node, inputs: dict[str, Path], out_dir: Path, workspace) -> dict:
     lower_params = dict(node.params["lower"])
     spec = LowerSpec(**{**lower_params, "passes": tuple(lower_params["passes"])})
     refs = [p["ref"] for p in node.params["passes"]]
-    # An entry's folder is named by its key: the provenance names the exact program lowered.
-    provenance = {"target": node.subject, "program_key": inputs["program"].name, "lower_params": node.params}
-    return lower(inputs["program"], spec, refs, str(passes.repo_root(node.origin)), out_dir,
+    # An entry's folder is named by its key: the provenance names the exact programs lowered.
+    program_inputs = {name: folder for name, folder in inputs.items() if name.split(".")[0] == "program"}
+    provenance = {"target": node.subject, "lower_params": node.params}
+    if "program" in program_inputs:
+        provenance["program_key"] = program_inputs["program"].name
+    else:
+        provenance["program_keys"] = {name.removeprefix("program."): folder.name for name, folder in program_inputs.items()}
+    return lower(list(program_inputs.values()), spec, refs, str(passes.repo_root(node.origin)), out_dir,
                  node.params["shared_table"], provenance, tuple(node.params["custom_ops"]))

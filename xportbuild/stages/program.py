@@ -95,5 +95,29 @@ def export_program(model_dir: Path, max_seq_len: int, export: ExportSpec, out_di
     return {"methods": save_programs(programs, out_dir), "runner_metadata": metadata, **prepared}
 
 
+def export_part(model_dir: Path, model_name: str, task: str, method: str, max_seq_len: int, out_dir: Path,
+                prepare=None) -> dict:
+    """Load the float model of a multi-method kind, let `prepare` transform it (e.g. quantize), export one method."""
+    from xportbuild.models.kinds import kind_of
+    from xportbuild.models.methods import export_method
+
+    wrapper = kind_of(task).wrapper()
+    model = wrapper.load_model(model_dir)
+    metadata = wrapper.metadata(model, model_dir, max_seq_len)
+    prepared = prepare(model) if prepare is not None else {}
+    program = export_method(model_name, method, wrapper.exportables(model, max_seq_len)[method])
+    source = json.loads((model_dir / SOURCE_RECORD).read_text()).get("source")
+    (out_dir / MODEL_FACTS_FILE).write_text(json.dumps({"runner": metadata, "source": source}, indent=1))
+    return {"methods": save_programs({method: program}, out_dir), "metadata": metadata, **prepared}
+
+
+def model_name(node) -> str:
+    """The model a per-method node belongs to, for messages."""
+    return node.subject.removesuffix(f".{node.part}")
+
+
 def run(node, inputs: dict[str, Path], out_dir: Path, workspace) -> dict:
+    if node.part:
+        return export_part(inputs["fetch"], model_name(node), node.params["task"], node.part,
+                           node.params["max_seq_len"], out_dir)
     return export_program(inputs["fetch"], node.params["max_seq_len"], ExportSpec(**node.params["export"]), out_dir)

@@ -17,7 +17,9 @@ from xportbuild.report import render_report
 from xportbuild.stages.lower import DATA_FILE, PTE_FILE
 
 MANIFEST = "manifest.json"
-SHIPPED = {PTE_FILE: "lower", DATA_FILE: "lower", "tokenizer.json": "fetch", "tokenizer_config.json": "fetch"}
+# What an app needs beside the program: its tokenizer, and the image or audio preprocessing the model expects.
+SHIPPED = {PTE_FILE: "lower", DATA_FILE: "lower", "tokenizer.json": "fetch", "tokenizer_config.json": "fetch",
+           "preprocessor_config.json": "fetch"}
 
 
 def _stage_record(task: str, entry: Entry) -> dict:
@@ -32,8 +34,8 @@ def manifest(plan: Plan, resolver: Resolver, target: str) -> dict:
     """Every stage's key, inputs, timing and result, plus tool versions: the machine-readable record."""
     stages = {}
     for task in plan.ancestors(plan.targets[target].verify):
-        entry = resolver.entry(task)
-        stages[plan.nodes[task].stage] = _stage_record(task, entry)
+        node = plan.nodes[task]
+        stages[f"{node.stage}.{node.part}" if node.part else node.stage] = _stage_record(task, resolver.entry(task))
     target_spec = plan.targets[target].target
     return {"target": target, "model": target_spec.model.name, "recipe": target_spec.recipe.name,
             "xportbuild": __version__, "libraries": library_versions(), "stages": stages}

@@ -43,7 +43,7 @@ def module_parts(model) -> dict[str, dict[str, int]]:
     """{part: {module name: input width}} for the parts a recipe quantizes separately."""
     import torch
 
-    head = model.get_output_embeddings()
+    head = _output_embeddings(model)
     parts: dict[str, dict[str, int]] = {"embedding": {}, "head": {}, "linear": {}}
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Embedding):
@@ -106,9 +106,21 @@ def apply_plan(model, plan: Plan, group_scale_dtype: str, qparams: str) -> dict:
     return report
 
 
+def _output_embeddings(model):
+    """The output head, or None for models that have none (image classifiers, encoders)."""
+    try:
+        return model.get_output_embeddings()
+    except (NotImplementedError, AttributeError):
+        return None
+
+
 def _tied(model) -> bool:
-    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
-    return head is not None and embedding is not None and head.weight is embedding.weight
+    head = _output_embeddings(model)
+    try:
+        embedding = model.get_input_embeddings()
+    except (NotImplementedError, AttributeError):
+        return False
+    return head is not None and embedding is not None and getattr(head, "weight", None) is getattr(embedding, "weight", 0)
 
 
 def _tied_parts_quantized(plan: Plan) -> bool:
@@ -157,7 +169,34 @@ def _check_shared_table(model, tied_in_float: bool) -> dict:
     return {"tied_in_float": True, "shared_table": list(codes[0].shape)}
 
 
+def quantize_part(node, inputs: dict[str, Path], out_dir: Path) -> dict:
+    """One method of a multi-method kind: quantize the model as the recipe says for that method, measure the
+    quantized eager method on the reference's recorded calls, export it."""
+    from xportbuild.models.kinds import kind_of
+    from xportbuild.models.methods import load_samples, module_call, replay
+    from xportbuild.quality import method_quality
+    from xportbuild.stages.program import export_part, model_name
+    from xportbuild.stages.verify import EAGER_QUALITY_FILE
+
+    kind, method = kind_of(node.params["task"]), node.part
+    spec, max_seq_len = QuantSpec(**node.params["quantize"]), node.params["max_seq_len"]
+
+    def prepare(model) -> dict:
+        report = quantize_model(model, spec, node.params["group_scale_dtype"])
+        samples = load_samples(inputs["reference"])
+        module = kind.wrapper().exportables(model, max_seq_len)[method].module
+        outputs = replay(module_call({method: module}), samples, {method})
+        recorded = [[(name, output) for name, _, output in sample.calls] for sample in samples]
+        numbers = method_quality(outputs, recorded, kind.logit_methods)
+        (out_dir / EAGER_QUALITY_FILE).write_text(json.dumps(numbers, indent=1))
+        return {"quantized": report, "eager_quality": numbers}
+
+    return export_part(inputs["fetch"], model_name(node), kind.task, method, max_seq_len, out_dir, prepare)
+
+
 def run(node, inputs: dict[str, Path], out_dir: Path, workspace) -> dict:
+    if node.part:
+        return quantize_part(node, inputs, out_dir)
     from xportbuild.quality import quality
     from xportbuild.stages.reference import load_reference
     from xportbuild.stages.verify import EAGER_QUALITY_FILE

@@ -44,7 +44,27 @@ def load_reference(entry_dir: Path) -> list[dict[str, np.ndarray]]:
         return [{kind: data[f"{kind}_{i}"] for kind in ("prompt", "greedy", "logits")} for i in range(count)]
 
 
+def reference_methods(model_dir: Path, task: str, verify: VerifyInputs, max_seq_len: int, out_dir: Path) -> dict:
+    """The float eager model run as an app chains its methods, on generated or prompted inputs; every method call
+    is recorded so that later stages can replay each method on exactly these inputs."""
+    from xportbuild.models.kinds import kind_of
+    from xportbuild.models.methods import RecordedSample, Recorder, module_call, save_samples
+
+    wrapper = kind_of(task).wrapper()
+    model = wrapper.load_model(model_dir)
+    modules = {method: exportable.module for method, exportable in wrapper.exportables(model, max_seq_len).items()}
+    facts = wrapper.metadata(model, model_dir, max_seq_len)
+    recorded = []
+    for sample in wrapper.samples(model_dir, model, verify):
+        recorder = Recorder(module_call(modules))
+        outcome = wrapper.run(recorder, sample, facts, verify.max_new_tokens)
+        recorded.append(RecordedSample(sample, outcome, recorder.calls))
+    save_samples(recorded, out_dir)
+    return {"samples": len(recorded), "outcomes": [sample.outcome.tokens for sample in recorded]}
+
+
 def run(node, inputs: dict[str, Path], out_dir: Path, workspace) -> dict:
-    verify = VerifyInputs(prompts=tuple(node.params["verify"]["prompts"]),
-                          max_new_tokens=node.params["verify"]["max_new_tokens"])
+    verify = VerifyInputs(**{**node.params["verify"], "prompts": tuple(node.params["verify"]["prompts"])})
+    if node.params["task"] != "causal-lm":
+        return reference_methods(inputs["fetch"], node.params["task"], verify, node.params["max_seq_len"], out_dir)
     return reference(inputs["fetch"], verify, node.params["max_seq_len"], out_dir)

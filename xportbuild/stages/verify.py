@@ -130,8 +130,113 @@ def verify(pte_path: Path, program_dir: Path, reference_dir: Path, tolerances: T
     return numbers
 
 
+def _outcome_row(pte, program, reference) -> dict:
+    """Where the .pte's outcome (generated tokens or predicted labels) departs from the program's and the float
+    model's, and by how much the program preferred its own choice there."""
+    at = first_divergence(pte.tokens, program.tokens)
+    margin = None
+    if at is not None and at < min(len(pte.tokens), len(program.tokens)):
+        scores = program.scores[at]
+        margin = float(scores[program.tokens[at]] - scores[pte.tokens[at]])
+    return {"lengths_differ": len(pte.tokens) != len(program.tokens),"pte": pte.tokens, "program": program.tokens, "reference": reference.tokens,
+            "diverges_from_program_at": at, "program_margin_at_divergence": margin,
+            "diverges_from_reference_at": first_divergence(pte.tokens, reference.tokens)}
+
+
+def measure_methods(pte_call, program_call, samples: list, task: str, facts: dict, max_new_tokens: int) -> dict:
+    """Every method replayed on the float model's recorded calls (against the float outputs and the program's),
+    then the app's whole chain run with the .pte and with the program."""
+    from xportbuild.models.kinds import kind_of
+    from xportbuild.models.methods import replay
+    from xportbuild.quality import method_quality
+
+    kind = kind_of(task)
+    methods = set(kind.methods)
+    pte_outputs, program_outputs = replay(pte_call, samples, methods), replay(program_call, samples, methods)
+    recorded = [[(method, output) for method, _, output in sample.calls] for sample in samples]
+
+    def paired(outputs):
+        return [[(method, output) for (method, _, _), output in zip(sample.calls, row)]
+                for sample, row in zip(samples, outputs)]
+
+    vs_reference = method_quality(pte_outputs, recorded, kind.logit_methods)
+    vs_program = method_quality(pte_outputs, paired(program_outputs), kind.logit_methods)
+    program_vs_reference = method_quality(program_outputs, recorded, kind.logit_methods)
+    outcomes, seconds = [], 0.0
+    wrapper = kind.wrapper()
+    for sample in samples:
+        started = time.perf_counter()
+        pte = wrapper.run(pte_call, sample.inputs, facts, max_new_tokens)
+        seconds += time.perf_counter() - started
+        program = wrapper.run(program_call, sample.inputs, facts, max_new_tokens)
+        outcomes.append(_outcome_row(pte, program, sample.outcome))
+    stages = {"program": merge(list(program_vs_reference.values())), ".pte": merge(list(vs_reference.values()))}
+    for name, key in (("program", "program"), (".pte", "pte")):
+        stages[name]["greedy_departs_at"] = [first_divergence(o[key], o["reference"]) for o in outcomes]
+    return {"methods": {method: {"vs_reference": vs_reference[method], "vs_program": vs_program[method],
+                                 "program_vs_reference": program_vs_reference[method]} for method in vs_reference},
+            "greedy": outcomes, "quality_by_stage": stages, "seconds_per_sample": seconds / max(len(samples), 1)}
+
+
+def judge_methods(numbers: dict, tolerances: Tolerances) -> list[str]:
+    """Every threshold a method misses, and every outcome of the .pte that departs from the program's beyond a tie."""
+    failures = []
+    for method, compared in numbers["methods"].items():
+        ref, prog = compared["vs_reference"], compared["vs_program"]
+        checks = [
+            ("vs float: mean cosine", ref["cosine_mean"], ">=", tolerances.min_cosine),
+            ("vs float: max abs error", ref["max_abs"], "<=", tolerances.max_abs),
+            ("vs program: min cosine", prog["cosine_min"], ">=", tolerances.min_cosine_vs_program),
+            ("vs program: max abs error", prog["max_abs"], "<=", tolerances.max_abs_vs_program),
+        ]
+        if "top1" in ref:
+            checks += [("vs float: top-1 agreement", ref["top1"], ">=", tolerances.min_top1),
+                       ("vs float: mean KL divergence", ref["kl_mean"], "<=", tolerances.max_kl)]
+        failures += [f"method {method}: {name} {value:.6g} (required {op} {limit:g})" for name, value, op, limit in checks
+                     if not (value >= limit if op == ">=" else value <= limit)]
+    for index, item in enumerate(numbers["greedy"]):
+        margin = item["program_margin_at_divergence"]
+        if margin is not None and margin > tolerances.greedy_tie_margin or margin is None and item["lengths_differ"]:
+            margin = float("nan") if margin is None else margin
+            failures.append(f"sample {index}: the .pte's outcome {item['pte']} differs from the program's "
+                            f"{item['program']} at {item['diverges_from_program_at']}, where the program prefers "
+                            f"its choice by {margin:.3g} (allowed tie margin {tolerances.greedy_tie_margin:g})")
+    return failures
+
+
+def verify_methods(pte_path: Path, program_dirs: list[Path], reference_dir: Path, tolerances: Tolerances, target: str,
+                   task: str, max_new_tokens: int) -> dict:
+    """A multi-method kind's .pte against its programs and the float reference; raises VerifyFailed."""
+    from xportbuild import runtime
+    from xportbuild.models.methods import load_samples, program_call
+    from xportbuild.stages.program import MODEL_FACTS_FILE, load_programs
+
+    programs = {method: program for folder in program_dirs for method, program in load_programs(folder).items()}
+    facts = json.loads((program_dirs[0] / MODEL_FACTS_FILE).read_text())["runner"]
+    numbers = measure_methods(runtime.pte_call(pte_path), program_call(programs), load_samples(reference_dir), task,
+                              facts, max_new_tokens)
+    eager = {}
+    for folder in program_dirs:
+        if (folder / EAGER_QUALITY_FILE).is_file():
+            eager.update(json.loads((folder / EAGER_QUALITY_FILE).read_text()))
+    if eager:  # quantized methods: where the loss starts
+        numbers["quality_by_stage"] = {"quantized eager": {**merge(list(eager.values())), "greedy_departs_at": []},
+                                       **numbers["quality_by_stage"]}
+    if failures := judge_methods(numbers, tolerances):
+        raise VerifyFailed(target, failures, numbers)
+    return numbers
+
+
 def run(node, inputs: dict[str, Path], out_dir: Path, workspace) -> dict:
     from xportbuild.stages.lower import PTE_FILE
+
+    if node.params["task"] != "causal-lm":
+        program_dirs = [folder for name, folder in inputs.items() if name.startswith("program.")]
+        numbers = verify_methods(inputs["lower"] / PTE_FILE, program_dirs, inputs["reference"],
+                                 Tolerances(**node.params["tolerances"]), node.subject, node.params["task"],
+                                 node.params["max_new_tokens"])
+        (out_dir / "verification.json").write_text(json.dumps(numbers, indent=1))
+        return numbers
 
     tolerances = Tolerances(**node.params["tolerances"])
     prompt = json.loads((inputs["reference"] / "texts.json").read_text())[0]["prompt"]

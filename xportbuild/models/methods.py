@@ -1,0 +1,145 @@
+"""What every multi-method kind shares: exportable methods, calling them (eager, program or .pte) the same way,
+and recording the calls an app makes so that each method can be replayed and compared on its own.
+
+A kind's module (masked_lm, image_classifier, seq2seq, multimodal) provides:
+  load_model(model_dir) -> the float eager model;
+  exportables(model, max_seq_len) -> {method: ExportableMethod};
+  samples(model_dir, model, verify) -> the verification inputs, generated, as {name: array};
+  run(call, sample, facts, max_new_tokens) -> Outcome: what an app gets, calling the methods in order;
+  metadata(model, model_dir, max_seq_len) -> constant methods written into the .pte.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from xportbuild.errors import StageError
+
+Call = Callable[[str, tuple], torch.Tensor]  # (method, positional tensors) -> its one output
+
+
+@dataclass
+class ExportableMethod:
+    """A module exported as one method: example inputs and, per input name, its dynamic dims (or None)."""
+
+    module: torch.nn.Module
+    example: tuple
+    dynamic_shapes: dict | None = None
+
+
+@dataclass
+class Outcome:
+    """What an app gets from a sample: generated tokens or predicted labels, with the scores each was chosen from
+    (so a difference can be judged as a near-tie or not)."""
+
+    tokens: list[int]
+    scores: list[np.ndarray] = field(default_factory=list)
+
+
+def export_method(model_name: str, method: str, exportable: ExportableMethod) -> torch.export.ExportedProgram:
+    try:
+        with torch.no_grad():
+            return torch.export.export(exportable.module, exportable.example, dynamic_shapes=exportable.dynamic_shapes,
+                                       strict=True)
+    except Exception as err:  # torch.export raises many unrelated types; the user needs model, method and reason
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise StageError(f"{model_name}: method {method} is not exportable: {reason}") from err
+
+
+def module_call(modules: dict[str, torch.nn.Module]) -> Call:
+    def call(method: str, args: tuple) -> torch.Tensor:
+        with torch.no_grad():
+            return modules[method](*args)
+
+    return call
+
+
+def program_call(programs: dict[str, torch.export.ExportedProgram]) -> Call:
+    return module_call({method: program.module() for method, program in programs.items()})
+
+
+class Recorder:
+    """Calls through `call`, keeping every (method, inputs, output) in order."""
+
+    def __init__(self, call: Call):
+        self.inner, self.calls = call, []
+
+    def __call__(self, method: str, args: tuple) -> torch.Tensor:
+        output = self.inner(method, args)
+        self.calls.append((method, [np.asarray(a) for a in args], _as_array(output)))
+        return output
+
+
+def greedy_token(logits: torch.Tensor, outcome: Outcome) -> int:
+    """Pick the top token of the last position and remember the scores it was picked from."""
+    scores = logits[0, -1].float().numpy()
+    outcome.scores.append(scores)
+    token = int(scores.argmax())
+    outcome.tokens.append(token)
+    return token
+
+
+# Reference storage: one .npz (no pickle) plus a JSON index of the calls.
+SAMPLES_FILE, CALLS_FILE = "samples.npz", "calls.json"
+
+
+@dataclass
+class RecordedSample:
+    inputs: dict[str, np.ndarray]
+    outcome: Outcome
+    calls: list[tuple[str, list[np.ndarray], np.ndarray]]
+
+
+def save_samples(samples: list[RecordedSample], out_dir: Path) -> None:
+    arrays, index = {}, []
+    for i, sample in enumerate(samples):
+        for name, value in sample.inputs.items():
+            arrays[f"s{i}.input.{name}"] = value
+        arrays[f"s{i}.tokens"] = np.array(sample.outcome.tokens, dtype=np.int64)
+        arrays[f"s{i}.scores"] = np.stack(sample.outcome.scores) if sample.outcome.scores else np.zeros((0,))
+        for j, (_, args, output) in enumerate(sample.calls):
+            for k, arg in enumerate(args):
+                arrays[f"s{i}.c{j}.a{k}"] = arg
+            arrays[f"s{i}.c{j}.out"] = output
+        index.append({"inputs": sorted(sample.inputs), "calls": [[method, len(args)] for method, args, _ in sample.calls]})
+    np.savez(out_dir / SAMPLES_FILE, **arrays)
+    (out_dir / CALLS_FILE).write_text(json.dumps(index))
+
+
+def load_samples(entry_dir: Path) -> list[RecordedSample]:
+    index = json.loads((entry_dir / CALLS_FILE).read_text())
+    samples = []
+    with np.load(entry_dir / SAMPLES_FILE, allow_pickle=False) as data:
+        for i, item in enumerate(index):
+            scores = data[f"s{i}.scores"]
+            outcome = Outcome(data[f"s{i}.tokens"].tolist(), list(scores) if scores.ndim == 2 else [])
+            calls = [(method, [data[f"s{i}.c{j}.a{k}"] for k in range(count)], data[f"s{i}.c{j}.out"])
+                     for j, (method, count) in enumerate(item["calls"])]
+            samples.append(RecordedSample({name: data[f"s{i}.input.{name}"] for name in item["inputs"]}, outcome, calls))
+    return samples
+
+
+def as_tensors(arrays: list[np.ndarray]) -> tuple:
+    return tuple(torch.from_numpy(np.array(a)) for a in arrays)
+
+
+def replay(call: Call, samples: list[RecordedSample], methods: set[str]) -> list[list[np.ndarray | None]]:
+    """Each recorded call of `methods` made again through `call`, in the recorded order (a decoder's cache sees the
+    same sequence of positions); None for calls of other methods."""
+    outputs = []
+    for sample in samples:
+        row = []
+        for method, args, _ in sample.calls:
+            row.append(_as_array(call(method, as_tensors(args))) if method in methods else None)
+        outputs.append(row)
+    return outputs
+
+
+def _as_array(output: torch.Tensor) -> np.ndarray:
+    return output.float().numpy() if output.is_floating_point() else output.numpy()

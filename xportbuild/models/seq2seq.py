@@ -1,0 +1,171 @@
+"""Encoder-decoder kinds (text2text such as T5 and BART, speech recognition such as Whisper):
+`encoder(inputs) -> hidden states` and `text_decoder(token [1, 1], hidden states, cache_position [1]) -> logits`
+with the self-attention KV cache held as buffers (a static cache of max_seq_len positions).
+
+The decoder calls the model's own forward, so each architecture's head is applied its own way (T5's rescaling of
+a tied head, BART's logit bias, Whisper's proj_out). Cross-attention keys and values are recomputed from the hidden
+states at every step: an app passes the encoder's output to each decoder call, nothing else carries over."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from xportbuild.errors import StageError
+from xportbuild.models.common import load_pretrained
+from xportbuild.models.methods import Call, ExportableMethod, Outcome, greedy_token
+from xportbuild.recipe.spec import VerifyInputs
+
+
+class Encoder(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.encoder, self.input_name = model.get_encoder(), model.main_input_name
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.encoder(**{self.input_name: inputs}).last_hidden_state
+
+
+class TextDecoder(torch.nn.Module):
+    def __init__(self, model, max_cache_len: int):
+        from transformers import StaticCache
+        from transformers.configuration_utils import get_head_shapes
+
+        super().__init__()
+        self.model = model
+        config = model.config.get_text_config(decoder=True)
+        self.static_cache = StaticCache(config=config, max_cache_len=max_cache_len)
+        heads, head_dim = get_head_shapes(config)
+        self.static_cache.early_initialization(1, heads, head_dim, torch.float32, torch.device("cpu"))
+        for index, layer in enumerate(self.static_cache.layers):
+            self.register_buffer(f"key_cache_{index}", layer.keys, persistent=False)
+            self.register_buffer(f"value_cache_{index}", layer.values, persistent=False)
+            self.register_buffer(f"cumulative_length_{index}", layer.cumulative_length, persistent=False)
+
+    def forward(self, decoder_input_ids: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                cache_position: torch.Tensor) -> torch.Tensor:
+        from transformers import DynamicCache, EncoderDecoderCache
+        from transformers.modeling_outputs import BaseModelOutput
+
+        # Positions come from the cache's length: set it from the caller's position, so a new sequence starts at 0.
+        for layer in self.static_cache.layers:
+            layer.cumulative_length.copy_(cache_position[0])
+        cache = EncoderDecoderCache(self.static_cache, DynamicCache())
+        return self.model(encoder_outputs=BaseModelOutput(last_hidden_state=encoder_hidden_states),
+                          decoder_input_ids=decoder_input_ids, past_key_values=cache, use_cache=True).logits
+
+
+def _is_speech(model_type: str) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES
+
+    return model_type in MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES
+
+
+def load_model(model_dir: Path):
+    from transformers import AutoModelForSeq2SeqLM, AutoModelForSpeechSeq2Seq
+
+    model_type = json.loads((model_dir / "config.json").read_text()).get("model_type", "")
+    if _is_speech(model_type):
+        return load_pretrained(AutoModelForSpeechSeq2Seq, model_dir, "speech recognition model")
+    return load_pretrained(AutoModelForSeq2SeqLM, model_dir, "text2text model")
+
+
+def _decoder_limit(model) -> int | None:
+    config = model.config.get_text_config(decoder=True)
+    return getattr(config, "max_target_positions", None) or getattr(config, "max_position_embeddings", None)
+
+
+def exportables(model, max_seq_len: int) -> dict[str, ExportableMethod]:
+    limit = _decoder_limit(model)
+    if limit is not None and max_seq_len > limit:
+        raise StageError(f"max_seq_len = {max_seq_len} exceeds the decoder's {limit} positions: lower max_seq_len")
+    encoder = Encoder(model).eval()
+    if model.main_input_name == "input_ids":
+        example = torch.tensor([[4, 5, 6]], dtype=torch.long)
+        encoder_dims = {"inputs": {1: torch.export.Dim("encoder_seq_len", min=2, max=max_seq_len)}}
+        hidden_dims = {1: torch.export.Dim("encoder_hidden_len", min=2, max=max_seq_len)}
+    else:  # audio: a fixed-length window, as its feature extractor pads every clip to
+        example = torch.from_numpy(_features(model, 0))
+        encoder_dims, hidden_dims = None, None
+    with torch.no_grad():
+        hidden = encoder(example)
+    decoder = TextDecoder(model, max_seq_len).eval()
+    start = torch.tensor([[_start_token(model)]], dtype=torch.long)
+    return {"encoder": ExportableMethod(encoder, (example,), encoder_dims),
+            "text_decoder": ExportableMethod(decoder, (start, hidden, torch.tensor([0], dtype=torch.long)),
+                                             {"decoder_input_ids": None, "encoder_hidden_states": hidden_dims,
+                                              "cache_position": None})}
+
+
+def _start_token(model) -> int:
+    start = model.generation_config.decoder_start_token_id
+    start = model.config.decoder_start_token_id if start is None else start
+    if start is None:
+        raise StageError(f"{model.name_or_path}: neither generation_config nor config sets decoder_start_token_id")
+    return int(start)
+
+
+def _eos_ids(model) -> list[int]:
+    ids: list[int] = []
+    for value in (model.generation_config.eos_token_id, model.config.eos_token_id):
+        for token in value if isinstance(value, list) else [value]:
+            if token is not None and int(token) not in ids:
+                ids.append(int(token))
+    return ids
+
+
+AUDIO_SECONDS = 1.0
+
+
+def generated_audio(index: int, sampling_rate: int, seconds: float = AUDIO_SECONDS) -> np.ndarray:
+    """A deterministic test clip: a chirp plus a tone, frequencies depending on `index`."""
+    t = np.arange(int(sampling_rate * seconds), dtype=np.float64) / sampling_rate
+    rng = np.random.default_rng(index)
+    low, high, tone = rng.uniform(150, 400), rng.uniform(600, 2000), rng.uniform(200, 1200)
+    chirp = np.sin(2 * np.pi * (low + (high - low) * t / (2 * seconds)) * t)
+    return (0.5 * chirp + 0.3 * np.sin(2 * np.pi * tone * t)).astype(np.float32)
+
+
+def _features(model, index: int) -> np.ndarray:
+    from transformers import AutoFeatureExtractor
+
+    try:
+        extractor = AutoFeatureExtractor.from_pretrained(model.name_or_path)
+    except OSError as err:
+        raise StageError(f"{model.name_or_path}: a speech model needs its feature extractor "
+                         f"(preprocessor_config.json): {err}") from err
+    audio = generated_audio(index, extractor.sampling_rate)
+    features = extractor(audio, sampling_rate=extractor.sampling_rate, return_tensors="np")
+    return np.asarray(features[model.main_input_name], dtype=np.float32)
+
+
+def samples(model_dir: Path, model, verify: VerifyInputs) -> list[dict[str, np.ndarray]]:
+    if model.main_input_name != "input_ids":
+        return [{"inputs": _features(model, index)} for index in range(verify.samples)]
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return [{"inputs": tokenizer(prompt, return_tensors="np")["input_ids"].astype(np.int64)}
+            for prompt in verify.prompts]
+
+
+def run(call: Call, sample: dict[str, np.ndarray], facts: dict, max_new_tokens: int) -> Outcome:
+    """Greedy generation as an app chains the methods: encode once, then one decoder call per token."""
+    hidden = call("encoder", (torch.from_numpy(sample["inputs"]),))
+    outcome, token = Outcome([]), facts["get_decoder_start_token_id"]
+    for position in range(max_new_tokens):
+        logits = call("text_decoder", (torch.tensor([[token]]), hidden, torch.tensor([position])))
+        token = greedy_token(logits, outcome)
+        if token in facts["get_eos_ids"]:
+            break
+    return outcome
+
+
+def metadata(model, model_dir: Path, max_seq_len: int) -> dict:
+    config = model.config.get_text_config(decoder=True)
+    return {"get_max_seq_len": max_seq_len, "get_vocab_size": config.vocab_size,
+            "get_decoder_start_token_id": _start_token(model), "get_eos_ids": _eos_ids(model),
+            "get_encoder_input": model.main_input_name}
