@@ -262,3 +262,42 @@ def save_speech(folder: Path, arch: str = "whisper", seed: int = 0) -> Path:
     WhisperFeatureExtractor(feature_size=16, chunk_length=1).save_pretrained(folder)
     save_tokenizer(folder)
     return folder
+
+
+def save_multimodal(folder: Path, arch: str = "llava", seed: int = 0) -> Path:
+    """A tiny vision-language (LLaVA: CLIP + llama; SmolVLM: SigLIP-like + pixel shuffle + llama) or
+    audio-language model (Voxtral, AudioFlamingo3: Whisper-like encoder + projector + llama), with a tokenizer and,
+    for audio, a feature extractor."""
+    import torch
+    from transformers import (AudioFlamingo3Config, CLIPVisionConfig, LlamaConfig, LlavaConfig, SmolVLMConfig,
+                              VoxtralConfig, WhisperFeatureExtractor)
+    from transformers.models.auto.modeling_auto import (AutoModelForImageTextToText, AutoModelForMultimodalLM,
+                                                        AutoModelForSeq2SeqLM)
+
+    torch.manual_seed(seed)
+    text = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                       num_key_value_heads=1, max_position_embeddings=MAX_POSITIONS, bos_token_id=1, eos_token_id=2,
+                       pad_token_id=0).to_dict()
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                  patch_size=8)
+    if arch == "llava":
+        config = LlavaConfig(vision_config=CLIPVisionConfig(**vision, projection_dim=32).to_dict(), text_config=text,
+                             image_token_id=120, vision_feature_layer=-1, vision_feature_select_strategy="default")
+    elif arch == "smolvlm":
+        config = SmolVLMConfig(vision_config=vision, text_config=text, image_token_id=120, scale_factor=2)
+    else:
+        audio = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_mel_bins=16,
+                     max_source_positions=50)
+        config_class = AudioFlamingo3Config if arch == "audioflamingo3" else VoxtralConfig
+        config = config_class(audio_config=audio, text_config=text, audio_token_id=120)
+    audio_model = arch in ("voxtral", "audioflamingo3")
+    auto = AutoModelForSeq2SeqLM if arch == "audioflamingo3" else \
+        AutoModelForMultimodalLM if audio_model else AutoModelForImageTextToText
+    model = auto.from_config(config).eval()
+    _spread(model, 0.5)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    if audio_model:
+        WhisperFeatureExtractor(feature_size=16, chunk_length=1).save_pretrained(folder)
+    save_tokenizer(folder)
+    return folder

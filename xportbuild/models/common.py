@@ -28,3 +28,36 @@ def text_limit(model, max_seq_len: int, limit_name: str = "max_position_embeddin
     if limit is not None and max_seq_len > limit:
         raise StageError(f"max_seq_len = {max_seq_len} exceeds the model's {limit_name} ({limit}): "
                          "lower max_seq_len in the model file")
+
+
+def attach_static_cache(module, config, max_cache_len: int):
+    """A StaticCache of `max_cache_len` positions whose tensors are `module`'s buffers, so that torch.export keeps the
+    cache inside the program (updated in place) instead of taking it as an input."""
+    import torch
+    from transformers import StaticCache
+    from transformers.configuration_utils import get_head_shapes
+
+    cache = StaticCache(config=config, max_cache_len=max_cache_len)
+    heads, head_dim = get_head_shapes(config)
+    cache.early_initialization(1, heads, head_dim, torch.float32, torch.device("cpu"))
+    for index, layer in enumerate(cache.layers):
+        module.register_buffer(f"key_cache_{index}", layer.keys, persistent=False)
+        module.register_buffer(f"value_cache_{index}", layer.values, persistent=False)
+        module.register_buffer(f"cumulative_length_{index}", layer.cumulative_length, persistent=False)
+    return cache
+
+
+def start_at(cache, cache_position) -> None:
+    """Positions come from the cache's length: set it from the caller's position, so a new sequence starts at 0."""
+    for layer in cache.layers:
+        layer.cumulative_length.copy_(cache_position[0])
+
+
+def eos_ids(model) -> list[int]:
+    """End-of-sequence ids: generation_config's list merged with the (text) config's."""
+    ids: list[int] = []
+    for value in (model.generation_config.eos_token_id, model.config.get_text_config(decoder=True).eos_token_id):
+        for token in value if isinstance(value, list) else [value]:
+            if token is not None and int(token) not in ids:
+                ids.append(int(token))
+    return ids

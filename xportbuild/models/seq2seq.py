@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from xportbuild.errors import StageError
-from xportbuild.models.common import load_pretrained
+from xportbuild.models import inputs
+from xportbuild.models.common import attach_static_cache, eos_ids, load_pretrained, start_at
 from xportbuild.models.methods import Call, ExportableMethod, Outcome, greedy_token
 from xportbuild.recipe.spec import VerifyInputs
 
@@ -31,28 +32,16 @@ class Encoder(torch.nn.Module):
 
 class TextDecoder(torch.nn.Module):
     def __init__(self, model, max_cache_len: int):
-        from transformers import StaticCache
-        from transformers.configuration_utils import get_head_shapes
-
         super().__init__()
         self.model = model
-        config = model.config.get_text_config(decoder=True)
-        self.static_cache = StaticCache(config=config, max_cache_len=max_cache_len)
-        heads, head_dim = get_head_shapes(config)
-        self.static_cache.early_initialization(1, heads, head_dim, torch.float32, torch.device("cpu"))
-        for index, layer in enumerate(self.static_cache.layers):
-            self.register_buffer(f"key_cache_{index}", layer.keys, persistent=False)
-            self.register_buffer(f"value_cache_{index}", layer.values, persistent=False)
-            self.register_buffer(f"cumulative_length_{index}", layer.cumulative_length, persistent=False)
+        self.static_cache = attach_static_cache(self, model.config.get_text_config(decoder=True), max_cache_len)
 
     def forward(self, decoder_input_ids: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 cache_position: torch.Tensor) -> torch.Tensor:
         from transformers import DynamicCache, EncoderDecoderCache
         from transformers.modeling_outputs import BaseModelOutput
 
-        # Positions come from the cache's length: set it from the caller's position, so a new sequence starts at 0.
-        for layer in self.static_cache.layers:
-            layer.cumulative_length.copy_(cache_position[0])
+        start_at(self.static_cache, cache_position)
         cache = EncoderDecoderCache(self.static_cache, DynamicCache())
         return self.model(encoder_outputs=BaseModelOutput(last_hidden_state=encoder_hidden_states),
                           decoder_input_ids=decoder_input_ids, past_key_values=cache, use_cache=True).logits
@@ -88,7 +77,7 @@ def exportables(model, max_seq_len: int) -> dict[str, ExportableMethod]:
         encoder_dims = {"inputs": {1: torch.export.Dim("encoder_seq_len", min=2, max=max_seq_len)}}
         hidden_dims = {1: torch.export.Dim("encoder_hidden_len", min=2, max=max_seq_len)}
     else:  # audio: a fixed-length window, as its feature extractor pads every clip to
-        example = torch.from_numpy(_features(model, 0))
+        example = torch.from_numpy(inputs.audio_features(model.name_or_path, 0, model.main_input_name))
         encoder_dims, hidden_dims = None, None
     with torch.no_grad():
         hidden = encoder(example)
@@ -108,43 +97,10 @@ def _start_token(model) -> int:
     return int(start)
 
 
-def _eos_ids(model) -> list[int]:
-    ids: list[int] = []
-    for value in (model.generation_config.eos_token_id, model.config.eos_token_id):
-        for token in value if isinstance(value, list) else [value]:
-            if token is not None and int(token) not in ids:
-                ids.append(int(token))
-    return ids
-
-
-AUDIO_SECONDS = 1.0
-
-
-def generated_audio(index: int, sampling_rate: int, seconds: float = AUDIO_SECONDS) -> np.ndarray:
-    """A deterministic test clip: a chirp plus a tone, frequencies depending on `index`."""
-    t = np.arange(int(sampling_rate * seconds), dtype=np.float64) / sampling_rate
-    rng = np.random.default_rng(index)
-    low, high, tone = rng.uniform(150, 400), rng.uniform(600, 2000), rng.uniform(200, 1200)
-    chirp = np.sin(2 * np.pi * (low + (high - low) * t / (2 * seconds)) * t)
-    return (0.5 * chirp + 0.3 * np.sin(2 * np.pi * tone * t)).astype(np.float32)
-
-
-def _features(model, index: int) -> np.ndarray:
-    from transformers import AutoFeatureExtractor
-
-    try:
-        extractor = AutoFeatureExtractor.from_pretrained(model.name_or_path)
-    except OSError as err:
-        raise StageError(f"{model.name_or_path}: a speech model needs its feature extractor "
-                         f"(preprocessor_config.json): {err}") from err
-    audio = generated_audio(index, extractor.sampling_rate)
-    features = extractor(audio, sampling_rate=extractor.sampling_rate, return_tensors="np")
-    return np.asarray(features[model.main_input_name], dtype=np.float32)
-
-
 def samples(model_dir: Path, model, verify: VerifyInputs) -> list[dict[str, np.ndarray]]:
     if model.main_input_name != "input_ids":
-        return [{"inputs": _features(model, index)} for index in range(verify.samples)]
+        return [{"inputs": inputs.audio_features(model_dir, index, model.main_input_name)}
+                for index in range(verify.samples)]
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -167,5 +123,5 @@ def run(call: Call, sample: dict[str, np.ndarray], facts: dict, max_new_tokens: 
 def metadata(model, model_dir: Path, max_seq_len: int) -> dict:
     config = model.config.get_text_config(decoder=True)
     return {"get_max_seq_len": max_seq_len, "get_vocab_size": config.vocab_size,
-            "get_decoder_start_token_id": _start_token(model), "get_eos_ids": _eos_ids(model),
+            "get_decoder_start_token_id": _start_token(model), "get_eos_ids": eos_ids(model),
             "get_encoder_input": model.main_input_name}

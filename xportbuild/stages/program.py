@@ -105,7 +105,11 @@ def export_part(model_dir: Path, model_name: str, task: str, method: str, max_se
     model = wrapper.load_model(model_dir)
     metadata = wrapper.metadata(model, model_dir, max_seq_len)
     prepared = prepare(model) if prepare is not None else {}
-    program = export_method(model_name, method, wrapper.exportables(model, max_seq_len)[method])
+    exportables = wrapper.exportables(model, max_seq_len)
+    if method not in exportables:
+        raise StageError(f"{model_name}: task {task!r} exports method {method}, but this model provides "
+                         f"{', '.join(exportables)}: declare the task that matches the model")
+    program = export_method(model_name, method, exportables[method])
     source = json.loads((model_dir / SOURCE_RECORD).read_text()).get("source")
     (out_dir / MODEL_FACTS_FILE).write_text(json.dumps({"runner": metadata, "source": source}, indent=1))
     return {"methods": save_programs({method: program}, out_dir), "metadata": metadata, **prepared}

@@ -44,9 +44,12 @@ def module_parts(model) -> dict[str, dict[str, int]]:
     import torch
 
     head = _output_embeddings(model)
+    vocab_size = _vocab_size(model)
     parts: dict[str, dict[str, int]] = {"embedding": {}, "head": {}, "linear": {}}
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Embedding):
+        # Token tables only: position and token-type tables are small, and some models (Whisper's encoder) add
+        # their weight directly, which a quantized tensor does not support.
+        if isinstance(module, torch.nn.Embedding) and module.num_embeddings == vocab_size:
             parts["embedding"][name] = module.weight.shape[-1]
         elif isinstance(module, torch.nn.Linear):
             parts["head" if module is head else "linear"][name] = module.weight.shape[-1]
@@ -112,6 +115,15 @@ def _output_embeddings(model):
         return model.get_output_embeddings()
     except (NotImplementedError, AttributeError):
         return None
+
+
+def _vocab_size(model) -> int | None:
+    """Rows of the token embedding table."""
+    try:
+        embedding = model.get_input_embeddings()
+    except (NotImplementedError, AttributeError):
+        return None
+    return getattr(embedding, "num_embeddings", None)
 
 
 def _tied(model) -> bool:
