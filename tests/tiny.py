@@ -245,21 +245,29 @@ def save_seq2seq(folder: Path, arch: str = "t5", seed: int = 0) -> Path:
 
 
 def save_speech(folder: Path, arch: str = "whisper", seed: int = 0) -> Path:
-    """A tiny Whisper (log-mel features, fixed window) with its feature extractor and tokenizer."""
+    """A tiny Whisper (log-mel window of fixed length) or Speech2Text (filter banks, convolutional subsampling)
+    with its feature extractor and tokenizer."""
     import torch
-    from transformers import AutoModelForSpeechSeq2Seq, WhisperConfig, WhisperFeatureExtractor
+    from transformers import (AutoModelForSpeechSeq2Seq, Speech2TextConfig, Speech2TextFeatureExtractor,
+                              WhisperConfig, WhisperFeatureExtractor)
 
     torch.manual_seed(seed)
-    config = WhisperConfig(vocab_size=128, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
-                           decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=16,
-                           max_source_positions=50, max_target_positions=64, decoder_start_token_id=1,
-                           eos_token_id=2, pad_token_id=0, bos_token_id=1, begin_suppress_tokens=None,
-                           suppress_tokens=None)
+    common = dict(vocab_size=128, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+                  decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_target_positions=64,
+                  decoder_start_token_id=1, eos_token_id=2, pad_token_id=0, bos_token_id=1)
+    if arch == "whisper":
+        config = WhisperConfig(**common, num_mel_bins=16, max_source_positions=50, begin_suppress_tokens=None,
+                               suppress_tokens=None)
+        # One second of 16 kHz audio -> 100 frames of 16 mel bins = 2 x max_source_positions.
+        extractor = WhisperFeatureExtractor(feature_size=16, chunk_length=1)
+    else:
+        config = Speech2TextConfig(**common, input_feat_per_channel=16, num_conv_layers=2, conv_channels=32,
+                                   max_source_positions=64)
+        extractor = Speech2TextFeatureExtractor(feature_size=16, num_mel_bins=16)
     model = AutoModelForSpeechSeq2Seq.from_config(config).eval()
     _spread(model)
     model.save_pretrained(folder)
-    # One second of 16 kHz audio -> 100 frames of 16 mel bins = 2 x max_source_positions.
-    WhisperFeatureExtractor(feature_size=16, chunk_length=1).save_pretrained(folder)
+    extractor.save_pretrained(folder)
     save_tokenizer(folder)
     return folder
 

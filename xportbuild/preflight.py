@@ -23,7 +23,7 @@ class SourceFacts:
     described_by: str  # the file the facts were read from, for messages
     model_type: str
     max_positions: int | None
-    remote_code: str  # auto_map entry for a causal LM, or ""
+    remote_code: str  # the config's first auto_map entry for a model class, or ""
     linear_widths: dict[str, int] = field(default_factory=dict)
     embedding_widths: dict[str, int] = field(default_factory=dict)
 
@@ -68,7 +68,8 @@ def _folder_facts(folder: Path) -> SourceFacts:
         described_by=str(config_path),
         model_type=str(config.get("model_type", "")),
         max_positions=text.get("max_position_embeddings") or config.get("max_position_embeddings"),
-        remote_code=(config.get("auto_map") or {}).get("AutoModelForCausalLM", ""),
+        remote_code=next((f"{name} = {entry!r}" for name, entry in (config.get("auto_map") or {}).items()
+                          if name.startswith("AutoModel")), ""),
         linear_widths=linears,
         embedding_widths=embeddings,
     )
@@ -120,39 +121,43 @@ def source_facts(source: SourceSpec, model_file: str, scratch_root: Path) -> Sou
 def remote_code_problem(source: SourceSpec, model_file: str, facts: SourceFacts) -> str | None:
     if facts.remote_code and not source.trust_remote_code:
         return (f"{model_file}: source.trust_remote_code: false, but {facts.described_by} needs remote code "
-                f"(auto_map.AutoModelForCausalLM = {facts.remote_code!r}); set trust_remote_code = true in [source] "
+                f"(auto_map.{facts.remote_code}); set trust_remote_code = true in [source] "
                 "only if you trust that repository")
     return None
 
 
-def model_type_problems(source: SourceSpec, model_file: str, facts: SourceFacts) -> list[str]:
-    """Remote code without the opt-in, or an architecture transformers cannot build as a causal LM."""
+def model_type_problems(source: SourceSpec, model_file: str, facts: SourceFacts, task: str = "causal-lm") -> list[str]:
+    """Remote code without the opt-in, or an architecture transformers cannot build as the task's kind."""
     if remote_code := remote_code_problem(source, model_file, facts):
         return [remote_code]
-    if not facts.remote_code and not _transformers_supports(source.kind, facts.model_type):
+    if source.kind == "gguf" and task != "causal-lm":
+        return [f"{model_file}: source.kind: \"gguf\" converts to a causal LM only, and this model is task {task!r}"]
+    if not facts.remote_code and not _transformers_supports(source.kind, facts.model_type, task):
         what = "GGUF architecture" if source.kind == "gguf" else "model_type"
-        return [f"{model_file}: source: {facts.described_by}: {what} {facts.model_type!r} has no causal-LM class "
-                "in this transformers version, so it cannot be exported as task \"causal-lm\""]
+        return [f"{model_file}: source: {facts.described_by}: {what} {facts.model_type!r} has no {task} class "
+                f"in this transformers version, so it cannot be exported as task \"{task}\""]
     return []
 
 
 def model_problems(model: ModelSpec, facts: SourceFacts) -> list[str]:
     """Why this model cannot be exported as its task kind, from its config alone."""
-    problems = model_type_problems(model.source, model.file, facts)
+    problems = model_type_problems(model.source, model.file, facts, model.task)
     if facts.max_positions is not None and model.max_seq_len > facts.max_positions:
         problems.append(f"{model.file}: max_seq_len: {model.max_seq_len} exceeds the model's limit of "
                         f"{facts.max_positions} positions ({facts.described_by}); lower max_seq_len")
     return problems
 
 
-def _transformers_supports(kind: str, model_type: str) -> bool:
+def _transformers_supports(kind: str, model_type: str, task: str) -> bool:
     if kind == "gguf":
         from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
         return model_type in GGUF_SUPPORTED_ARCHITECTURES or model_type.replace("-", "_") in GGUF_SUPPORTED_ARCHITECTURES
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers.models.auto import modeling_auto
 
-    return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from xportbuild.models.kinds import kind_of
+
+    return any(model_type in getattr(modeling_auto, mapping) for mapping in kind_of(task).auto_mappings)
 
 
 def recipe_problems(target: Target, facts: SourceFacts) -> list[str]:

@@ -66,12 +66,17 @@ def test_multi_method_targets_get_one_program_node_per_method():
 def test_one_methods_quantization_touches_only_that_method():
     targets = load_project(REPO / "recipes")
     before = plan_targets(targets)
-    changed = []
+    changed, expected = [], set()
     for target in targets:
-        overrides = tuple((method, dataclasses.replace(spec, linear="8da4w", linear_group_size=32) if
-                           method == "encoder" else spec) for method, spec in target.recipe.method_quantize)
-        changed.append(dataclasses.replace(target, recipe=dataclasses.replace(target.recipe, method_quantize=overrides)))
+        overrides = []
+        for method, spec in target.recipe.method_quantize:
+            if method == "text_decoder":
+                spec = dataclasses.replace(spec, linear_group_size=64)
+                expected.add(f"quantize:{target.name}.text_decoder")
+            overrides.append((method, spec))
+        changed.append(dataclasses.replace(target, recipe=dataclasses.replace(target.recipe,
+                                                                              method_quantize=tuple(overrides))))
     after = plan_targets(changed)
     differing = {n for n in before.nodes if before.nodes[n].params != after.nodes[n].params}
-    assert differing == {"quantize:t5-small-xnnpack-8da4w-decoder.encoder",
-                         "quantize:whisper-tiny-xnnpack-8da4w-decoder.encoder"}
+    assert "quantize:t5-small-xnnpack-8da4w-decoder.text_decoder" in expected
+    assert differing == expected

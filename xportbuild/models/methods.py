@@ -52,6 +52,21 @@ def export_method(model_name: str, method: str, exportable: ExportableMethod) ->
         raise StageError(f"{model_name}: method {method} is not exportable: {reason}") from err
 
 
+def modules_called(model: torch.nn.Module, exportable: ExportableMethod) -> set[str]:
+    """Names of `model`'s modules that run when the method runs on its example: the ones its program holds."""
+    names = {id(module): name for name, module in model.named_modules()}
+    called: set[str] = set()
+    hooks = [module.register_forward_hook(lambda module, args, output: called.add(names[id(module)]))
+             for module in model.modules()]
+    try:
+        with torch.no_grad():
+            exportable.module(*exportable.example)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return called
+
+
 def module_call(modules: dict[str, torch.nn.Module]) -> Call:
     def call(method: str, args: tuple) -> torch.Tensor:
         with torch.no_grad():

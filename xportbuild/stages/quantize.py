@@ -72,18 +72,26 @@ def _plan_groups(widths: dict[str, int], group_size: int, fallback: bool, what: 
 Plan = dict[str, tuple[str, str, int]]  # module name -> (part, scheme, group size)
 
 
-def quantization_plan(model, spec: QuantSpec) -> Plan:
-    """What the recipe asks for each module; raises if a requested part is absent or cannot be grouped."""
+def requested_parts(spec: QuantSpec) -> list[tuple[str, str, int]]:
+    """(part, scheme, group size) of every part the recipe quantizes."""
+    parts = (("embedding", spec.embedding, spec.embedding_group_size), ("head", spec.head_scheme, spec.head_groups),
+             ("linear", spec.linear, spec.linear_group_size))
+    return [part for part in parts if part[1] != "none"]
+
+
+def quantization_plan(model, spec: QuantSpec, used: set[str] | None = None) -> Plan:
+    """What the recipe asks for each module; raises if a requested part is absent or cannot be grouped.
+
+    `used`: the modules one method runs. Only they are quantized, and a part the method does not have (a vision
+    encoder has no token table) is left out of its plan: the quantize stage reports it as absent."""
     parts = module_parts(model)
+    if used is not None:
+        parts = {part: {name: width for name, width in names.items() if name in used} for part, names in parts.items()}
     plan: Plan = {}
-    for part, scheme, group_size in (("embedding", spec.embedding, spec.embedding_group_size),
-                                     ("head", spec.head_scheme, spec.head_groups),
-                                     ("linear", spec.linear, spec.linear_group_size)):
-        if scheme == "none":
-            continue
+    for part, scheme, group_size in requested_parts(spec):
         if not parts[part]:
-            if part == "head" and spec.head == "same":
-                continue  # a model without a separate output projection: nothing to follow
+            if part == "head" and spec.head == "same" or used is not None:
+                continue  # nothing of that part here: a model without an output projection, or another method's
             raise StageError(f"quantize.{part} = {scheme!r} but the model has no {part} layers")
         for name, size in _plan_groups(parts[part], group_size, spec.per_axis_fallback, part).items():
             plan[name] = (part, scheme, size)
@@ -155,10 +163,15 @@ def _read_back(model, plan: Plan) -> dict:
     return {part: {**entry, "layers": dict(entry["layers"])} for part, entry in report.items()}
 
 
-def quantize_model(model, spec: QuantSpec, group_scale_dtype: str = "float32") -> dict:
-    """Quantize in place as the recipe says; returns what was quantized, read back from the weights."""
+def quantize_model(model, spec: QuantSpec, group_scale_dtype: str = "float32", used: set[str] | None = None) -> dict:
+    """Quantize in place as the recipe says (only the `used` modules, if given); returns what was quantized, read
+    back from the weights."""
     tied_in_float = _tied(model)
-    report = apply_plan(model, quantization_plan(model, spec), group_scale_dtype, spec.qparams)
+    plan = quantization_plan(model, spec, used)
+    report = apply_plan(model, plan, group_scale_dtype, spec.qparams)
+    if used is not None:
+        planned = {part for part, _, _ in plan.values()}
+        report["absent_parts"] = [part for part, _, _ in requested_parts(spec) if part not in planned]
     if spec.tied_table == "shared":
         shared = _check_shared_table(model, tied_in_float)
         report["tied_embedding"] = {**shared, "quantized_copies": 1} if shared["shared_table"] else shared
@@ -185,7 +198,7 @@ def quantize_part(node, inputs: dict[str, Path], out_dir: Path) -> dict:
     """One method of a multi-method kind: quantize the model as the recipe says for that method, measure the
     quantized eager method on the reference's recorded calls, export it."""
     from xportbuild.models.kinds import kind_of
-    from xportbuild.models.methods import load_samples, module_call, replay
+    from xportbuild.models.methods import load_samples, module_call, modules_called, replay
     from xportbuild.quality import method_quality
     from xportbuild.stages.program import export_part, model_name
     from xportbuild.stages.verify import EAGER_QUALITY_FILE
@@ -194,10 +207,11 @@ def quantize_part(node, inputs: dict[str, Path], out_dir: Path) -> dict:
     spec, max_seq_len = QuantSpec(**node.params["quantize"]), node.params["max_seq_len"]
 
     def prepare(model) -> dict:
-        report = quantize_model(model, spec, node.params["group_scale_dtype"])
+        exportable = kind.wrapper().exportables(model, max_seq_len)[method]
+        used = modules_called(model, exportable)
+        report = quantize_model(model, spec, node.params["group_scale_dtype"], used)
         samples = load_samples(inputs["reference"])
-        module = kind.wrapper().exportables(model, max_seq_len)[method].module
-        outputs = replay(module_call({method: module}), samples, {method})
+        outputs = replay(module_call({method: exportable.module}), samples, {method})
         recorded = [[(name, output) for name, _, output in sample.calls] for sample in samples]
         numbers = method_quality(outputs, recorded, kind.logit_methods)
         (out_dir / EAGER_QUALITY_FILE).write_text(json.dumps(numbers, indent=1))

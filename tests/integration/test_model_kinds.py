@@ -1,0 +1,158 @@
+"""Every task kind beyond the causal LM, on two tiny architectures each, through the whole graph.
+
+Per kind the first architecture builds with the fp32 recipe and the 8-bit recipe, the second with the 8-bit one
+(its float program is still built and checked: verify compares the .pte with it and with the float model)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests import tiny
+from tests.integration.models import QUANT_TOLERANCES, local
+
+# task -> (tiny builder, first architecture, second architecture)
+KINDS = {
+    "masked-lm": ("save_masked_lm", "bert", "roberta"),
+    "image-classification": ("save_image_classifier", "vit", "resnet"),
+    "text2text": ("save_seq2seq", "t5", "bart"),
+    "speech-recognition": ("save_speech", "whisper", "speech_to_text"),
+    "image-text-to-text": ("save_multimodal", "llava", "smolvlm"),
+    "audio-text-to-text": ("save_multimodal", "voxtral", "audioflamingo3"),
+}
+PROMPTS = ("the capital of france is <mask>", "hello world one two")
+QUANTIZED = "xnnpack-8da8w"
+
+
+@pytest.fixture(scope="session")
+def kind_weights(tmp_path_factory):
+    """Builds a tiny model the first time a test asks for it."""
+    root = tmp_path_factory.mktemp("kind-weights")
+
+    def build(task: str, arch: str) -> Path:
+        folder = root / arch
+        if not folder.exists():
+            getattr(tiny, KINDS[task][0])(folder, arch)
+        return folder
+
+    return build
+
+
+def kind_model_toml(task: str, folder: Path, recipes: list[str], max_seq_len: int = 64) -> str:
+    quoted = ", ".join(f'"{r}"' for r in recipes)
+    prompts = ", ".join(f'"{p}"' for p in PROMPTS)
+    overrides = "".join(QUANT_TOLERANCES.format(recipe=r) for r in recipes if r != "xnnpack-fp32")
+    return (f'doc = "tiny {task} model"\ntask = "{task}"\nmax_seq_len = {max_seq_len}\nrecipes = [{quoted}]\n\n'
+            f"[source]\n{local(folder)}\n\n[verify]\nprompts = [{prompts}]\nmax_new_tokens = 6\nsamples = 2\n"
+            f"{overrides}")
+
+
+def _manifest(project, target: str) -> dict:
+    return json.loads((project.root / "artifacts" / target / "manifest.json").read_text())
+
+
+def _check_target(project, target: str, task: str, fp32: bool) -> dict:
+    from xportbuild.models.kinds import KINDS as TASK_KINDS
+
+    kind = TASK_KINDS[task]
+    manifest = _manifest(project, target)
+    verify = manifest["stages"]["verify"]["result"]
+    assert set(verify["methods"]) == set(kind.methods)
+    # One program (float) or quantize node per method, each feeding lower.
+    per_method = {name.split(".", 1)[1] for name in manifest["stages"] if name.startswith(("program.", "quantize."))}
+    assert per_method == set(kind.methods)
+    lower = manifest["stages"]["lower"]["result"]
+    assert set(lower["delegation"]) == set(kind.methods)
+    assert sum(m["delegate_calls"] for m in lower["delegation"].values()) > 0
+    # The app's whole chain with the .pte gives the program's outcome (tokens or labels), sample by sample.
+    for outcome in verify["greedy"]:
+        assert outcome["pte"] == outcome["program"], outcome
+    references = [token for outcome in verify["greedy"] for token in outcome["reference"]]
+    if kind.generates or task == "masked-lm":
+        assert len(set(references)) > 1, f"degenerate reference outcome {references}: the test could not fail"
+    if fp32:
+        for method, compared in verify["methods"].items():
+            assert compared["vs_reference"]["cosine_min"] > 0.9999, (method, compared)
+            assert compared["vs_reference"].get("top1", 1.0) == 1.0, (method, compared)
+        assert all(outcome["pte"] == outcome["reference"] for outcome in verify["greedy"])
+    else:
+        for method in kind.methods:
+            quantized = manifest["stages"][f"quantize.{method}"]["result"]["quantized"]
+            assert quantized.get("linear", {}).get("scheme", "8da8w") == "8da8w", (method, quantized)
+        assert any("linear" in manifest["stages"][f"quantize.{m}"]["result"]["quantized"] for m in kind.methods)
+    files = set(manifest["files"])
+    assert "model.pte" in files
+    if task in ("image-classification",):
+        assert "tokenizer.json" not in files
+    else:
+        assert "tokenizer.json" in files
+    if task in ("speech-recognition", "audio-text-to-text"):
+        assert "preprocessor_config.json" in files  # the app needs the feature extractor
+    return manifest
+
+
+def _pte_methods(project, target: str) -> set[str]:
+    from executorch.extension.pybindings.portable_lib import _load_for_executorch
+
+    from xportbuild.runtime import load_kernels
+
+    load_kernels()
+    return set(_load_for_executorch(str(project.root / "artifacts" / target / "model.pte")).method_names())
+
+
+@pytest.mark.parametrize("task", list(KINDS))
+def test_each_kind_builds_two_architectures_fp32_and_quantized(project, kind_weights, task):
+    _, first, second = KINDS[task]
+    project.write_model(f"tiny-{first}", kind_model_toml(task, kind_weights(task, first), ["xnnpack-fp32", QUANTIZED]))
+    project.write_model(f"tiny-{second}", kind_model_toml(task, kind_weights(task, second), [QUANTIZED]))
+    targets = {f"tiny-{first}-xnnpack-fp32": True, f"tiny-{first}-{QUANTIZED}": False, f"tiny-{second}-{QUANTIZED}": False}
+    listed = project.doit("list").stdout
+    assert all(f"export:{target}" in listed for target in targets)
+    project.doit(*(f"export:{target}" for target in targets))
+    for target, fp32 in targets.items():
+        manifest = _check_target(project, target, task, fp32)
+        methods = _pte_methods(project, target)
+        assert set(manifest["stages"]["verify"]["result"]["methods"]) <= methods
+        assert "get_provenance" in methods
+    report = (project.root / "artifacts" / f"tiny-{first}-{QUANTIZED}" / "report.md").read_text()
+    assert "| method | vs |" in report
+
+
+def test_changing_one_methods_quantization_reruns_only_that_method(project, kind_weights):
+    recipe = "xnnpack-8da4w-decoder"
+    project.write_model("tiny-t5", kind_model_toml("text2text", kind_weights("text2text", "t5"), [recipe]))
+    project.doit(f"export:tiny-t5-{recipe}")
+    stages = _manifest(project, f"tiny-t5-{recipe}")["stages"]
+    assert stages["quantize.text_decoder"]["result"]["quantized"]["linear"] == {"scheme": "8da4w",
+                                                                                "layers": {"group 32": 20}}
+    assert stages["quantize.encoder"]["result"]["quantized"]["linear"]["scheme"] == "8da8w"
+    before = len(project.events())
+    project.edit_recipe(recipe, "[quantize.text_decoder]\nlinear = \"8da4w\"", "[quantize.text_decoder]\nlinear = \"8da8w\"")
+    project.edit_recipe(recipe, "linear_group_size = 32", "linear_group_size = 0")
+    project.doit(f"export:tiny-t5-{recipe}")
+    assert project.built_since(before) == [f"lower:tiny-t5-{recipe}", f"quantize:tiny-t5-{recipe}.text_decoder",
+                                           f"verify:tiny-t5-{recipe}"]
+    after = _manifest(project, f"tiny-t5-{recipe}")["stages"]
+    assert after["quantize.encoder"]["key"] == stages["quantize.encoder"]["key"]
+    assert after["quantize.text_decoder"]["result"]["quantized"]["linear"]["scheme"] == "8da8w"
+
+
+def test_a_recipe_naming_a_method_the_model_lacks_is_refused(project, kind_weights):
+    project.write_recipe("vision-8bit", 'backend = "xnnpack"\ndoc = "8-bit, float vision encoder"\n\n[quantize]\n'
+                         'linear = "8da8w"\nlinear_group_size = 0\n\n[quantize.vision_encoder]\nlinear = "none"\n')
+    project.write_model("tiny-t5", kind_model_toml("text2text", kind_weights("text2text", "t5"), ["vision-8bit"]))
+    result = project.doit("list", check=False)
+    assert result.returncode != 0
+    assert "vision-8bit.toml: quantize.vision_encoder: model tiny-t5 (task 'text2text'" in result.stderr
+    assert "its methods: encoder, text_decoder" in result.stderr
+
+
+def test_a_model_declared_as_the_wrong_kind_fails_naming_model_and_method(project, kind_weights):
+    project.write_model("tiny-llava", kind_model_toml("audio-text-to-text", kind_weights("image-text-to-text", "llava"),
+                                                      ["xnnpack-fp32"]))
+    result = project.doit("export:tiny-llava-xnnpack-fp32", check=False)
+    assert result.returncode != 0
+    assert "tiny-llava: task 'audio-text-to-text' exports method audio_encoder, but this model provides" in \
+        result.stdout + result.stderr
