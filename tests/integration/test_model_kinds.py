@@ -1,7 +1,7 @@
 """Every task kind beyond the causal LM, on two tiny architectures each, through the whole graph.
 
-Per kind the first architecture builds with the fp32 recipe and the 8-bit recipe, the second with the 8-bit one
-(its float program is still built and checked: verify compares the .pte with it and with the float model)."""
+Per kind the first architecture builds with the fp32 recipe, the second with the 8-bit one (verify compares its
+.pte with the quantized program and with the float model)."""
 
 from __future__ import annotations
 
@@ -66,9 +66,11 @@ def _check_target(project, target: str, task: str, fp32: bool) -> dict:
     lower = manifest["stages"]["lower"]["result"]
     assert set(lower["delegation"]) == set(kind.methods)
     assert sum(m["delegate_calls"] for m in lower["delegation"].values()) > 0
-    # The app's whole chain with the .pte gives the program's outcome (tokens or labels), sample by sample.
+    # The app's whole chain with the .pte gives the program's outcome (tokens or labels), sample by sample; with
+    # dynamically quantized activations a choice may flip where the program itself had a near-tie (recipe margin).
     for outcome in verify["greedy"]:
-        assert outcome["pte"] == outcome["program"], outcome
+        margin = outcome["program_margin_at_divergence"]
+        assert outcome["pte"] == outcome["program"] or not fp32 and margin is not None and margin <= 0.5, outcome
     references = [token for outcome in verify["greedy"] for token in outcome["reference"]]
     if kind.generates or task == "masked-lm":
         assert len(set(references)) > 1, f"degenerate reference outcome {references}: the test could not fail"
@@ -105,9 +107,9 @@ def _pte_methods(project, target: str) -> set[str]:
 @pytest.mark.parametrize("task", list(KINDS))
 def test_each_kind_builds_two_architectures_fp32_and_quantized(project, kind_weights, task):
     _, first, second = KINDS[task]
-    project.write_model(f"tiny-{first}", kind_model_toml(task, kind_weights(task, first), ["xnnpack-fp32", QUANTIZED]))
+    project.write_model(f"tiny-{first}", kind_model_toml(task, kind_weights(task, first), ["xnnpack-fp32"]))
     project.write_model(f"tiny-{second}", kind_model_toml(task, kind_weights(task, second), [QUANTIZED]))
-    targets = {f"tiny-{first}-xnnpack-fp32": True, f"tiny-{first}-{QUANTIZED}": False, f"tiny-{second}-{QUANTIZED}": False}
+    targets = {f"tiny-{first}-xnnpack-fp32": True, f"tiny-{second}-{QUANTIZED}": False}
     listed = project.doit("list").stdout
     assert all(f"export:{target}" in listed for target in targets)
     project.doit(*(f"export:{target}" for target in targets))
@@ -116,7 +118,7 @@ def test_each_kind_builds_two_architectures_fp32_and_quantized(project, kind_wei
         methods = _pte_methods(project, target)
         assert set(manifest["stages"]["verify"]["result"]["methods"]) <= methods
         assert "get_provenance" in methods
-    report = (project.root / "artifacts" / f"tiny-{first}-{QUANTIZED}" / "report.md").read_text()
+    report = (project.root / "artifacts" / f"tiny-{second}-{QUANTIZED}" / "report.md").read_text()
     assert "| method | vs |" in report
 
 
@@ -156,3 +158,47 @@ def test_a_model_declared_as_the_wrong_kind_fails_naming_model_and_method(projec
     assert result.returncode != 0
     assert "tiny-llava: task 'audio-text-to-text' exports method audio_encoder, but this model provides" in \
         result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("task, arch", [("text2text", "t5"), ("text2text", "bart"), ("image-text-to-text", "llava"),
+                                        ("image-text-to-text", "smolvlm"), ("audio-text-to-text", "voxtral"),
+                                        ("audio-text-to-text", "audioflamingo3")])
+def test_the_method_chain_generates_what_transformers_generates(kind_weights, tmp_path, task, arch):
+    """The float reference is our methods chained as an app chains them: it must be the model itself."""
+    import shutil
+
+    import torch
+
+    from xportbuild.models.kinds import kind_of
+    from xportbuild.models.methods import module_call
+    from xportbuild.recipe.spec import VerifyInputs
+    from xportbuild.stages.fetch import SOURCE_RECORD
+
+    folder = shutil.copytree(kind_weights(task, arch), tmp_path / arch)
+    (folder / SOURCE_RECORD).write_text(json.dumps({"trust_remote_code": False}))
+    wrapper = kind_of(task).wrapper()
+    model = wrapper.load_model(folder)
+    modules = {method: exportable.module for method, exportable in wrapper.exportables(model, 64).items()}
+    facts = wrapper.metadata(model, folder, 64)
+    generated = []
+    for sample in wrapper.samples(folder, model, VerifyInputs(prompts=PROMPTS, samples=2)):
+        ours = wrapper.run(module_call(modules), sample, facts, 6).tokens
+        with torch.no_grad():
+            if task == "text2text":
+                theirs = model.generate(torch.from_numpy(sample["inputs"]), max_new_tokens=6, do_sample=False,
+                                        num_beams=1)[0, 1:].tolist()
+            else:
+                features = module_call(modules)(facts["get_encoder_method"], (torch.from_numpy(sample["media"]),))
+                from xportbuild.models.multimodal import with_placeholders
+
+                ids = torch.tensor([with_placeholders(sample["input_ids"][0].tolist(), features.shape[1], facts)])
+                media = torch.from_numpy(sample["media"])
+                kwargs = {"pixel_values": media[:, None] if arch == "smolvlm" else media} if task == "image-text-to-text" \
+                    else {"input_features": media}
+                if arch == "audioflamingo3":
+                    kwargs["input_features_mask"] = torch.ones(1, media.shape[-1], dtype=torch.long)
+                theirs = model.generate(input_ids=ids, **kwargs, max_new_tokens=6, do_sample=False,
+                                        num_beams=1)[0, ids.shape[1]:].tolist()
+        assert ours == theirs[:len(ours)], (ours, theirs)
+        generated += ours
+    assert len(set(generated)) > 1, f"degenerate generation {generated}: the comparison could not fail"

@@ -144,3 +144,34 @@ REJECTED_RECIPES = [
 def test_recipe_rejected_naming_file_key_and_value(tmp_path, body, message):
     with pytest.raises(RecipeError, match=re.escape(f"r.toml: {message}")):
         load_project(_project(tmp_path, GOOD_MODEL.replace('"xnnpack-fp32"', '"r"'), f'doc = "x"\n{body}'))
+
+
+MASKED_LM = GOOD_MODEL.replace('task = "causal-lm"', 'task = "masked-lm"')
+IMAGE_CLASSIFIER = 'doc = "x"\ntask = "image-classification"\nrecipes = ["r"]\n' \
+                   '[source]\nkind = "local"\npath = "w"\n[verify]\nsamples = 0\n'
+
+
+@pytest.mark.parametrize("model, body, message", [
+    (GOOD_MODEL, 'backend = "xnnpack"\n[quantize]\nlinear = "8da8w"\nlinear_group_size = 0\n[quantize.decoder]\n'
+     'linear = "8da4w"\n', "r.toml: quantize.decoder: not a method of any task kind (methods: audio_encoder, encoder"),
+    (GOOD_MODEL, 'backend = "xnnpack"\n[quantize]\nlinear = "8da8w"\nlinear_group_size = 0\n[quantize.text_decoder]\n'
+     'linear = "8da4w"\nlinear_group_size = 16\n', "r.toml: quantize.text_decoder.linear_group_size: 16: XNNPACK needs"),
+    (GOOD_MODEL, 'backend = "xnnpack"\n[quantize]\nlinear = "8da8w"\nlinear_group_size = 0\n[quantize.text_decoder]\n'
+     'linear = "8da4w"\n', "r.toml: quantize.text_decoder: model m (task 'causal-lm'"),
+    (MASKED_LM, 'backend = "xnnpack"\n[export]\ncustom_sdpa = true\ncustom_kv_cache = true\n',
+     "r.toml: export.custom_sdpa = true: only a causal-lm model exports it, and model m"),
+    (IMAGE_CLASSIFIER, 'backend = "xnnpack"\n', "m.toml: verify.samples: 0: task 'image-classification' is verified on "
+     "generated inputs"),
+    (MASKED_LM.replace('prompts = ["hi"]', "max_new_tokens = 4"), 'backend = "xnnpack"\n',
+     "m.toml: verify.prompts: task 'masked-lm' is verified on text"),
+])
+def test_kind_specific_problems_name_file_key_and_value(tmp_path, model, body, message):
+    with pytest.raises(RecipeError) as caught:
+        load_project(_project(tmp_path, model.replace('"xnnpack-fp32"', '"r"'), f'doc = "x"\n{body}'))
+    assert message in str(caught.value)
+
+
+def test_an_image_classifier_needs_no_sequence_length(tmp_path):
+    (target,) = load_project(_project(tmp_path, IMAGE_CLASSIFIER.replace("samples = 0", "samples = 3"),
+                                      'doc = "x"\nbackend = "xnnpack"\n'))
+    assert target.model.max_seq_len == 0 and target.model.verify.samples == 3

@@ -55,6 +55,12 @@ def measure(pte_step, program_step, references: list[dict]) -> dict:
             "quality_by_stage": stages, "generate_tokens_per_s": decoded / decode_seconds if decode_seconds else None}
 
 
+def missed(checks: list[tuple[str, float, str, float]]) -> list[str]:
+    """The (name, value, ">=" or "<=", limit) checks that fail, as readable lines."""
+    return [f"{name} {value:.6g} (required {op} {limit:g})" for name, value, op, limit in checks
+            if not (value >= limit if op == ">=" else value <= limit)]
+
+
 def judge(numbers: dict, tolerances: Tolerances) -> list[str]:
     """Every threshold the numbers miss, as readable lines."""
     ref, prog = numbers["vs_reference"], numbers["vs_program"]
@@ -66,8 +72,7 @@ def judge(numbers: dict, tolerances: Tolerances) -> list[str]:
         ("vs program: min cosine", prog["cosine_min"], ">=", tolerances.min_cosine_vs_program),
         ("vs program: max abs error", prog["max_abs"], "<=", tolerances.max_abs_vs_program),
     ]
-    failures = [f"{name} {value:.6g} (required {op} {limit:g})" for name, value, op, limit in checks
-                if not (value >= limit if op == ">=" else value <= limit)]
+    failures = missed(checks)
     for index, item in enumerate(numbers["greedy"]):
         margin = item["program_margin_at_divergence"]
         if margin is not None and margin > tolerances.greedy_tie_margin:
@@ -138,8 +143,9 @@ def _outcome_row(pte, program, reference) -> dict:
     if at is not None and at < min(len(pte.tokens), len(program.tokens)):
         scores = program.scores[at]
         margin = float(scores[program.tokens[at]] - scores[pte.tokens[at]])
-    return {"lengths_differ": len(pte.tokens) != len(program.tokens),"pte": pte.tokens, "program": program.tokens, "reference": reference.tokens,
+    return {"pte": pte.tokens, "program": program.tokens, "reference": reference.tokens,
             "diverges_from_program_at": at, "program_margin_at_divergence": margin,
+            "lengths_differ": len(pte.tokens) != len(program.tokens),
             "diverges_from_reference_at": first_divergence(pte.tokens, reference.tokens)}
 
 
@@ -192,8 +198,7 @@ def judge_methods(numbers: dict, tolerances: Tolerances) -> list[str]:
         if "top1" in ref:
             checks += [("vs float: top-1 agreement", ref["top1"], ">=", tolerances.min_top1),
                        ("vs float: mean KL divergence", ref["kl_mean"], "<=", tolerances.max_kl)]
-        failures += [f"method {method}: {name} {value:.6g} (required {op} {limit:g})" for name, value, op, limit in checks
-                     if not (value >= limit if op == ">=" else value <= limit)]
+        failures += [f"method {method}: {failure}" for failure in missed(checks)]
     for index, item in enumerate(numbers["greedy"]):
         margin = item["program_margin_at_divergence"]
         if margin is not None and margin > tolerances.greedy_tie_margin or margin is None and item["lengths_differ"]:
