@@ -57,6 +57,9 @@ def _bad_project(root, weights):
     model("missing-gguf", f'kind = "gguf"\npath = "{src / "nowhere.gguf"}"')
     model("no-package", 'kind = "gguf"\npackage = "no_such_gguf_package"')
     model("vit", local(src / "vit"))
+    # A ViT declared as a masked LM: the kind's Auto classes decide, from the config alone.
+    (models / "vit-as-fill-mask.toml").write_text(model_toml(local(src / "vit"), ["xnnpack-fp32"]).replace(
+        'task = "causal-lm"', 'task = "masked-lm"'))
     model("too-long", local(weights / "tiny-llama"), max_seq_len=4096)
     model("hub-no-repo", 'kind = "hub"\nrepo = "tiny-org/absent"\nrevision = "main"')
     model("hub-no-revision", f'kind = "hub"\nrepo = "tiny-org/tiny-qwen3"\nrevision = "{"0" * 40}"')
@@ -106,8 +109,10 @@ TABLE = [
                                                "cached: main"]),
     ("truncated safetensors", ["truncated.toml: source:", "model.safetensors: truncated", "re-download"]),
     ("truncated GGUF", ["short-gguf.toml: source:", "short.gguf: not a readable GGUF file"]),
-    ("unsupported GGUF architecture", ["rwkv-gguf.toml: source:", "GGUF architecture 'rwkv9' has no causal-LM class"]),
-    ("config not exportable", ["vit.toml: source:", "model_type 'vit' has no causal-LM class"]),
+    ("unsupported GGUF architecture", ["rwkv-gguf.toml: source:", "GGUF architecture 'rwkv9' has no causal-lm class"]),
+    ("config not exportable", ["vit.toml: source:", "model_type 'vit' has no causal-lm class"]),
+    ("config not of its task kind", ["vit-as-fill-mask.toml: source:", "model_type 'vit' has no masked-lm class in "
+                                     "this transformers version, so it cannot be exported as task \"masked-lm\""]),
     ("remote code without opt-in", ["remote-code.toml: source.trust_remote_code: false",
                                     "auto_map.AutoModelForCausalLM = 'modeling_custom.CustomLM'"]),
     ("pickled weights only", ["pickled.toml: source:", "has no .safetensors weights; pickled checkpoints are not"]),
