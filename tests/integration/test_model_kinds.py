@@ -202,3 +202,11 @@ def test_the_method_chain_generates_what_transformers_generates(kind_weights, tm
         assert ours == theirs[:len(ours)], (ours, theirs)
         generated += ours
     assert len(set(generated)) > 1, f"degenerate generation {generated}: the comparison could not fail"
+
+
+def test_a_prompt_longer_than_max_seq_len_is_a_clear_error(project, kind_weights):
+    project.write_model("tiny-bert", kind_model_toml("masked-lm", kind_weights("masked-lm", "bert"), ["xnnpack-fp32"],
+                                                     max_seq_len=4))
+    result = project.doit("reference:tiny-bert", check=False)
+    assert result.returncode != 0
+    assert "verify prompt 0 has 14 tokens (input_ids), more than max_seq_len=4: shorten it" in result.stdout

@@ -55,12 +55,21 @@ def reference_methods(model_dir: Path, task: str, verify: VerifyInputs, max_seq_
     modules = {method: exportable.module for method, exportable in wrapper.exportables(model, max_seq_len).items()}
     facts = wrapper.metadata(model, model_dir, max_seq_len)
     recorded = []
-    for sample in wrapper.samples(model_dir, model, verify):
+    for index, sample in enumerate(wrapper.samples(model_dir, model, verify)):
+        _check_length(index, sample, max_seq_len)
         recorder = Recorder(module_call(modules))
         outcome = wrapper.run(recorder, sample, facts, verify.max_new_tokens)
         recorded.append(RecordedSample(sample, outcome, recorder.calls))
     save_samples(recorded, out_dir)
     return {"samples": len(recorded), "outcomes": [sample.outcome.tokens for sample in recorded]}
+
+
+def _check_length(index: int, sample: dict[str, np.ndarray], max_seq_len: int) -> None:
+    """Token ids must fit the sequence length the methods are exported with (images and audio have fixed shapes)."""
+    for name, value in sample.items():
+        if value.dtype == np.int64 and value.shape[-1] > max_seq_len:
+            raise StageError(f"verify prompt {index} has {value.shape[-1]} tokens ({name}), more than max_seq_len="
+                             f"{max_seq_len}: shorten it or raise max_seq_len")
 
 
 def run(node, inputs: dict[str, Path], out_dir: Path, workspace) -> dict:
