@@ -206,6 +206,14 @@ def _spread(model, std: float = 1.0) -> None:
                 parameter.normal_(0, std)
 
 
+def _save_random(folder: Path, auto_class, config, adjust) -> None:
+    """A random-weight model of `config`, adjusted (see _sharpen, _spread) and saved with save_pretrained."""
+    model = auto_class.from_config(config).eval()
+    adjust(model)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+
+
 def save_masked_lm(folder: Path, arch: str = "bert", seed: int = 0) -> Path:
     """A tiny BERT or RoBERTa with a tokenizer that has a mask token."""
     import torch
@@ -216,9 +224,7 @@ def save_masked_lm(folder: Path, arch: str = "bert", seed: int = 0) -> Path:
                   pad_token_id=0, bos_token_id=1, eos_token_id=2)
     config = BertConfig(**common, max_position_embeddings=64) if arch == "bert" else \
         RobertaConfig(**common, max_position_embeddings=66)  # RoBERTa's positions start after the padding id
-    model = AutoModelForMaskedLM.from_config(config).eval()
-    _sharpen(model)
-    model.save_pretrained(folder)
+    _save_random(folder, AutoModelForMaskedLM, config, _sharpen)
     save_tokenizer(folder, mask=True)
     return folder
 
@@ -237,9 +243,7 @@ def save_seq2seq(folder: Path, arch: str = "t5", seed: int = 0) -> Path:
                             decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
                             max_position_embeddings=64, decoder_start_token_id=2, eos_token_id=2, bos_token_id=1,
                             pad_token_id=0, forced_eos_token_id=None)
-    model = AutoModelForSeq2SeqLM.from_config(config).eval()
-    _spread(model)
-    model.save_pretrained(folder)
+    _save_random(folder, AutoModelForSeq2SeqLM, config, _spread)
     save_tokenizer(folder, mask=True)
     return folder
 
@@ -264,9 +268,7 @@ def save_speech(folder: Path, arch: str = "whisper", seed: int = 0) -> Path:
         config = Speech2TextConfig(**common, input_feat_per_channel=16, num_conv_layers=2, conv_channels=32,
                                    max_source_positions=64)
         extractor = Speech2TextFeatureExtractor(feature_size=16, num_mel_bins=16)
-    model = AutoModelForSpeechSeq2Seq.from_config(config).eval()
-    _spread(model)
-    model.save_pretrained(folder)
+    _save_random(folder, AutoModelForSpeechSeq2Seq, config, _spread)
     extractor.save_pretrained(folder)
     save_tokenizer(folder)
     return folder
@@ -301,10 +303,7 @@ def save_multimodal(folder: Path, arch: str = "llava", seed: int = 0) -> Path:
     audio_model = arch in ("voxtral", "audioflamingo3")
     auto = AutoModelForSeq2SeqLM if arch == "audioflamingo3" else \
         AutoModelForMultimodalLM if audio_model else AutoModelForImageTextToText
-    model = auto.from_config(config).eval()
-    _spread(model, 0.5)
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
+    _save_random(folder, auto, config, lambda model: _spread(model, 0.5))
     if audio_model:
         WhisperFeatureExtractor(feature_size=16, chunk_length=1).save_pretrained(folder)
     save_tokenizer(folder)

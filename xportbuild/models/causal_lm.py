@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from xportbuild.errors import StageError
+from xportbuild.models.common import eos_ids, load_pretrained, text_limit
 from xportbuild.recipe.spec import ExportSpec
 
 Step = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -21,20 +22,9 @@ STOCK_OPS = ExportSpec()  # the model's own attention and cache ops
 
 
 def load_model(model_dir: Path) -> torch.nn.Module:
-    """The float32 eager model from a fetched folder; remote code runs only if its source opted in."""
-    import json
-
     from transformers import AutoModelForCausalLM
 
-    from xportbuild.stages.fetch import SOURCE_RECORD
-
-    trust_remote_code = json.loads((model_dir / SOURCE_RECORD).read_text())["trust_remote_code"] is True
-    try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=trust_remote_code,
-                                                     use_safetensors=True)
-    except ValueError as err:
-        raise StageError(f"cannot load {model_dir} as a causal LM: {err}") from err
-    return model.eval()
+    return load_pretrained(AutoModelForCausalLM, model_dir, "causal LM")
 
 
 def exportable(model: torch.nn.Module, max_seq_len: int, export: ExportSpec = STOCK_OPS) -> torch.nn.Module:
@@ -45,10 +35,7 @@ def exportable(model: torch.nn.Module, max_seq_len: int, export: ExportSpec = ST
 
     from xportbuild.models import custom_attention
 
-    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-    if limit is not None and max_seq_len > limit:
-        raise StageError(f"max_seq_len = {max_seq_len} exceeds the model's max_position_embeddings ({limit}): "
-                         "lower max_seq_len in the model file")
+    text_limit(model, max_seq_len)
     model.generation_config = GenerationConfig(use_cache=True, cache_implementation="static")
     custom_attention.use_custom_ops(model, export)
     wrapper = TorchExportableModuleForDecoderOnlyLM(model, batch_size=1, max_cache_len=max_seq_len)
@@ -83,28 +70,19 @@ def export_methods(module: torch.nn.Module, max_seq_len: int,
     return {"forward": program}
 
 
-def runner_metadata(model: torch.nn.Module, model_dir: Path, max_seq_len: int, export: ExportSpec) -> dict:
+def runner_metadata(model: torch.nn.Module, max_seq_len: int, export: ExportSpec) -> dict:
     """The constant methods ExecuTorch's LLM runner reads (its runner/constants.h names), plus model facts.
 
     Read from the model's own config, not derived: head_dim is the config's (Gemma 3: 256, not hidden / heads),
     and the end-of-sequence ids merge generation_config.json's list with config.json's.
     """
-    from transformers import GenerationConfig
-
     config = model.config.get_text_config()
-    generation = GenerationConfig.from_pretrained(model_dir) if (model_dir / "generation_config.json").is_file() \
-        else None
-    eos_ids: list[int] = []
-    for value in (getattr(generation, "eos_token_id", None), config.eos_token_id):
-        for token in value if isinstance(value, list) else [value]:
-            if token is not None and int(token) not in eos_ids:
-                eos_ids.append(int(token))
-    bos = config.bos_token_id if config.bos_token_id is not None else getattr(generation, "bos_token_id", None)
+    bos = config.bos_token_id if config.bos_token_id is not None else model.generation_config.bos_token_id
     metadata = {
         "get_max_seq_len": max_seq_len,
         "get_max_context_len": max_seq_len,
         "get_vocab_size": config.vocab_size,
-        "get_eos_ids": eos_ids,
+        "get_eos_ids": eos_ids(model),
         "use_kv_cache": True,
         "use_sdpa_with_kv_cache": export.custom_sdpa,
         "enable_dynamic_shape": True,  # export_methods makes the sequence length dynamic

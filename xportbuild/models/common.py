@@ -23,10 +23,11 @@ def load_pretrained(auto_class, model_dir: Path, what: str):
     return model.eval()
 
 
-def text_limit(model, max_seq_len: int, limit_name: str = "max_position_embeddings") -> None:
-    limit = getattr(model.config.get_text_config(), limit_name, None)
+def text_limit(model, max_seq_len: int) -> None:
+    """max_seq_len must fit the text model's positions."""
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     if limit is not None and max_seq_len > limit:
-        raise StageError(f"max_seq_len = {max_seq_len} exceeds the model's {limit_name} ({limit}): "
+        raise StageError(f"max_seq_len = {max_seq_len} exceeds the model's max_position_embeddings ({limit}): "
                          "lower max_seq_len in the model file")
 
 

@@ -16,7 +16,7 @@ import torch
 
 from xportbuild.errors import StageError
 from xportbuild.models import inputs
-from xportbuild.models.common import attach_static_cache, eos_ids, load_pretrained, start_at
+from xportbuild.models.common import attach_static_cache, eos_ids, load_pretrained, start_at, text_limit
 from xportbuild.models.methods import Call, ExportableMethod, Outcome, greedy_token
 from xportbuild.recipe.spec import VerifyInputs
 
@@ -130,9 +130,7 @@ def _media(model, index: int) -> np.ndarray:
 
 
 def exportables(model, max_seq_len: int) -> dict[str, ExportableMethod]:
-    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-    if limit is not None and max_seq_len > limit:
-        raise StageError(f"max_seq_len = {max_seq_len} exceeds the text model's {limit} positions: lower it")
+    text_limit(model, max_seq_len)
     embedding, encoder = TokenEmbedding(model).eval(), MediaEncoder(model).eval()
     ids = torch.tensor([[1, 2, 3]], dtype=torch.long)
     seq_len = torch.export.Dim("seq_len", min=1, max=max_seq_len - 1)

@@ -7,9 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from xportbuild.models.kinds import KINDS
+
 SourceKind = Literal["hub", "local", "gguf"]
-TaskKind = Literal["causal-lm", "masked-lm", "image-classification", "text2text", "speech-recognition",
-                   "image-text-to-text", "audio-text-to-text"]
+TaskKind = Literal[tuple(KINDS)]  # type: ignore[valid-type]  # the names come from the kinds table
 Backend = Literal["xnnpack", "portable"]
 LinearScheme = Literal["none", "8da4w", "8da8w", "4w", "8w"]
 EmbeddingScheme = Literal["none", "4w", "8w"]

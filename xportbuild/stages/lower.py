@@ -12,7 +12,7 @@ from xportbuild.errors import StageError
 from xportbuild.keys import library_versions, module_source_digest
 from xportbuild.plan import STAGE_CODE
 from xportbuild.recipe.spec import LowerSpec
-from xportbuild.stages.program import MODEL_FACTS_FILE, load_programs
+from xportbuild.stages.program import MODEL_FACTS_FILE, load_target_programs, program_inputs
 
 PTE_FILE = "model.pte"
 # Weights stored outside the .pte (ExecuTorch's program-data separation): the shared tied table lives here,
@@ -49,7 +49,7 @@ def lower(program_dirs: list[Path], spec: LowerSpec, pass_refs: list[str], repo_
     import torch
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
 
-    programs = {method: program for folder in program_dirs for method, program in load_programs(folder).items()}
+    programs = load_target_programs(program_dirs)
     functions = [passes.strip_embedding_padding_idx] + [passes.resolve(ref, repo_root) for ref in pass_refs]
     table_shapes = _shared_table_shapes(programs) if shared_table else set()
     # Lowering a loaded program with autograd on fails on the KV cache's in-place copy_.
@@ -147,11 +147,11 @@ def run(node, inputs: dict[str, Path], out_dir: Path, workspace) -> dict:
     spec = LowerSpec(**{**lower_params, "passes": tuple(lower_params["passes"])})
     refs = [p["ref"] for p in node.params["passes"]]
     # An entry's folder is named by its key: the provenance names the exact programs lowered.
-    program_inputs = {name: folder for name, folder in inputs.items() if name.split(".")[0] == "program"}
+    programs = program_inputs(inputs)
     provenance = {"target": node.subject, "lower_params": node.params}
-    if "program" in program_inputs:
-        provenance["program_key"] = program_inputs["program"].name
+    if "program" in programs:
+        provenance["program_key"] = programs["program"].name
     else:
-        provenance["program_keys"] = {name.removeprefix("program."): folder.name for name, folder in program_inputs.items()}
-    return lower(list(program_inputs.values()), spec, refs, str(passes.repo_root(node.origin)), out_dir,
+        provenance["program_keys"] = {name.removeprefix("program."): folder.name for name, folder in programs.items()}
+    return lower(list(programs.values()), spec, refs, str(passes.repo_root(node.origin)), out_dir,
                  node.params["shared_table"], provenance, tuple(node.params["custom_ops"]))

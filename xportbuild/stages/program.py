@@ -51,6 +51,16 @@ def load_programs(entry_dir: Path) -> dict:
     return programs
 
 
+def program_inputs(inputs: dict[str, Path]) -> dict[str, Path]:
+    """A stage's program entries: "program" (one node for all methods) or "program.<method>" (one per method)."""
+    return {name: folder for name, folder in inputs.items() if name == "program" or name.startswith("program.")}
+
+
+def load_target_programs(folders: list[Path]) -> dict:
+    """{method: ExportedProgram} over every program entry of a target."""
+    return {method: program for folder in folders for method, program in load_programs(folder).items()}
+
+
 def refuse_unsafe_pickles(path: Path) -> None:
     """torch.export.load unpickles some payloads with weights_only=False. A .pt2 may come from a shared cache, so
     every pickled payload in it must first load under the weights_only unpickler (tensors, allowlisted types)."""
@@ -83,7 +93,7 @@ def export_program(model_dir: Path, max_seq_len: int, export: ExportSpec, out_di
     from xportbuild.models import causal_lm
 
     model = causal_lm.load_model(model_dir)
-    metadata = causal_lm.runner_metadata(model, model_dir, max_seq_len, export)
+    metadata = causal_lm.runner_metadata(model, max_seq_len, export)
     prepared = prepare(model) if prepare is not None else {}
     programs = causal_lm.export_methods(causal_lm.exportable(model, max_seq_len, export), max_seq_len, export)
     missing = set(causal_lm.METHODS) - set(programs)

@@ -207,6 +207,7 @@ def quantize_part(node, inputs: dict[str, Path], out_dir: Path) -> dict:
     spec, max_seq_len = QuantSpec(**node.params["quantize"]), node.params["max_seq_len"]
 
     def prepare(model) -> dict:
+        # Wrappers of its own: running them fills a decoder's cache buffers, and export_part exports fresh ones.
         exportable = kind.wrapper().exportables(model, max_seq_len)[method]
         used = modules_called(model, exportable)
         report = quantize_model(model, spec, node.params["group_scale_dtype"], used)

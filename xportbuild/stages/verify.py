@@ -61,18 +61,22 @@ def missed(checks: list[tuple[str, float, str, float]]) -> list[str]:
             if not (value >= limit if op == ">=" else value <= limit)]
 
 
+def threshold_checks(ref: dict, prog: dict, tolerances: Tolerances) -> list[tuple[str, float, str, float]]:
+    """The recipe's thresholds on numbers against float (`ref`) and against the program (`prog`); top-1 and KL only
+    where the outputs are scores (logits), not hidden states."""
+    checks = [("vs float: mean cosine", ref["cosine_mean"], ">=", tolerances.min_cosine)]
+    if "top1" in ref:
+        checks.append(("vs float: top-1 agreement", ref["top1"], ">=", tolerances.min_top1))
+    checks.append(("vs float: max abs error", ref["max_abs"], "<=", tolerances.max_abs))
+    if "kl_mean" in ref:
+        checks.append(("vs float: mean KL divergence", ref["kl_mean"], "<=", tolerances.max_kl))
+    return checks + [("vs program: min cosine", prog["cosine_min"], ">=", tolerances.min_cosine_vs_program),
+                     ("vs program: max abs error", prog["max_abs"], "<=", tolerances.max_abs_vs_program)]
+
+
 def judge(numbers: dict, tolerances: Tolerances) -> list[str]:
     """Every threshold the numbers miss, as readable lines."""
-    ref, prog = numbers["vs_reference"], numbers["vs_program"]
-    checks = [
-        ("vs float: mean cosine", ref["cosine_mean"], ">=", tolerances.min_cosine),
-        ("vs float: top-1 agreement", ref["top1"], ">=", tolerances.min_top1),
-        ("vs float: max abs error", ref["max_abs"], "<=", tolerances.max_abs),
-        ("vs float: mean KL divergence", ref["kl_mean"], "<=", tolerances.max_kl),
-        ("vs program: min cosine", prog["cosine_min"], ">=", tolerances.min_cosine_vs_program),
-        ("vs program: max abs error", prog["max_abs"], "<=", tolerances.max_abs_vs_program),
-    ]
-    failures = missed(checks)
+    failures = missed(threshold_checks(numbers["vs_reference"], numbers["vs_program"], tolerances))
     for index, item in enumerate(numbers["greedy"]):
         margin = item["program_margin_at_divergence"]
         if margin is not None and margin > tolerances.greedy_tie_margin:
@@ -188,16 +192,7 @@ def judge_methods(numbers: dict, tolerances: Tolerances) -> list[str]:
     """Every threshold a method misses, and every outcome of the .pte that departs from the program's beyond a tie."""
     failures = []
     for method, compared in numbers["methods"].items():
-        ref, prog = compared["vs_reference"], compared["vs_program"]
-        checks = [
-            ("vs float: mean cosine", ref["cosine_mean"], ">=", tolerances.min_cosine),
-            ("vs float: max abs error", ref["max_abs"], "<=", tolerances.max_abs),
-            ("vs program: min cosine", prog["cosine_min"], ">=", tolerances.min_cosine_vs_program),
-            ("vs program: max abs error", prog["max_abs"], "<=", tolerances.max_abs_vs_program),
-        ]
-        if "top1" in ref:
-            checks += [("vs float: top-1 agreement", ref["top1"], ">=", tolerances.min_top1),
-                       ("vs float: mean KL divergence", ref["kl_mean"], "<=", tolerances.max_kl)]
+        checks = threshold_checks(compared["vs_reference"], compared["vs_program"], tolerances)
         failures += [f"method {method}: {failure}" for failure in missed(checks)]
     for index, item in enumerate(numbers["greedy"]):
         margin = item["program_margin_at_divergence"]
@@ -214,9 +209,9 @@ def verify_methods(pte_path: Path, program_dirs: list[Path], reference_dir: Path
     """A multi-method kind's .pte against its programs and the float reference; raises VerifyFailed."""
     from xportbuild import runtime
     from xportbuild.models.methods import load_samples, program_call
-    from xportbuild.stages.program import MODEL_FACTS_FILE, load_programs
+    from xportbuild.stages.program import MODEL_FACTS_FILE, load_target_programs
 
-    programs = {method: program for folder in program_dirs for method, program in load_programs(folder).items()}
+    programs = load_target_programs(program_dirs)
     facts = json.loads((program_dirs[0] / MODEL_FACTS_FILE).read_text())["runner"]
     numbers = measure_methods(runtime.pte_call(pte_path), program_call(programs), load_samples(reference_dir), task,
                               facts, max_new_tokens)
@@ -236,8 +231,9 @@ def run(node, inputs: dict[str, Path], out_dir: Path, workspace) -> dict:
     from xportbuild.stages.lower import PTE_FILE
 
     if node.params["task"] != "causal-lm":
-        program_dirs = [folder for name, folder in inputs.items() if name.startswith("program.")]
-        numbers = verify_methods(inputs["lower"] / PTE_FILE, program_dirs, inputs["reference"],
+        from xportbuild.stages.program import program_inputs
+
+        numbers = verify_methods(inputs["lower"] / PTE_FILE, list(program_inputs(inputs).values()), inputs["reference"],
                                  Tolerances(**node.params["tolerances"]), node.subject, node.params["task"],
                                  node.params["max_new_tokens"])
         (out_dir / "verification.json").write_text(json.dumps(numbers, indent=1))
