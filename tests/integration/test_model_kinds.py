@@ -41,12 +41,18 @@ def kind_weights(tmp_path_factory):
 
 
 def kind_model_toml(task: str, folder: Path, recipes: list[str], max_seq_len: int = 64) -> str:
+    """A model file with exactly the keys its kind uses (an unused one is refused)."""
+    from xportbuild.models.kinds import KINDS as TASK_KINDS
+
+    kind = TASK_KINDS[task]
     quoted = ", ".join(f'"{r}"' for r in recipes)
     prompts = ", ".join(f'"{p}"' for p in PROMPTS)
     overrides = "".join(QUANT_TOLERANCES.format(recipe=r) for r in recipes if r != "xnnpack-fp32")
-    return (f'doc = "tiny {task} model"\ntask = "{task}"\nmax_seq_len = {max_seq_len}\nrecipes = [{quoted}]\n\n'
-            f"[source]\n{local(folder)}\n\n[verify]\nprompts = [{prompts}]\nmax_new_tokens = 6\nsamples = 2\n"
-            f"{overrides}")
+    sequence = f"max_seq_len = {max_seq_len}\n" if kind.has_sequence else ""
+    inputs = f"prompts = [{prompts}]\n" if kind.prompted else "samples = 2\n"
+    generation = "max_new_tokens = 6\n" if kind.generates else ""
+    return (f'doc = "tiny {task} model"\ntask = "{task}"\n{sequence}recipes = [{quoted}]\n\n'
+            f"[source]\n{local(folder)}\n\n[verify]\n{inputs}{generation}{overrides}")
 
 
 def _manifest(project, target: str) -> dict:

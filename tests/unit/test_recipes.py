@@ -164,6 +164,14 @@ IMAGE_CLASSIFIER = 'doc = "x"\ntask = "image-classification"\nrecipes = ["r"]\n'
      "generated inputs"),
     (MASKED_LM.replace('prompts = ["hi"]', "max_new_tokens = 4"), 'backend = "xnnpack"\n',
      "m.toml: verify.prompts: task 'masked-lm' is verified on text"),
+    (MASKED_LM.replace('prompts = ["hi"]', 'prompts = ["hi"]\nmax_new_tokens = 4'), 'backend = "xnnpack"\n',
+     "m.toml: verify.max_new_tokens: set, but task 'masked-lm' generates nothing: it would do nothing"),
+    (MASKED_LM.replace('prompts = ["hi"]', 'prompts = ["hi"]\nsamples = 2'), 'backend = "xnnpack"\n',
+     "m.toml: verify.samples: set, but task 'masked-lm' is verified on its prompts"),
+    (IMAGE_CLASSIFIER.replace("samples = 0", 'samples = 1\nprompts = ["a cat"]'), 'backend = "xnnpack"\n',
+     "m.toml: verify.prompts: set, but task 'image-classification' is verified on generated inputs only"),
+    (IMAGE_CLASSIFIER.replace("samples = 0", "samples = 1").replace('recipes = ["r"]', 'recipes = ["r"]\nmax_seq_len = 8'),
+     'backend = "xnnpack"\n', "m.toml: max_seq_len: 8 set, but task 'image-classification' has no sequence length"),
 ])
 def test_kind_specific_problems_name_file_key_and_value(tmp_path, model, body, message):
     with pytest.raises(RecipeError) as caught:

@@ -12,7 +12,9 @@ class Kind:
 
     `auto_mappings` name transformers' model-type tables of the Auto classes that load it, so a model type the kind
     cannot load is rejected from its config alone. `logit_methods` return scores over a vocabulary or labels:
-    verify compares their top-1 as well as their values.
+    verify compares their top-1 as well as their values. `prompted`: verified on the model file's prompts (else on
+    generated images or audio only); `generates`: verified by generating tokens (else by one forward's labels or
+    tokens).
     """
 
     task: str
@@ -20,7 +22,13 @@ class Kind:
     methods: tuple[str, ...]
     auto_mappings: tuple[str, ...]
     logit_methods: tuple[str, ...]
-    generates: bool  # True: verified by generating tokens; False: by the labels or tokens of one forward
+    generates: bool
+    prompted: bool = True
+
+    @property
+    def has_sequence(self) -> bool:
+        """Whether max_seq_len means anything: the longest prompt or the generated length."""
+        return self.prompted or self.generates
 
     def wrapper(self):
         """The kind's module (imports torch)."""
@@ -33,11 +41,11 @@ KINDS: dict[str, Kind] = {kind.task: kind for kind in (
     Kind("masked-lm", "xportbuild.models.masked_lm", ("forward",), ("MODEL_FOR_MASKED_LM_MAPPING_NAMES",),
          ("forward",), False),
     Kind("image-classification", "xportbuild.models.image_classifier", ("forward",),
-         ("MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES",), ("forward",), False),
+         ("MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES",), ("forward",), False, prompted=False),
     Kind("text2text", "xportbuild.models.seq2seq", ("encoder", "text_decoder"),
          ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",), ("text_decoder",), True),
     Kind("speech-recognition", "xportbuild.models.seq2seq", ("encoder", "text_decoder"),
-         ("MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES",), ("text_decoder",), True),
+         ("MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES",), ("text_decoder",), True, prompted=False),
     Kind("image-text-to-text", "xportbuild.models.multimodal", ("token_embedding", "text_decoder", "vision_encoder"),
          ("MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES",), ("text_decoder",), True),
     Kind("audio-text-to-text", "xportbuild.models.multimodal", ("token_embedding", "text_decoder", "audio_encoder"),

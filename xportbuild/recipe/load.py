@@ -22,8 +22,6 @@ from xportbuild.recipe.spec import (
     VerifyInputs,
 )
 
-# Tasks verified on generated images or audio only, not on prompts.
-_GENERATED_INPUT_TASKS = ("image-classification", "speech-recognition")
 _SOURCE_FIELDS = {"hub": {"repo", "revision"}, "local": {"path"}, "gguf": set()}
 # Names become task names and folder names under artifacts/ and the state dir: keep them plain.
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*(\.[a-z0-9_-]+)*$")
@@ -125,27 +123,48 @@ def _load_model(file: Path, problems: _Problems) -> tuple[ModelSpec | None, dict
         found = len(problems)
         _check_source(source, file, problems)
         source = source if len(problems) == found else None
-    verify = _build(VerifyInputs, data.pop("verify", None), file, "verify.", problems)
+    verify_data = data.pop("verify", None)
+    verify = _build(VerifyInputs, verify_data, file, "verify.", problems)
     fixed = {"name": file.stem, "file": str(file), "source": source, "verify": verify}
     model = _build(ModelSpec, data, file, "", problems, fixed=fixed, tables=("source", "verify", "tolerances"))
-    if model is not None and model.task != "image-classification" and model.max_seq_len < 2:
-        problems.add(file, "max_seq_len", f"{model.max_seq_len} is too small (at least 2)"
-                     if "max_seq_len" in data else f"missing: task {model.task!r} needs a sequence length")
+    if model is not None:
+        _check_sequence(model, "max_seq_len" in data, file, problems)
     if verify is not None and model is not None:
-        _check_verify_inputs(model.task, verify, file, problems)
+        _check_verify_inputs(model.task, verify, set(verify_data), file, problems)
     if None in (source, verify):
         return None, overrides
     return model, overrides
 
 
-def _check_verify_inputs(task: str, verify: VerifyInputs, file: Path, problems: _Problems) -> None:
-    if task in _GENERATED_INPUT_TASKS:
+def _check_sequence(model: ModelSpec, declared: bool, file: Path, problems: _Problems) -> None:
+    if not KINDS[model.task].has_sequence:
+        if declared:
+            problems.add(file, "max_seq_len", f"{model.max_seq_len} set, but task {model.task!r} has no sequence "
+                         "length: it would do nothing")
+    elif model.max_seq_len < 2:
+        problems.add(file, "max_seq_len", f"{model.max_seq_len} is too small (at least 2)"
+                     if declared else f"missing: task {model.task!r} needs a sequence length")
+
+
+def _check_verify_inputs(task: str, verify: VerifyInputs, declared: set[str], file: Path, problems: _Problems) -> None:
+    """What the task is verified on must be given, and what it does not use must not be (it would do nothing)."""
+    kind = KINDS[task]
+    if kind.prompted:
+        if not verify.prompts:
+            problems.add(file, "verify.prompts", f"task {task!r} is verified on text: needs at least one prompt")
+        if "samples" in declared:
+            problems.add(file, "verify.samples", f"set, but task {task!r} is verified on its prompts (one generated "
+                         "input per prompt where it takes images or audio): it would do nothing")
+    else:
         if verify.samples < 1:
             problems.add(file, "verify.samples", f"{verify.samples}: task {task!r} is verified on generated inputs; "
                          "at least 1")
-    elif not verify.prompts:
-        problems.add(file, "verify.prompts", f"task {task!r} is verified on text: needs at least one prompt")
-    if verify.max_new_tokens < 1:
+        if "prompts" in declared:
+            problems.add(file, "verify.prompts", f"set, but task {task!r} is verified on generated inputs only: it "
+                         "would do nothing")
+    if not kind.generates and "max_new_tokens" in declared:
+        problems.add(file, "verify.max_new_tokens", f"set, but task {task!r} generates nothing: it would do nothing")
+    elif verify.max_new_tokens < 1:
         problems.add(file, "verify.max_new_tokens", f"{verify.max_new_tokens}: at least 1")
 
 
