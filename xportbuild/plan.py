@@ -61,7 +61,11 @@ class StageNode:
     params: dict
     inputs: dict[str, str] = field(default_factory=dict)
     origin: str = ""  # the model or recipe file it comes from: for messages and imports, not the key
-    part: str = ""  # the one method a per-method program or quantize node exports
+
+    @property
+    def part(self) -> str:
+        """The one method a per-method program or quantize node exports ("" for a node of all methods)."""
+        return self.params.get("method", "")
 
     @property
     def task(self) -> str:
@@ -147,9 +151,9 @@ def _method_nodes(target: Target, fetch_task: str, reference_task: str) -> dict[
         if quantize.enabled:
             params = {**params, "quantize": as_dict(quantize), "group_scale_dtype": _group_scale_dtype(target)}
             node = StageNode("quantize", f"{target.name}.{method}", params,
-                             {"fetch": fetch_task, "reference": reference_task}, target.recipe.file, part=method)
+                             {"fetch": fetch_task, "reference": reference_task}, target.recipe.file)
         else:
-            node = StageNode("program", f"{model.name}.{method}", params, {"fetch": fetch_task}, model.file, part=method)
+            node = StageNode("program", f"{model.name}.{method}", params, {"fetch": fetch_task}, model.file)
         nodes[f"program.{method}"] = node
     return nodes
 

@@ -160,6 +160,9 @@ IMAGE_CLASSIFIER = 'doc = "x"\ntask = "image-classification"\nrecipes = ["r"]\n'
      'linear = "8da4w"\n', "r.toml: quantize.text_decoder: model m (task 'causal-lm'"),
     (MASKED_LM, 'backend = "xnnpack"\n[export]\ncustom_sdpa = true\ncustom_kv_cache = true\n',
      "r.toml: export.custom_sdpa = true: only a causal-lm model exports it, and model m"),
+    (MASKED_LM, 'backend = "xnnpack"\n[quantize]\nlinear = "8da8w"\nlinear_group_size = 0\nembedding = "8w"\n'
+     '[quantize.forward]\ntied_table = "shared"\n',
+     'r.toml: quantize.forward.tied_table = "shared": only a causal-lm model exports it'),
     (IMAGE_CLASSIFIER, 'backend = "xnnpack"\n', "m.toml: verify.samples: 0: task 'image-classification' is verified on "
      "generated inputs"),
     (MASKED_LM.replace('prompts = ["hi"]', "max_new_tokens = 4"), 'backend = "xnnpack"\n',

@@ -271,8 +271,9 @@ def _causal_lm_only_problems(model: ModelSpec, recipe: RecipeSpec) -> list[str]:
     if model.task == "causal-lm":
         return []
     knobs = [f"export.{name} = true" for name in ("custom_sdpa", "custom_kv_cache") if getattr(recipe.export, name)]
-    if recipe.quantize.tied_table == "shared":
-        knobs.append('quantize.tied_table = "shared"')
+    for table, spec in (("quantize", recipe.quantize), *((f"quantize.{m}", s) for m, s in recipe.method_quantize)):
+        if spec.tied_table == "shared":
+            knobs.append(f'{table}.tied_table = "shared"')
     return [f"{recipe.file}: {knob}: only a causal-lm model exports it, and model {model.name} ({model.file}) is task "
             f"{model.task!r}; list a recipe without it (e.g. xnnpack-8da8w)" for knob in knobs]
 
