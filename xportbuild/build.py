@@ -7,6 +7,7 @@ import importlib
 import json
 import logging
 import os
+import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -210,12 +211,25 @@ def build_node(plan: Plan, workspace: Workspace, task: str) -> Entry:
     return entry
 
 
-def _keep_failed_numbers(workspace: Workspace, node: StageNode, failure: VerifyFailed) -> None:
-    """A failed verification is not cached, but its numbers are kept for the user to read."""
+def _keep_failed(workspace: Workspace, node: StageNode, failure: VerifyFailed) -> None:
+    """A failed verification is not cached, but its numbers and the files that failed are kept for the user, with
+    the model file's override that would accept them knowingly."""
     path = workspace.state_file("failed", node.task)
-    write_atomic(path, json.dumps({"failures": failure.failures, "numbers": failure.numbers}, indent=1).encode())
+    write_atomic(path, json.dumps({"failures": failure.failures, "numbers": failure.numbers,
+                                   "accept": failure.accept}, indent=1).encode())
+    folder = workspace.state_dir / "failed" / node.subject
+    for kept in failure.keep:
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(kept, folder / f".{kept.name}.tmp")
+        os.replace(folder / f".{kept.name}.tmp", folder / kept.name)
     workspace.record_event(task=node.task, stage=node.stage, event="failed", path=str(path))
-    log.error("%s: verification numbers kept in %s", node.task, path)
+    log.error("%s: verification numbers kept in %s%s", node.task, path,
+              f", the failed {', '.join(kept.name for kept in failure.keep)} in {folder}" if failure.keep else "")
+    if failure.accept and node.origin:
+        recipe = node.subject.removeprefix(f"{Path(node.origin).stem}-")
+        lines = "\n".join(f"    {name} = {value:g}" for name, value in sorted(failure.accept.items()))
+        log.error("%s: to accept these numbers knowingly, add to %s:\n    [tolerances.%s]\n%s", node.task,
+                  node.origin, recipe, lines)
 
 
 def _run_stage(node: StageNode, resolver: Resolver, workspace: Workspace, doc: dict, key: str) -> Entry:
@@ -227,7 +241,7 @@ def _run_stage(node: StageNode, resolver: Resolver, workspace: Workspace, doc: d
             try:
                 result = _runner(node.stage)(node, inputs, scratch, workspace)
             except VerifyFailed as failure:
-                _keep_failed_numbers(workspace, node, failure)
+                _keep_failed(workspace, node, failure)
                 raise
         seconds = time.perf_counter() - started
         record = {"stage": node.stage, "task": node.task, "key_doc": doc, "result": result,

@@ -38,10 +38,13 @@ class StageError(XportError):
 class VerifyFailed(XportError):
     """The lowered program does not agree with the reference within the recipe's tolerances."""
 
-    def __init__(self, target: str, failures: list[str], numbers: dict | None = None):
+    def __init__(self, target: str, failures: list[str], numbers: dict | None = None,
+                 accept: dict[str, float] | None = None, keep: tuple = ()):
         self.target = target
         self.failures = list(failures)
         self.numbers = numbers or {}
+        self.accept = accept or {}  # tolerance -> the value that would have accepted these numbers
+        self.keep = tuple(keep)  # the files that failed (the .pte), kept outside the cache for the user
         super().__init__(f"{target}: verification failed:\n" + "\n".join(f"  - {f}" for f in failures))
 
 

@@ -13,8 +13,8 @@ from xportbuild.recipe.spec import Target, as_dict
 STAGE_CODE: dict[str, tuple[str, ...]] = {
     "fetch": ("xportbuild.stages.fetch", "xportbuild.sources"),
     "reference": ("xportbuild.stages.reference",),
-    "program": ("xportbuild.stages.program",),
-    "quantize": ("xportbuild.stages.program", "xportbuild.stages.quantize", "xportbuild.quality"),
+    "program": ("xportbuild.stages.program", "xportbuild.pt2"),
+    "quantize": ("xportbuild.stages.program", "xportbuild.pt2", "xportbuild.stages.quantize", "xportbuild.quality"),
     "lower": ("xportbuild.stages.lower", "xportbuild.backends", "xportbuild.passes", "xportbuild.models.custom_attention"),
     "verify": ("xportbuild.stages.verify", "xportbuild.runtime", "xportbuild.llm_runner", "xportbuild.quality"),
     "sensitivity": ("xportbuild.stages.sensitivity", "xportbuild.stages.quantize", "xportbuild.quality"),
@@ -191,6 +191,7 @@ def plan_targets(targets: list[Target]) -> Plan:
             target.name,
             _verify_params(target),
             {"lower": lower.task, **program_inputs, "reference": reference_task, "fetch": fetch_task},
+            origin=target.model.file,
         )
         for node in (*programs.values(), lower, verify):
             nodes[node.task] = node

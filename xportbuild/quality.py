@@ -1,7 +1,8 @@
 """How close a model's next-token predictions are to the float reference: the numbers every stage reports.
 
 A `Step` (see models.causal_lm) is teacher-forced on the reference's greedy continuation, so every position
-is compared on the same context; greedy decoding then shows where the generated text first departs."""
+is compared on the same context. Means are pooled over positions; their uncertainty comes from a bootstrap over
+prompts, since positions of one prompt share their context and are not independent samples."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ def compare_logits(actual: np.ndarray, expected: np.ndarray) -> dict:
     norms = np.linalg.norm(actual, axis=-1) * np.linalg.norm(expected, axis=-1)
     cosine = dot / np.maximum(norms, 1e-12)
     return {
+        "positions": len(cosine),
         "cosine_mean": float(cosine.mean()),
         "cosine_min": float(cosine.min()),
         "top1": float((actual.argmax(-1) == expected.argmax(-1)).mean()),
@@ -30,7 +32,7 @@ def compare_outputs(actual: np.ndarray, expected: np.ndarray, logits: bool) -> d
     if logits:
         return compare_logits(actual, expected)
     numbers = compare_logits(actual, expected)
-    return {name: numbers[name] for name in ("cosine_mean", "cosine_min", "max_abs")}
+    return {name: numbers[name] for name in ("positions", "cosine_mean", "cosine_min", "max_abs")}
 
 
 def method_quality(actual: list[list], expected: list[list], logit_methods: tuple[str, ...]) -> dict[str, dict]:
@@ -56,13 +58,39 @@ def kl_divergence(reference: np.ndarray, other: np.ndarray) -> np.ndarray:
 
 
 def merge(per_prompt: list[dict]) -> dict:
-    """Means over prompts, worst case for minima and maxima."""
+    """Means pooled over every position of every prompt, worst case for minima and maxima."""
+    weights = [m.get("positions", 1) for m in per_prompt]
     merged = {}
     for name in per_prompt[0]:
         values = [m[name] for m in per_prompt]
-        merged[name] = min(values) if name.endswith("_min") else max(values) if name.startswith("max") else \
-            float(np.mean(values))
+        merged[name] = sum(values) if name == "positions" else min(values) if name.endswith("_min") else \
+            max(values) if name.startswith("max") else float(np.average(values, weights=weights))
     return merged
+
+
+INTERVAL_LEVEL = 0.95
+_INTERVAL_NAMES = ("top1", "kl_mean", "cosine_mean")
+
+
+def intervals(per_prompt: list[dict], resamples: int = 2000) -> dict:
+    """A 95% percentile-bootstrap interval over prompts for each pooled mean, e.g. "top1_interval": [lo, hi].
+
+    Seeded, so the same numbers give the same interval on every machine."""
+    rng = np.random.default_rng(0)
+    weights = np.array([m.get("positions", 1) for m in per_prompt], dtype=np.float64)
+    picks = rng.integers(0, len(per_prompt), size=(resamples, len(per_prompt)))
+    tail = (1 - INTERVAL_LEVEL) / 2
+    found = {}
+    for name in (name for name in _INTERVAL_NAMES if name in per_prompt[0]):
+        values = np.array([m[name] for m in per_prompt], dtype=np.float64)
+        means = (values[picks] * weights[picks]).sum(1) / weights[picks].sum(1)
+        found[f"{name}_interval"] = [float(bound) for bound in np.quantile(means, [tail, 1 - tail])]
+    return found
+
+
+def summarize(per_prompt: list[dict]) -> dict:
+    """Pooled numbers with their intervals, and how many prompts they rest on."""
+    return {**merge(per_prompt), **intervals(per_prompt), "prompts": len(per_prompt)}
 
 
 def first_divergence(a: list[int], b: list[int]) -> int | None:
@@ -74,12 +102,9 @@ def first_divergence(a: list[int], b: list[int]) -> int | None:
 
 
 def quality(step, references: list[dict]) -> dict:
-    """Teacher-forced agreement with the float reference, plus where greedy text first departs from it."""
+    """Teacher-forced agreement with the float reference over every position of every prompt."""
     from xportbuild.models import causal_lm
 
-    per_prompt, departures = [], []
-    for ref in references:
-        prompt, continuation = ref["prompt"].tolist(), ref["greedy"].tolist()
-        per_prompt.append(compare_logits(causal_lm.teacher_forced_logits(step, prompt, continuation), ref["logits"]))
-        departures.append(first_divergence(causal_lm.greedy(step, prompt, len(continuation)), continuation))
-    return {**merge(per_prompt), "greedy_departs_at": departures}
+    return summarize([compare_logits(causal_lm.teacher_forced_logits(step, ref["prompt"].tolist(),
+                                                                     ref["greedy"].tolist()), ref["logits"])
+                      for ref in references])

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import platform
 from pathlib import Path
+
+# CPU features that decide which kernels torch, XNNPACK and oneDNN pick, and so the last bits of every number.
+KERNEL_FEATURES = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+                   "avx512_fp16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16", "asimd", "asimddp", "sve", "i8mm")
 
 
 def load_kernels() -> None:
@@ -41,3 +47,30 @@ def pte_call(pte_path: Path):
         return module.run_method(method, args)[0]
 
     return call
+
+
+def machine() -> dict:
+    """Where numbers were measured: the CPU, its kernel-selecting features and the thread counts in use."""
+    import torch
+    from executorch.extension.pybindings.portable_lib import _threadpool_get_thread_count
+
+    cpu, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name.strip() == "model name":
+                cpu = value.strip()
+            elif name.strip() in ("flags", "Features"):
+                flags.update(value.split())
+    except OSError:  # not Linux: the architecture alone
+        pass
+    return {"cpu": cpu, "architecture": platform.machine(), "features": [f for f in KERNEL_FEATURES if f in flags],
+            "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "executorch_threads": _threadpool_get_thread_count(), "torch_kernels": torch.backends.cpu.get_cpu_capability()}
+
+
+def describe_machine(facts: dict) -> str:
+    """One line for reports: `AMD EPYC (x86_64; avx2 avx512f …), torch kernels AVX512, 2 torch threads`."""
+    return (f"{facts['cpu']} ({facts['architecture']}; {' '.join(facts['features']) or 'no listed features'}), "
+            f"{facts['cores']} cores, torch kernels {facts['torch_kernels']}, threads: torch {facts['torch_threads']}, "
+            f"ExecuTorch {facts.get('executorch_threads', '?')}")

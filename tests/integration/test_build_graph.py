@@ -20,7 +20,8 @@ def test_tiny_decoders_build_and_verify_fp32_and_8da4w(project, weights, arch):
         manifest = _published(project, f"tiny-{arch}-{recipe}")
         verify = manifest["stages"]["verify"]["result"]
         assert (project.root / "artifacts" / f"tiny-{arch}-{recipe}" / "model.pte").stat().st_size > 0
-        assert all(g["diverges_from_program_at"] is None for g in verify["greedy"])
+        # Where the .pte's greedy text leaves float's, its program (same context) chose the same token.
+        assert all(g["program_margin_at_divergence"] in (None, 0.0) for g in verify["greedy"]), verify["greedy"]
         assert manifest["stages"]["lower"]["result"]["delegation"]["forward"]["delegate_calls"] > 0
     quantized = _published(project, f"tiny-{arch}-xnnpack-8da4w")["stages"]["quantize"]["result"]["quantized"]
     assert quantized["linear"]["scheme"] == "8da8w" and sum(quantized["linear"]["layers"].values()) > 0

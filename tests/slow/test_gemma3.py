@@ -22,15 +22,25 @@ def manifest() -> dict:
     return json.loads((REPO / "artifacts" / TARGET / "manifest.json").read_text())
 
 
-def test_pte_greedy_matches_the_quantized_program_for_16_tokens(manifest):
-    """The .pte's 16 greedy tokens equal those of the quantized model it was lowered from (run eagerly in
-    PyTorch by verify), except a first difference at a near-tie within the recipe's greedy_tie_margin
-    (dynamically quantized activations are not bit-exact across kernels)."""
+def test_verification_rests_on_hundreds_of_positions_with_intervals(manifest):
+    """Every position of 16 prompts and their 32-token continuations; each agreement with its bootstrap interval,
+    and the machine that measured it."""
+    verify = manifest["stages"]["verify"]["result"]
+    for compared in (verify["vs_reference"], verify["vs_program"]):
+        assert compared["positions"] >= 500 and compared["prompts"] == 16
+        low, high = compared["top1_interval"]
+        assert low <= compared["top1"] <= high and high - low < 0.1
+    assert verify["machine"]["features"] and verify["machine"]["torch_kernels"]
+    assert "Measured on" in (REPO / "artifacts" / TARGET / "report.md").read_text()
+
+
+def test_pte_greedy_leaves_float_only_where_its_program_nearly_ties(manifest):
+    """Where the .pte's greedy text first leaves the float model's, its program (teacher-forced on the same
+    context) ranks the .pte's token within the recipe's greedy_tie_margin of its own choice."""
     margin = manifest["stages"]["verify"]["params"]["tolerances"]["greedy_tie_margin"]
     for item in manifest["stages"]["verify"]["result"]["greedy"]:
-        assert len(item["pte"]) >= 16 and len(item["program"]) == len(item["pte"])
-        if item["diverges_from_program_at"] is not None:
-            assert item["program_margin_at_divergence"] <= margin
+        assert len(item["pte"]) == 32
+        assert item["program_margin_at_divergence"] is None or item["program_margin_at_divergence"] <= margin
 
 
 def test_default_scheme_is_smaller_than_the_peers_and_closer_to_float(manifest):
@@ -40,7 +50,7 @@ def test_default_scheme_is_smaller_than_the_peers_and_closer_to_float(manifest):
     assert lowered["artifact_bytes"] <= 320_000_000
     assert lowered["shared_table"]["shapes"] == [[262144, 640]] and "model.ptd" in manifest["files"]
     by_stage = manifest["stages"]["verify"]["result"]["quality_by_stage"]
-    assert by_stage[".pte"]["top1"] >= 0.9 and by_stage["quantized eager"]["top1"] >= 0.9
+    assert by_stage[".pte"]["top1_interval"][0] > 0.72 and by_stage["quantized eager"]["top1_interval"][0] > 0.72
 
 
 def test_custom_ops_and_runner_metadata(manifest):

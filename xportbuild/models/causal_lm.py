@@ -111,12 +111,10 @@ def module_step(module: torch.nn.Module) -> Step:
 
 
 def teacher_forced_logits(step: Step, prompt: list[int], continuation: list[int]) -> np.ndarray:
-    """Logits at every position of prompt + continuation[:-1]: prefill once, then one token at a time."""
-    rows = [step(torch.tensor([prompt]), torch.arange(len(prompt)))[0]]
-    for offset, token in enumerate(continuation[:-1]):
-        position = torch.tensor([len(prompt) + offset])
-        rows.append(step(torch.tensor([[token]]), position)[0])
-    return torch.cat(rows).float().numpy()
+    """Logits at every position of prompt + continuation[:-1], in one call: `forward` takes a dynamic sequence
+    length, and a causal mask gives each position exactly the context token-by-token decoding would."""
+    tokens = prompt + continuation[:-1]
+    return step(torch.tensor([tokens]), torch.arange(len(tokens)))[0].float().numpy()
 
 
 def greedy(step: Step, prompt: list[int], max_new_tokens: int) -> list[int]:

@@ -8,6 +8,7 @@ import zipfile
 from collections import Counter
 from pathlib import Path
 
+from xportbuild import pt2
 from xportbuild.errors import StageError
 from xportbuild.recipe.spec import ExportSpec
 from xportbuild.stages.fetch import SOURCE_RECORD
@@ -19,12 +20,10 @@ MODEL_FACTS_FILE = "model_facts.json"
 
 def save_programs(programs: dict, out_dir: Path) -> dict:
     """Write each ExportedProgram as <method>.pt2 plus methods.json; returns per-method facts."""
-    import torch
-
     facts = {}
     for method, program in programs.items():
         path = out_dir / f"{method}.pt2"
-        torch.export.save(program, path)
+        pt2.save(program, path)
         ops = Counter(str(n.target) for n in program.graph.nodes if n.op == "call_function")
         quant_ops = sum(count for name, count in ops.items() if "quantize" in name or "choose_qparams" in name)
         facts[method] = {"file": path.name, "bytes": path.stat().st_size, "ops": sum(ops.values()),

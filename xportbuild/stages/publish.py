@@ -37,8 +37,10 @@ def manifest(plan: Plan, resolver: Resolver, target: str) -> dict:
         node = plan.nodes[task]
         stages[f"{node.stage}.{node.part}" if node.part else node.stage] = _stage_record(task, resolver.entry(task))
     target_spec = plan.targets[target].target
+    # The CPU whose kernels produced the verification numbers (a shared cache may have brought them from another).
+    verified_on = stages["verify"]["result"].get("machine")
     return {"target": target, "model": target_spec.model.name, "recipe": target_spec.recipe.name,
-            "xportbuild": __version__, "libraries": library_versions(), "stages": stages}
+            "xportbuild": __version__, "libraries": library_versions(), "verified_on": verified_on, "stages": stages}
 
 
 def published_state(plan: Plan, workspace: Workspace, target: str) -> tuple[bool, str]:

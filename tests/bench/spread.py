@@ -1,0 +1,114 @@
+"""Benchmark: how much verification numbers move without any defect, to set tolerances from a measured spread.
+
+    python tests/bench/spread.py gemma3-xnnpack-8da4w [--cache DIR] [--kernels default avx2 avx512] [--threads 1 2]
+
+For a target whose program and .pte are built (cache: this repo's .xportbuild/cache), every configuration
+re-runs, in a fresh process, what differs between two healthy machines: the float reference (greedy text and
+logits, with torch's kernels of that configuration), the program and the .pte (ExecuTorch's threadpool). The
+kernels are torch's ATEN_CPU_CAPABILITY paths this CPU can take; the threads are torch's and ExecuTorch's.
+Prints one row per configuration and the spread of each gated number, next to the recipe's tolerances.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+# What one configuration reports: (name in the table, where it is in verify's numbers).
+COLUMNS = (("top-1", ("vs_reference", "top1")), ("top-1 lo", ("vs_reference", "top1_interval", 0)),
+           ("top-1 hi", ("vs_reference", "top1_interval", 1)), ("mean KL", ("vs_reference", "kl_mean")),
+           ("mean cos", ("vs_reference", "cosine_mean")), ("max abs", ("vs_reference", "max_abs")),
+           ("prog min cos", ("vs_program", "cosine_min")), ("prog max abs", ("vs_program", "max_abs")),
+           ("prog top-1", ("vs_program", "top1")), ("worst greedy margin", ("worst_margin",)))
+
+
+def _entries(target: str, cache: Path) -> dict[str, str]:
+    """Folders of the target's fetch, program and lower entries."""
+    from xportbuild.build import Resolver, Workspace
+    from xportbuild.plan import plan_targets
+    from xportbuild.recipe import load_project
+
+    plan = plan_targets(load_project(REPO / "recipes"))
+    resolver = Resolver(plan, Workspace(cache, REPO / "artifacts", REPO / ".xportbuild"))
+    node = plan.nodes[plan.targets[target].verify]
+    folders = {name: resolver.entry(task) for name, task in node.inputs.items()}
+    if any(entry is None for entry in folders.values()):
+        sys.exit(f"build {target} up to its lower stage first: doit lower:{target}")
+    target_spec = plan.targets[target].target
+    return {**{name: str(entry.path) for name, entry in folders.items()}, "model_file": target_spec.model.file}
+
+
+def measure_one(entries: dict[str, str], threads: int) -> dict:
+    """In this process (its kernels set by the environment): reference, program and .pte numbers."""
+    import torch
+    from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+
+    from xportbuild import runtime
+    from xportbuild.models import causal_lm
+    from xportbuild.recipe import load_project
+    from xportbuild.stages import reference, verify
+    from xportbuild.stages.program import load_programs
+
+    torch.set_num_threads(threads)
+    _unsafe_reset_threadpool(threads)
+    model = next(t.model for t in load_project(REPO / "recipes") if t.model.file == entries["model_file"])
+    with tempfile.TemporaryDirectory() as scratch:
+        reference.reference(Path(entries["fetch"]), model.verify, model.max_seq_len, Path(scratch))
+        references = reference.load_reference(Path(scratch))
+    program = load_programs(Path(entries["program"]))["forward"]
+    numbers = verify.measure(runtime.method_step(Path(entries["lower"]) / "model.pte"),
+                             causal_lm.module_step(program.module()), references)
+    margins = [item["program_margin_at_divergence"] or 0.0 for item in numbers["greedy"]]
+    return {**numbers, "worst_margin": max(margins), "machine": runtime.machine()}
+
+
+def _value(numbers: dict, path: tuple) -> float:
+    for step in path:
+        numbers = numbers[step]
+    return numbers
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("target")
+    parser.add_argument("--cache", default=str(REPO / ".xportbuild" / "cache"))
+    parser.add_argument("--kernels", nargs="+", default=["default", "avx2", "avx512"])
+    parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one configuration
+    args = parser.parse_args()
+    if args.one:
+        print("RESULT " + json.dumps(measure_one(json.loads(args.one), args.threads[0])))
+        return
+    entries = _entries(args.target, Path(args.cache).resolve())
+    rows = []
+    for kernels in args.kernels:
+        for threads in args.threads:
+            env = {**os.environ, "ATEN_CPU_CAPABILITY": kernels, "OMP_NUM_THREADS": str(threads)}
+            result = subprocess.run([sys.executable, __file__, args.target, "--threads", str(threads), "--one",
+                                     json.dumps(entries)], env=env, capture_output=True, text=True)
+            line = next((line for line in result.stdout.splitlines() if line.startswith("RESULT ")), None)
+            if line is None:
+                sys.exit(f"configuration kernels={kernels} threads={threads} failed:\n{result.stderr[-3000:]}")
+            numbers = json.loads(line.removeprefix("RESULT "))
+            rows.append((f"{kernels} ({numbers['machine']['torch_kernels']}), {threads} threads", numbers))
+            print(f"measured kernels={kernels} threads={threads}", file=sys.stderr, flush=True)
+    print("| configuration | " + " | ".join(name for name, _ in COLUMNS) + " |")
+    print("|---" * (len(COLUMNS) + 1) + "|")
+    for label, numbers in rows:
+        print(f"| {label} | " + " | ".join(f"{_value(numbers, path):.4f}" for _, path in COLUMNS) + " |")
+    print("| **spread (max - min)** | " + " | ".join(
+        f"{max(_value(n, path) for _, n in rows) - min(_value(n, path) for _, n in rows):.4f}" for _, path in COLUMNS)
+        + " |")
+    print(f"\npositions per configuration: {', '.join(str(n['vs_reference']['positions']) for _, n in rows)}")
+
+
+if __name__ == "__main__":
+    main()

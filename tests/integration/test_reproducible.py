@@ -1,0 +1,51 @@
+"""Same key, same bytes: two cold builds in separate caches, with different thread counts, write identical
+programs and artifacts; a rebuilt program entry leaves every downstream key, and so its cached lowering, in place."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+from tests.conftest import DODO, REPO, Project
+from tests.integration.models import local, model_toml
+
+TARGET = "tiny-gemma3-xnnpack-8da4w"  # the default recipe: quantized, shared tied table, custom SDPA + KV cache
+STAGES = (f"quantize:{TARGET}", f"lower:{TARGET}")
+
+
+def _cold_project(tmp_path, weights, name: str, threads: int) -> Project:
+    """A repo of its own, with an empty cache of its own, running torch and ExecuTorch on `threads` threads."""
+    root = tmp_path / name
+    (root / "recipes" / "models").mkdir(parents=True)
+    shutil.copytree(REPO / "recipes" / "recipes", root / "recipes" / "recipes")
+    (root / "dodo.py").write_text(DODO)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads),
+           "XPORTBUILD_CACHE": str(tmp_path / f"{name}-cache")}
+    project = Project(root, env)
+    project.write_model("tiny-gemma3", model_toml(local(weights / "tiny-gemma3"), ["xnnpack-8da4w"]))
+    return project
+
+
+def _outputs(project: Project, task: str) -> dict[str, bytes]:
+    """The programs and artifacts a stage wrote, by file name."""
+    folder = project.entry(task).path
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir()) if path.suffix in (".pt2", ".pte", ".ptd")}
+
+
+def test_two_cold_builds_with_different_thread_counts_are_byte_identical(tmp_path, weights):
+    one, two = _cold_project(tmp_path, weights, "one", 1), _cold_project(tmp_path, weights, "two", 2)
+    for project in (one, two):
+        project.doit(f"export:{TARGET}")
+    for task in STAGES:
+        files = _outputs(one, task)
+        assert files, f"{task} wrote no program or artifact"
+        assert files == _outputs(two, task), f"{task}: the two cold builds differ"
+    for name in ("model.pte", "model.ptd"):
+        published = [(project.root / "artifacts" / TARGET / name).read_bytes() for project in (one, two)]
+        assert published[0] == published[1], name
+
+    # A program entry rebuilt from scratch is the same bytes, so lowering and verification are cache hits.
+    shutil.rmtree(two.entry(STAGES[0]).path)
+    before = len(two.events())
+    two.doit(f"export:{TARGET}")
+    assert two.built_since(before) == [STAGES[0]]
