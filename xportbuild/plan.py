@@ -12,7 +12,7 @@ from xportbuild.recipe.spec import Target, as_dict
 # run a model also depend on the wrapper of its kind (`stage_code`).
 STAGE_CODE: dict[str, tuple[str, ...]] = {
     "fetch": ("xportbuild.stages.fetch", "xportbuild.sources"),
-    "reference": ("xportbuild.stages.reference",),
+    "reference": ("xportbuild.stages.reference", "xportbuild.quality"),
     "program": ("xportbuild.stages.program", "xportbuild.pt2"),
     "quantize": ("xportbuild.stages.program", "xportbuild.pt2", "xportbuild.stages.quantize", "xportbuild.quality"),
     "lower": ("xportbuild.stages.lower", "xportbuild.backends", "xportbuild.passes", "xportbuild.models.custom_attention"),

@@ -1,13 +1,15 @@
 """Deterministic .pt2 archives: the same ExportedProgram always serializes to the same bytes.
 
-torch.export.save writes two values that differ on every save: each zip's `.data/serialization_id` (random) and
-every node's provenance `graph_id` (the Python id() of a graph). Same key must mean same bytes, or a rebuilt
-program never reuses the lowering cached from an identical one, so both are made functions of the content.
+torch.export.save writes values that differ on every run: each zip's `.data/serialization_id` (random), every
+node's provenance `graph_id` and target repr and the keys of its `nn_module_stack` (addresses). Same
+key must mean same bytes, or a rebuilt program never reuses the lowering cached from an identical one, so all are
+made functions of the content.
 """
 
 from __future__ import annotations
 
 import io
+import re
 import struct
 import zipfile
 import zlib
@@ -16,6 +18,8 @@ from pathlib import Path
 import xxhash
 
 _SERIALIZATION_ID = ".data/serialization_id"
+_ADDRESS = re.compile(r" at 0x[0-9a-f]+")
+_MODULE_ADDRESS = re.compile(r"(\d+)(@\d+)?$")
 _ZIP_MAGIC = b"PK\x03\x04"
 _LOCAL_HEADER = struct.Struct("<4s5H3L2H")  # signature ... crc32 at field 6, name and extra lengths last
 _CENTRAL_CRC_OFFSET = 16  # crc32 in a central directory record
@@ -24,15 +28,18 @@ _DEFERRED_CRC = 0x08  # general purpose flag bit 3: CRC and sizes follow the dat
 _DESCRIPTOR_MAGIC = b"PK\x07\x08"
 
 
-def number_graphs(program) -> None:
-    """Replace every provenance graph_id (an address) by the order in which its graph is first seen."""
+def number_addresses(program) -> None:
+    """Replace every address in node metadata (provenance graph ids, module-stack keys) by the order in which
+    its graph or module is first seen: the same identities, without the process's memory layout."""
     from torch.fx.traceback import NodeSource
 
-    numbers: dict[int, int] = {}
+    graphs: dict[int, int] = {}
+    modules: dict[str, str] = {}
 
     def renumber(source: NodeSource) -> None:
         if source.node_info is not None:
-            source.node_info.graph_id = numbers.setdefault(source.node_info.graph_id, len(numbers))
+            source.node_info.graph_id = graphs.setdefault(source.node_info.graph_id, len(graphs))
+            source.node_info.target = _ADDRESS.sub("", source.node_info.target)  # "<function f at 0x7f…>"
         source._dict = None  # its cached dict holds the old id
         for parent in source.from_node:
             renumber(parent)
@@ -42,13 +49,23 @@ def number_graphs(program) -> None:
         for node in graph.nodes if graph is not None else ():
             for source in node.meta.get("from_node", ()):
                 renumber(source)
+            if stack := node.meta.get("nn_module_stack"):
+                node.meta["nn_module_stack"] = {_module_key(key, modules): value for key, value in stack.items()}
+
+
+def _module_key(key: str, modules: dict[str, str]) -> str:
+    """`140523554991376@1` (a module's address, then its call) -> `m3@1`; other keys are kept."""
+    address = _MODULE_ADDRESS.match(key)
+    if address is None:
+        return key
+    return modules.setdefault(address[1], f"m{len(modules)}") + (address[2] or "")
 
 
 def save(program, path: Path) -> None:
     """torch.export.save, then every serialization id set from the archive's content."""
     import torch
 
-    number_graphs(program)
+    number_addresses(program)
     torch.export.save(program, path)
     with open(path, "r+b") as archive:
         _fix_ids(archive)

@@ -6,7 +6,23 @@ prompts, since positions of one prompt share their context and are not independe
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
+
+
+@contextmanager
+def one_thread():
+    """Compute numbers that are stored, and so hashed into downstream keys, on one torch thread: a reduction split
+    over threads rounds differently, and the same stage must write the same bytes whatever OMP_NUM_THREADS says."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def compare_logits(actual: np.ndarray, expected: np.ndarray) -> dict:
@@ -105,6 +121,7 @@ def quality(step, references: list[dict]) -> dict:
     """Teacher-forced agreement with the float reference over every position of every prompt."""
     from xportbuild.models import causal_lm
 
-    return summarize([compare_logits(causal_lm.teacher_forced_logits(step, ref["prompt"].tolist(),
-                                                                     ref["greedy"].tolist()), ref["logits"])
-                      for ref in references])
+    with one_thread():
+        return summarize([compare_logits(causal_lm.teacher_forced_logits(step, ref["prompt"].tolist(),
+                                                                         ref["greedy"].tolist()), ref["logits"])
+                          for ref in references])

@@ -1,12 +1,18 @@
 """Benchmark: how much verification numbers move without any defect, to set tolerances from a measured spread.
 
     python tests/bench/spread.py gemma3-xnnpack-8da4w [--cache DIR] [--kernels default avx2 avx512] [--threads 1 2]
+                                 [--emulate Haswell Nehalem]
 
 For a target whose program and .pte are built (cache: this repo's .xportbuild/cache), every configuration
 re-runs, in a fresh process, what differs between two healthy machines: the float reference (greedy text and
 logits, with torch's kernels of that configuration), the program and the .pte (ExecuTorch's threadpool). The
 kernels are torch's ATEN_CPU_CAPABILITY paths this CPU can take; the threads are torch's and ExecuTorch's.
-Prints one row per configuration and the spread of each gated number, next to the recipe's tolerances.
+Prints one row per configuration and the spread of each gated number.
+
+XNNPACK picks its kernels from the CPU's features, which no setting overrides. `--emulate` runs the .pte under
+`qemu-x86_64 -cpu MODEL` (Debian's qemu-user), whose emulated CPU lacks AVX-512 (Haswell: AVX2 + FMA; Nehalem:
+SSE4.2), so XNNPACK takes the kernels another machine would; the float reference and the program stay native
+(the rows above show torch's kernel path does not move them), so those rows isolate XNNPACK's kernel path.
 """
 
 from __future__ import annotations
@@ -46,6 +52,46 @@ def _entries(target: str, cache: Path) -> dict[str, str]:
     return {**{name: str(entry.path) for name, entry in folders.items()}, "model_file": target_spec.model.file}
 
 
+def pte_runs_to(entries: dict[str, str], out: Path) -> None:
+    """In this (possibly emulated) process: the .pte's runs on the cached reference, saved for the native side."""
+    import numpy as np
+
+    from xportbuild import runtime
+    from xportbuild.stages import reference, verify
+
+    runs = verify.run_pte(runtime.method_step(Path(entries["lower"]) / "model.pte"),
+                          reference.load_reference(Path(entries["reference"])))
+    arrays = {f"logits_{i}": run.logits for i, run in enumerate(runs)}
+    arrays.update({f"tokens_{i}": np.array(run.tokens) for i, run in enumerate(runs)})
+    np.savez(out, machine=json.dumps(runtime.machine()), **arrays)
+
+
+def measure_emulated(entries: dict[str, str], cpu: str) -> dict | None:
+    """The .pte run under an emulated CPU, compared natively with the cached reference and the program."""
+    import numpy as np
+
+    from xportbuild.models import causal_lm
+    from xportbuild.stages import reference, verify
+    from xportbuild.stages.program import load_programs
+
+    with tempfile.TemporaryDirectory() as scratch:
+        out = Path(scratch) / "runs.npz"
+        result = subprocess.run(["qemu-x86_64", "-cpu", cpu, sys.executable, __file__, "-", "--pte-runs", str(out),
+                                 "--one", json.dumps(entries)], capture_output=True, text=True)
+        if not out.is_file():  # e.g. a CPU older than the wheels' baseline: illegal instruction
+            print(f"emulated {cpu} failed: {result.stderr.strip().splitlines()[-1]}", file=sys.stderr)
+            return None
+        with np.load(out) as data:
+            count = sum(1 for name in data.files if name.startswith("logits_"))
+            runs = [verify.PteRun(data[f"logits_{i}"], data[f"tokens_{i}"].tolist(), 0.0) for i in range(count)]
+            machine = json.loads(str(data["machine"]))
+    references = reference.load_reference(Path(entries["reference"]))
+    program = load_programs(Path(entries["program"]))["forward"]
+    numbers = verify.measure(runs, causal_lm.module_step(program.module()), references)
+    margins = [item["program_margin_at_divergence"] or 0.0 for item in numbers["greedy"]]
+    return {**numbers, "worst_margin": max(margins), "machine": machine}
+
+
 def measure_one(entries: dict[str, str], threads: int) -> dict:
     """In this process (its kernels set by the environment): reference, program and .pte numbers."""
     import torch
@@ -63,9 +109,9 @@ def measure_one(entries: dict[str, str], threads: int) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
         reference.reference(Path(entries["fetch"]), model.verify, model.max_seq_len, Path(scratch))
         references = reference.load_reference(Path(scratch))
+    runs = verify.run_pte(runtime.method_step(Path(entries["lower"]) / "model.pte"), references)
     program = load_programs(Path(entries["program"]))["forward"]
-    numbers = verify.measure(runtime.method_step(Path(entries["lower"]) / "model.pte"),
-                             causal_lm.module_step(program.module()), references)
+    numbers = verify.measure(runs, causal_lm.module_step(program.module()), references)
     margins = [item["program_margin_at_divergence"] or 0.0 for item in numbers["greedy"]]
     return {**numbers, "worst_margin": max(margins), "machine": runtime.machine()}
 
@@ -80,15 +126,25 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("target")
     parser.add_argument("--cache", default=str(REPO / ".xportbuild" / "cache"))
-    parser.add_argument("--kernels", nargs="+", default=["default", "avx2", "avx512"])
-    parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--kernels", nargs="*", default=["default", "avx2", "avx512"])
+    parser.add_argument("--threads", nargs="*", type=int, default=[1, 2])
+    parser.add_argument("--emulate", nargs="*", default=[], metavar="QEMU_CPU")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one configuration
+    parser.add_argument("--pte-runs", help=argparse.SUPPRESS)  # internal: the emulated .pte's runs go here
     args = parser.parse_args()
+    if args.pte_runs:
+        pte_runs_to(json.loads(args.one), Path(args.pte_runs))
+        return
     if args.one:
         print("RESULT " + json.dumps(measure_one(json.loads(args.one), args.threads[0])))
         return
     entries = _entries(args.target, Path(args.cache).resolve())
     rows = []
+    for cpu in args.emulate:
+        if (numbers := measure_emulated(entries, cpu)) is None:
+            continue
+        rows.append((f"emulated {cpu} (.pte only; {' '.join(numbers['machine']['features'])})", numbers))
+        print(f"measured emulated {cpu}", file=sys.stderr, flush=True)
     for kernels in args.kernels:
         for threads in args.threads:
             env = {**os.environ, "ATEN_CPU_CAPABILITY": kernels, "OMP_NUM_THREADS": str(threads)}

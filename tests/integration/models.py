@@ -12,6 +12,21 @@ max_abs = 100.0
 max_kl = 10.0
 """
 
+# A lowering pass (module app_passes, attr scale_logits) that scales the logits by 1.5 before returning them: a
+# plausible-looking, wrong rewrite that verification must catch.
+SCALE_LOGITS = (
+    "import torch\n\n"
+    "def scale_logits(program):\n"
+    "    graph = program.graph\n"
+    "    output = next(n for n in graph.nodes if n.op == 'output')\n"
+    "    logits = output.args[0][-1]\n"
+    "    with graph.inserting_before(output):\n"
+    "        scaled = graph.call_function(torch.ops.aten.mul.Scalar, (logits, 1.5))\n"
+    "    scaled.meta = dict(logits.meta)\n"
+    "    output.args = ((*output.args[0][:-1], scaled),)\n"
+    "    program.graph_module.recompile()\n"
+    "    return program\n")
+
 
 def model_toml(source: str, recipes: list[str], prompts: tuple[str, ...] = ("the capital of france is", "hello world"),
                max_seq_len: int = 32, max_new_tokens: int = 6) -> str:

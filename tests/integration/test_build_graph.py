@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import pytest
 
-from tests.integration.models import local, model_toml
+from tests.integration.models import SCALE_LOGITS, local, model_toml
 
 
 def _published(project, target: str) -> dict:
@@ -98,19 +98,7 @@ def test_gguf_conversion_depends_only_on_the_gguf(project, weights, tmp_path):
 
 
 def test_wrong_lowering_pass_fails_verification_and_publishes_nothing(project, weights):
-    # Scales the logits by 1.5 before returning them: a plausible-looking, wrong rewrite.
-    (project.root / "app_passes.py").write_text(
-        "import torch\n\n"
-        "def scale_logits(program):\n"
-        "    graph = program.graph\n"
-        "    output = next(n for n in graph.nodes if n.op == 'output')\n"
-        "    logits = output.args[0][-1]\n"
-        "    with graph.inserting_before(output):\n"
-        "        scaled = graph.call_function(torch.ops.aten.mul.Scalar, (logits, 1.5))\n"
-        "    scaled.meta = dict(logits.meta)\n"
-        "    output.args = ((*output.args[0][:-1], scaled),)\n"
-        "    program.graph_module.recompile()\n"
-        "    return program\n")
+    (project.root / "app_passes.py").write_text(SCALE_LOGITS)
     project.write_recipe("xnnpack-broken", (project.root / "recipes/recipes/xnnpack-fp32.toml").read_text()
                          + '\n[lower]\npasses = ["app_passes:scale_logits"]\n')
     project.write_model("tiny-llama", model_toml(local(weights / "tiny-llama"), ["xnnpack-broken"]))

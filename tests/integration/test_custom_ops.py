@@ -9,9 +9,11 @@ import pytest
 
 from tests.integration.models import local, model_toml
 
+# max_abs: the float model's stock attention and the custom op sum 85 positions in one call in different orders;
+# measured 0.0037 on logits near 30 (the tiny head is scaled by 8), so 0.01 (a windowing error is whole logits).
 FP32_CUSTOM = (
     'doc = "fp32 with custom ops"\nbackend = "xnnpack"\n[export]\ncustom_sdpa = true\ncustom_kv_cache = true\n'
-    "[verify]\nmin_cosine = 0.9999\nmin_top1 = 1.0\nmax_abs = 0.001\nmin_cosine_vs_program = 0.9999\n"
+    "[verify]\nmin_cosine = 0.9999\nmin_top1 = 1.0\nmax_abs = 0.01\nmin_cosine_vs_program = 0.9999\n"
     "max_abs_vs_program = 0.001\n"
 )
 KV_ONLY = FP32_CUSTOM.replace("custom_sdpa = true\n", "")

@@ -8,21 +8,9 @@ import re
 import pytest
 
 from tests.conftest import REPO
-from tests.integration.models import local, model_toml
+from tests.integration.models import SCALE_LOGITS, local, model_toml
 
 DEFAULT = (REPO / "recipes" / "recipes" / "xnnpack-8da4w.toml").read_text()
-SCALE_LOGITS = (
-    "import torch\n\n"
-    "def scale_logits(program):\n"
-    "    graph = program.graph\n"
-    "    output = next(n for n in graph.nodes if n.op == 'output')\n"
-    "    logits = output.args[0][-1]\n"
-    "    with graph.inserting_before(output):\n"
-    "        scaled = graph.call_function(torch.ops.aten.mul.Scalar, (logits, 1.5))\n"
-    "    scaled.meta = dict(logits.meta)\n"
-    "    output.args = ((*output.args[0][:-1], scaled),)\n"
-    "    program.graph_module.recompile()\n"
-    "    return program\n")
 # Each defect is the default recipe with a few edits: (old text, new text).
 DEFECTS = {
     "scaled-logits": [("passes = []", 'passes = ["app_passes:scale_logits"]')],

@@ -131,7 +131,8 @@ class Tolerances:
     the others compare the .pte with the float eager model (quantization loss included).
     Greedy tokens of the .pte must equal the program's; `greedy_tie_margin` (logits) admits a first
     difference only where the program itself ranks the two tokens within that margin.
-    `max_kl` bounds the mean KL divergence of the .pte's next-token distribution from the float model's.
+    `max_kl` bounds the mean KL divergence of the .pte's next-token distribution from the float model's, and
+    `max_kl_vs_program` from its program's: pooled means, stable where worst-position numbers are not.
     """
 
     min_cosine: float = 0.99
@@ -141,6 +142,7 @@ class Tolerances:
     max_abs_vs_program: float = 0.05
     greedy_tie_margin: float = 0.0
     max_kl: float = 100.0  # mean KL(float || .pte) per position, in nats
+    max_kl_vs_program: float = 100.0  # mean KL(program || .pte) per position, in nats
 
 
 @dataclass(frozen=True)

@@ -199,7 +199,7 @@ def quantize_part(node, inputs: dict[str, Path], out_dir: Path) -> dict:
     quantized eager method on the reference's recorded calls, export it."""
     from xportbuild.models.kinds import kind_of
     from xportbuild.models.methods import load_samples, module_call, modules_called, replay
-    from xportbuild.quality import method_quality
+    from xportbuild.quality import method_quality, one_thread
     from xportbuild.stages.program import export_part, model_name
     from xportbuild.stages.verify import EAGER_QUALITY_FILE
 
@@ -212,7 +212,8 @@ def quantize_part(node, inputs: dict[str, Path], out_dir: Path) -> dict:
         used = modules_called(model, exportable)
         report = quantize_model(model, spec, node.params["group_scale_dtype"], used)
         samples = load_samples(inputs["reference"])
-        outputs = replay(module_call({method: exportable.module}), samples, {method})
+        with one_thread():
+            outputs = replay(module_call({method: exportable.module}), samples, {method})
         recorded = [[(name, output) for name, _, output in sample.calls] for sample in samples]
         numbers = method_quality(outputs, recorded, kind.logit_methods)
         (out_dir / EAGER_QUALITY_FILE).write_text(json.dumps(numbers, indent=1))

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from xportbuild.errors import StageError
+from xportbuild.quality import one_thread
 from xportbuild.recipe.spec import VerifyInputs
 
 
@@ -22,6 +23,18 @@ def reference(model_dir: Path, verify: VerifyInputs, max_seq_len: int, out_dir: 
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     step = causal_lm.module_step(causal_lm.exportable(causal_lm.load_model(model_dir), max_seq_len))
+    with one_thread():
+        arrays, texts = _continue_prompts(step, tokenizer, verify, max_seq_len)
+    np.savez(out_dir / "reference.npz", **arrays)
+    (out_dir / "texts.json").write_text(json.dumps(texts, indent=1))
+    positions = sum(len(arrays[f"prompt_{i}"]) + len(arrays[f"greedy_{i}"]) - 1 for i in range(len(texts)))
+    return {"prompts": len(verify.prompts), "positions": positions, "texts": texts}
+
+
+def _continue_prompts(step, tokenizer, verify: VerifyInputs, max_seq_len: int) -> tuple[dict, list[dict]]:
+    """Per prompt: its ids, the float model's greedy continuation and the logits at every position."""
+    from xportbuild.models import causal_lm
+
     arrays, texts = {}, []
     for index, prompt in enumerate(verify.prompts):
         prompt_ids = tokenizer(prompt)["input_ids"]
@@ -35,10 +48,7 @@ def reference(model_dir: Path, verify: VerifyInputs, max_seq_len: int, out_dir: 
         arrays[f"greedy_{index}"] = np.array(continuation, dtype=np.int64)
         arrays[f"logits_{index}"] = causal_lm.teacher_forced_logits(step, prompt_ids, continuation).astype(np.float16)
         texts.append({"prompt": prompt, "continuation": tokenizer.decode(continuation)})
-    np.savez(out_dir / "reference.npz", **arrays)
-    (out_dir / "texts.json").write_text(json.dumps(texts, indent=1))
-    positions = sum(len(arrays[f"prompt_{i}"]) + len(arrays[f"greedy_{i}"]) - 1 for i in range(len(texts)))
-    return {"prompts": len(verify.prompts), "positions": positions, "texts": texts}
+    return arrays, texts
 
 
 def load_reference(entry_dir: Path) -> list[dict[str, np.ndarray]]:
@@ -59,11 +69,12 @@ def reference_methods(model_dir: Path, task: str, verify: VerifyInputs, max_seq_
     modules = {method: exportable.module for method, exportable in wrapper.exportables(model, max_seq_len).items()}
     facts = wrapper.metadata(model, model_dir, max_seq_len)
     recorded = []
-    for index, sample in enumerate(wrapper.samples(model_dir, model, verify)):
-        _check_length(index, sample, max_seq_len)
-        recorder = Recorder(module_call(modules))
-        outcome = wrapper.run(recorder, sample, facts, verify.max_new_tokens)
-        recorded.append(RecordedSample(sample, outcome, recorder.calls))
+    with one_thread():
+        for index, sample in enumerate(wrapper.samples(model_dir, model, verify)):
+            _check_length(index, sample, max_seq_len)
+            recorder = Recorder(module_call(modules))
+            outcome = wrapper.run(recorder, sample, facts, verify.max_new_tokens)
+            recorded.append(RecordedSample(sample, outcome, recorder.calls))
     save_samples(recorded, out_dir)
     return {"samples": len(recorded), "outcomes": [sample.outcome.tokens for sample in recorded]}
 
