@@ -16,7 +16,8 @@ STAGE_CODE: dict[str, tuple[str, ...]] = {
     "program": ("xportbuild.stages.program", "xportbuild.pt2"),
     "quantize": ("xportbuild.stages.program", "xportbuild.pt2", "xportbuild.stages.quantize", "xportbuild.quality"),
     "lower": ("xportbuild.stages.lower", "xportbuild.backends", "xportbuild.passes", "xportbuild.models.custom_attention"),
-    "verify": ("xportbuild.stages.verify", "xportbuild.runtime", "xportbuild.llm_runner", "xportbuild.quality"),
+    "verify": ("xportbuild.stages.verify", "xportbuild.gates", "xportbuild.runtime", "xportbuild.llm_runner",
+               "xportbuild.quality"),
     "sensitivity": ("xportbuild.stages.sensitivity", "xportbuild.stages.quantize", "xportbuild.quality"),
 }
 _CAUSAL_LM_CODE = ("xportbuild.models.causal_lm", "xportbuild.models.custom_attention")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from xportbuild.errors import VerifyFailed
+from xportbuild.gates import Missed, accepting, accepting_tolerances, missed, threshold_checks
 from xportbuild.quality import compare_logits, first_divergence, merge, summarize
 from xportbuild.recipe.spec import Tolerances
 
@@ -76,70 +76,12 @@ def measure(pte_runs: list[PteRun], program_step, references: list[dict]) -> dic
             "generate_tokens_per_s": sum(len(run.tokens) for run in pte_runs) / seconds if seconds else None}
 
 
-@dataclass(frozen=True)
-class Missed:
-    """A threshold the numbers miss: the readable line, and the tolerance value that would have accepted them
-    (`tolerance` is "" where no tolerance can accept it)."""
-
-    text: str
-    tolerance: str
-    op: str
-    accepting: float
-
-
-Check = tuple[str, float, str, float, str]  # (what, value, ">=" or "<=", limit, the tolerance that sets the limit)
-
-
-def missed(checks: list[Check]) -> list[Missed]:
-    """The checks that fail."""
-    return [Missed(f"{name} {value:.6g} (required {op} {limit:g})", tolerance, op, _accepting(value, op))
-            for name, value, op, limit, tolerance in checks if not (value >= limit if op == ">=" else value <= limit)]
-
-
-def _accepting(value: float, op: str) -> float:
-    """The measured value rounded outwards to 3 decimals: a limit that accepts it."""
-    return math.floor(value * 1000) / 1000 if op == ">=" else math.ceil(value * 1000) / 1000
-
-
-def accepting_tolerances(failures: list[Missed]) -> dict[str, float]:
-    """Per tolerance, the value that accepts every failure it caused."""
-    accept: dict[str, float] = {}
-    for failure in (failure for failure in failures if failure.tolerance):
-        lenient = min if failure.op == ">=" else max
-        accept[failure.tolerance] = lenient(accept.get(failure.tolerance, failure.accepting), failure.accepting)
-    return accept
-
-
 def fail(target: str, failures: list[Missed], numbers: dict, pte_path: Path) -> VerifyFailed:
     """The failure, carrying the .pte (and its .ptd) that failed so the user can inspect it outside the cache."""
     from xportbuild.runtime import data_file
 
     keep = (pte_path, *([Path(data_file(pte_path))] if data_file(pte_path) else []))
     return VerifyFailed(target, [failure.text for failure in failures], numbers, accepting_tolerances(failures), keep)
-
-
-def threshold_checks(ref: dict, prog: dict, tolerances: Tolerances) -> list[Check]:
-    """The recipe's thresholds on numbers against float (`ref`) and against the program (`prog`); top-1 and KL only
-    where the outputs are scores (logits), not hidden states.
-
-    Where top-1 has a bootstrap interval, the gate is its upper end: top-1 over a few hundred positions moves by
-    whole points when near-ties flip between machines, so it fails only when the data exclude `min_top1`."""
-    checks: list[Check] = [("vs float: mean cosine", ref["cosine_mean"], ">=", tolerances.min_cosine, "min_cosine")]
-    if "top1_interval" in ref:
-        checks.append(("vs float: top-1 agreement, upper end of its 95% interval", ref["top1_interval"][1], ">=",
-                       tolerances.min_top1, "min_top1"))
-    elif "top1" in ref:
-        checks.append(("vs float: top-1 agreement", ref["top1"], ">=", tolerances.min_top1, "min_top1"))
-    checks.append(("vs float: max abs error", ref["max_abs"], "<=", tolerances.max_abs, "max_abs"))
-    if "kl_mean" in ref:
-        checks.append(("vs float: mean KL divergence", ref["kl_mean"], "<=", tolerances.max_kl, "max_kl"))
-    checks += [("vs program: min cosine", prog["cosine_min"], ">=", tolerances.min_cosine_vs_program,
-                "min_cosine_vs_program"),
-               ("vs program: max abs error", prog["max_abs"], "<=", tolerances.max_abs_vs_program, "max_abs_vs_program")]
-    if "kl_mean" in prog:
-        checks.append(("vs program: mean KL divergence", prog["kl_mean"], "<=", tolerances.max_kl_vs_program,
-                       "max_kl_vs_program"))
-    return checks
 
 
 def judge(numbers: dict, tolerances: Tolerances) -> list[Missed]:
@@ -151,7 +93,7 @@ def judge(numbers: dict, tolerances: Tolerances) -> list[Missed]:
             failures.append(Missed(f"prompt {index}: the .pte's greedy text leaves the float model's at token "
                                    f"{item['diverges_from_reference_at']} with a token its program ranks {margin:.3g} "
                                    f"logits below its own choice (allowed tie margin {tolerances.greedy_tie_margin:g})",
-                                   "greedy_tie_margin", "<=", _accepting(margin, "<=")))
+                                   "greedy_tie_margin", "<=", accepting(margin, "<=")))
     return failures
 
 
@@ -272,7 +214,7 @@ def judge_methods(numbers: dict, tolerances: Tolerances) -> list[Missed]:
                                    f"{item['program']} at {item['diverges_from_program_at']}, where the program "
                                    f"prefers its choice by {margin:.3g} (allowed tie margin "
                                    f"{tolerances.greedy_tie_margin:g})", "greedy_tie_margin", "<=",
-                                   _accepting(margin, "<=")))
+                                   accepting(margin, "<=")))
     return failures
 
 
