@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -135,6 +136,9 @@ def test_kill_9_in_every_stage_never_corrupts_and_reuses_finished_work(project, 
         assert round_index < 3, f"kills never covered every stage: {kills}"
         round_index += 1
         project.env["XPORTBUILD_CACHE"] = str(tmp_path / f"cache-{round_index}")
+        # Builds are reproducible, so a fresh cache rebuilds the same keys the published artifacts name: remove
+        # them too, or publishing is up to date and never runs (nor is killed).
+        shutil.rmtree(project.root / "artifacts", ignore_errors=True)
         events_before = len(project.events())
         killed_in: set[str] = set()
         while True:

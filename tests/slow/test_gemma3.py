@@ -65,10 +65,12 @@ def test_custom_ops_and_runner_metadata(manifest):
 
 
 def test_run_command_generates_what_verify_saw(manifest):
-    runner = manifest["stages"]["verify"]["result"]["runner"]
+    verify = manifest["stages"]["verify"]["result"]
+    runner = verify["runner"]
     assert runner["matches_pte_greedy"], runner
+    tokens = str(len(verify["greedy"][0]["pte"]))  # as many as verify's runner check generated
     result = subprocess.run([sys.executable, "-m", "xportbuild", "run", str(REPO / "artifacts" / TARGET), "--prompt",
-                             "The capital of France is", "--max-new-tokens", "16"],
+                             "The capital of France is", "--max-new-tokens", tokens],
                             cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.startswith(runner["text"]), (result.stdout, runner["text"])
