@@ -88,9 +88,7 @@ def measure_emulated(entries: dict[str, str], cpu: str) -> dict | None:
             machine = json.loads(str(data["machine"]))
     references = reference.load_reference(Path(entries["reference"]))
     program = load_programs(Path(entries["program"]))["forward"]
-    numbers = verify.measure(runs, causal_lm.module_step(program.module()), references)
-    margins = [item["program_margin_at_divergence"] or 0.0 for item in numbers["greedy"]]
-    return {**numbers, "worst_margin": max(margins), "machine": machine}
+    return _with_worst_margin(verify.measure(runs, causal_lm.module_step(program.module()), references), machine)
 
 
 def measure_one(entries: dict[str, str], threads: int) -> dict:
@@ -112,9 +110,14 @@ def measure_one(entries: dict[str, str], threads: int) -> dict:
         references = reference.load_reference(Path(scratch))
     runs = verify.run_pte(runtime.method_step(Path(entries["lower"]) / "model.pte"), references)
     program = load_programs(Path(entries["program"]))["forward"]
-    numbers = verify.measure(runs, causal_lm.module_step(program.module()), references)
+    return _with_worst_margin(verify.measure(runs, causal_lm.module_step(program.module()), references),
+                              runtime.machine())
+
+
+def _with_worst_margin(numbers: dict, machine: dict) -> dict:
+    """verify's numbers, the largest greedy departure margin, and where they were measured."""
     margins = [item["program_margin_at_divergence"] or 0.0 for item in numbers["greedy"]]
-    return {**numbers, "worst_margin": max(margins), "machine": runtime.machine()}
+    return {**numbers, "worst_margin": max(margins), "machine": machine}
 
 
 def _value(numbers: dict, path: tuple) -> float:

@@ -80,7 +80,8 @@ def fail(target: str, failures: list[Missed], numbers: dict, pte_path: Path) -> 
     """The failure, carrying the .pte (and its .ptd) that failed so the user can inspect it outside the cache."""
     from xportbuild.runtime import data_file
 
-    keep = (pte_path, *([Path(data_file(pte_path))] if data_file(pte_path) else []))
+    ptd = data_file(pte_path)
+    keep = (pte_path, *([Path(ptd)] if ptd else []))
     return VerifyFailed(target, [failure.text for failure in failures], numbers, accepting_tolerances(failures), keep)
 
 
