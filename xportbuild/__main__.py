@@ -2,30 +2,40 @@
 
     python -m xportbuild validate [recipes_dir]      every problem of every target, before any work starts
     python -m xportbuild run ARTIFACT --prompt TEXT  generate with a published .pte, as an app would
+    python -m xportbuild fsck [recipes_dir]          read the whole cache and artifacts/ against their hashes
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
+from xportbuild.build import Workspace
 from xportbuild.errors import ValidationFailed
 
 
 def _validate(args: argparse.Namespace) -> int:
     from xportbuild.preflight import validate_project
 
-    recipes = Path(args.recipes).resolve()
-    cache = Path(os.environ.get("XPORTBUILD_CACHE") or recipes.parent / ".xportbuild" / "cache")
+    workspace = Workspace.for_project(Path(args.recipes))
     try:
-        count = validate_project(recipes, cache / "sources")
+        count = validate_project(Path(args.recipes).resolve(), workspace.cache_dir / "sources")
     except ValidationFailed as err:
         print(err, file=sys.stderr)
         return 2
     print(f"{count} targets valid")
     return 0
+
+
+def _fsck(args: argparse.Namespace) -> int:
+    from xportbuild.stages.publish import fsck
+
+    findings, summary = fsck(Workspace.for_project(Path(args.recipes)))
+    for line in findings:
+        print(f"  - {line}")
+    print(summary)
+    return 1 if findings else 0
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -51,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     validate = commands.add_parser("validate", help="check recipes and sources of every target, build nothing")
     validate.add_argument("recipes", nargs="?", default="recipes", help="the recipes folder (default: ./recipes)")
     validate.set_defaults(handler=_validate)
+    fsck = commands.add_parser("fsck", help="read every cache entry and published file against its hashes; "
+                                            "discard damaged entries, restore damaged published files")
+    fsck.add_argument("recipes", nargs="?", default="recipes", help="the recipes folder (default: ./recipes)")
+    fsck.set_defaults(handler=_fsck)
     run = commands.add_parser("run", help="generate text with a published causal-LM .pte (ExecuTorch's LLM runner)")
     run.add_argument("artifact", help="artifacts/<target> folder, or a .pte file (a .ptd beside it is used)")
     run.add_argument("--prompt", required=True)

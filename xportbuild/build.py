@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import importlib
 import json
 import logging
 import os
+import re
 import shutil
 import threading
 import time
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from xportbuild.cache import Entry, Store, write_atomic
-from xportbuild.errors import StageError, VerifyFailed
+from xportbuild.errors import CacheCorrupt, DamagedEntry, StageError, VerifyFailed
 from xportbuild.keys import SCHEMA, canonical_json, digest_value, library_versions, module_source_digest
 from xportbuild.plan import STAGE_RUNNERS, Plan, StageNode, stage_code
 
@@ -29,6 +31,21 @@ class Workspace:
     artifacts_dir: Path
     state_dir: Path
     remote_cache_dir: Path | None = None
+
+    @classmethod
+    def for_project(cls, recipes_dir: Path, cache_dir: Path | None = None,
+                    artifacts_dir: Path | None = None) -> "Workspace":
+        """Defaults: cache in <project>/.xportbuild/cache (XPORTBUILD_CACHE overrides), artifacts in
+        <project>/artifacts; XPORTBUILD_REMOTE_CACHE names a folder shared between machines."""
+        project = Path(recipes_dir).resolve().parent
+        state_dir = project / ".xportbuild"
+        remote = os.environ.get("XPORTBUILD_REMOTE_CACHE")
+        return cls(
+            cache_dir=Path(cache_dir or os.environ.get("XPORTBUILD_CACHE") or state_dir / "cache").resolve(),
+            artifacts_dir=Path(artifacts_dir or project / "artifacts").resolve(),
+            state_dir=state_dir,
+            remote_cache_dir=Path(remote) if remote else None,
+        )
 
     @property
     def store(self) -> Store:
@@ -52,10 +69,12 @@ class Workspace:
 class Resolver:
     """Computes stage keys from upstream entries' content digests; memoizes only what cannot change."""
 
-    def __init__(self, plan: Plan, workspace: Workspace):
+    def __init__(self, plan: Plan, workspace: Workspace, rehash_sources: bool = False):
         self.plan = plan
         self.workspace = workspace
         self.store = workspace.store
+        # Deciding what to build reads sources whole; deciding whether anything must be built trusts stamps.
+        self.source_digests = self.store.stats.rehashing() if rehash_sources else self.store.stats
         self._entries: dict[str, Entry] = {}
         self._docs: dict[str, dict] = {}
 
@@ -93,7 +112,7 @@ class Resolver:
         from xportbuild.recipe.spec import SourceSpec
 
         source = SourceSpec(**node.params["source"])
-        return sources.fingerprint(source, node.origin, self.store.stats, self.workspace.cache_dir / "sources")
+        return sources.fingerprint(source, node.origin, self.source_digests, self.workspace.cache_dir / "sources")
 
     def entry(self, task: str) -> Entry | None:
         if task in self._entries:
@@ -181,34 +200,112 @@ def _runner(stage: str):
 
 # Disk full, quota, read-only or unwritable cache, file size limit: the user fixes the machine, not the recipe.
 _STORAGE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG)
+# Libraries written in Rust (safetensors, tokenizers) report an OS error inside their own exception's text.
+_FOREIGN_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def _storage_errno(err: BaseException) -> int | None:
+    """The errno of a storage failure, whether raised as OSError or wrapped by a library; None for anything else."""
+    if isinstance(err, OSError):
+        return err.errno if err.errno in _STORAGE_ERRORS else None
+    found = _FOREIGN_OS_ERROR.search(str(err))
+    return int(found[1]) if found and int(found[1]) in _STORAGE_ERRORS else None
+
+
+@contextlib.contextmanager
+def storage_errors(task: str, where: Path):
+    """Turns a failed write anywhere inside into the one line that says what to free or fix."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        log.error("%s: interrupted; nothing of it was cached, finished stages are kept", task)
+        raise
+    except Exception as err:  # noqa: BLE001  only storage failures are translated; the rest propagate unchanged
+        code = _storage_errno(err)
+        if code is None:
+            raise
+        place = getattr(err, "filename", None) or where
+        raise StageError(f"{task}: cannot write to {place}: {os.strerror(code)}; "
+                         "free disk space or fix permissions, then run again (finished stages are kept)") from err
 
 
 def build_node(plan: Plan, workspace: Workspace, task: str) -> Entry:
-    """Reuse or build the entry of `task`; exactly one process builds a key at a time."""
-    resolver = Resolver(plan, workspace)
+    """Reuse or build the entry of `task`; exactly one process builds a key at a time.
+
+    Before a stage runs, each input entry is read whole against its recorded hashes. A damaged one is discarded and
+    rebuilt first (so is one the stage finds unreadable), then the key is resolved again from the rebuilt inputs."""
+    rebuilt: set[str] = set()
+    with storage_errors(task, workspace.cache_dir):
+        while True:
+            entry, damaged = _reuse_or_build(plan, workspace, task)
+            if entry is not None:
+                return entry
+            if damaged in rebuilt:
+                raise StageError(f"{task}: its input {damaged} is damaged again after a rebuild; run "
+                                 "`python -m xportbuild fsck` and check the disk")
+            rebuilt.add(damaged)
+            build_node(plan, workspace, damaged)
+
+
+def checked_entry(plan: Plan, workspace: Workspace, task: str) -> Entry:
+    """The entry of a built `task`, read whole against its hashes; rebuilt first if it is damaged."""
+    entry = Resolver(plan, workspace).entry(task)
+    if entry is not None:
+        try:
+            workspace.store.check(entry)
+            return entry
+        except CacheCorrupt as err:
+            log.warning("%s; discarding it and rebuilding %s", err, task)
+            workspace.store.discard(entry)
+    return build_node(plan, workspace, task)
+
+
+def _reuse_or_build(plan: Plan, workspace: Workspace, task: str) -> tuple[Entry | None, str]:
+    """(entry, "") once `task` is built or reused, or (None, input task) when an input had to be discarded."""
     node = plan.nodes[task]
+    resolver = Resolver(plan, workspace, rehash_sources=node.stage == "fetch")
     doc, why = resolver.key_doc(task)
     if doc is None:
         raise StageError(f"{task}: cannot start: {why}")
     key = digest_value(doc)
-    try:
-        with workspace.store.lock(key):
-            entry = workspace.store.lookup(key)
-            if entry is None:
+    store = workspace.store
+    with store.lock(key):
+        entry = store.lookup(key)
+        if entry is not None:
+            workspace.record_event(task=task, stage=node.stage, event="hit", key=key)
+        else:
+            if damaged := _discard_damaged_input(node, resolver, store):
+                return None, damaged
+            try:
                 entry = _run_stage(node, resolver, workspace, doc, key)
-                workspace.store.push(entry)
-            else:
-                workspace.record_event(task=task, stage=node.stage, event="hit", key=key)
-        write_atomic(workspace.state_file("last", task), canonical_json(doc).encode())
-    except KeyboardInterrupt:
-        log.error("%s: interrupted; nothing of it was cached, finished stages are kept", task)
-        raise
-    except OSError as err:
-        if err.errno not in _STORAGE_ERRORS:
-            raise
-        raise StageError(f"{task}: cannot write to {err.filename or workspace.cache_dir}: {err.strerror or err}; "
-                         "free disk space or fix permissions, then run again (finished stages are kept)") from err
-    return entry
+            except DamagedEntry as err:
+                return None, _discard_unreadable_input(node, resolver, store, err)
+            store.push(entry)
+    write_atomic(workspace.state_file("last", task), canonical_json(doc).encode())
+    return entry, ""
+
+
+def _discard_damaged_input(node: StageNode, resolver: Resolver, store: Store) -> str:
+    """The first input task whose entry no longer matches its hashes (discarded, with a warning), or ""."""
+    for upstream in node.inputs.values():
+        entry = resolver.entry(upstream)
+        try:
+            store.check(entry)
+        except CacheCorrupt as err:
+            log.warning("%s; discarding it and rebuilding %s before %s", err, upstream, node.task)
+            store.discard(entry)
+            return upstream
+    return ""
+
+
+def _discard_unreadable_input(node: StageNode, resolver: Resolver, store: Store, err: DamagedEntry) -> str:
+    for upstream in node.inputs.values():
+        entry = resolver.entry(upstream)
+        if entry is not None and Path(err.entry_dir).resolve() == entry.path.resolve():
+            log.warning("%s: input %s: %s; discarding it and rebuilding it", node.task, upstream, err)
+            store.discard(entry)
+            return upstream
+    raise StageError(f"{node.task}: {err}") from err
 
 
 def _keep_failed(workspace: Workspace, node: StageNode, failure: VerifyFailed) -> None:

@@ -1,4 +1,8 @@
-"""Content-addressed store of stage outputs: atomic writes, forgiving reads, one lock per key."""
+"""Content-addressed store of stage outputs: atomic writes, forgiving reads, one lock per key.
+
+Two ways to trust a file: its stamp (size, mtime, inode) unchanged since it was hashed, which is what the no-op
+path uses, and reading it whole against its recorded hash, which is what a stage's inputs get before it runs and
+what `fsck` does to everything. Bit rot leaves stamps alone; only the second way catches it."""
 
 from __future__ import annotations
 
@@ -8,22 +12,16 @@ import logging
 import os
 import shutil
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from filelock import FileLock
 
-from xportbuild.errors import CacheCorrupt
-from xportbuild.keys import (
-    ALGORITHM,
-    SCHEMA,
-    StatCache,
-    canonical_json,
-    digest_value,
-    file_stamp,
-    hash_file,
-    tree_digest,
-)
+from xportbuild.errors import CacheCorrupt, DamagedEntry
+import xxhash
+
+from xportbuild.keys import ALGORITHM, SCHEMA, canonical_json, digest_value, file_stamp, hash_file, tree_digest
 
 log = logging.getLogger(__name__)
 ENTRY_FILE = "entry.json"
@@ -59,6 +57,63 @@ def write_atomic(path: Path, data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+class StatCache:
+    """Remembers file digests by absolute path and stamp, so big files are read once.
+
+    `rehashing()` gives one that reads every file again (and remembers what it read): for the moments where a
+    digest decides what gets built, not merely whether anything must."""
+
+    def __init__(self, folder: Path, trust_stamps: bool = True):
+        self.folder = Path(folder)
+        self.trust_stamps = trust_stamps
+
+    def rehashing(self) -> "StatCache":
+        return StatCache(self.folder, trust_stamps=False)
+
+    def _record_path(self, path: Path) -> Path:
+        return self.folder / f"{xxhash.xxh3_64_hexdigest(str(path).encode())}.json"
+
+    def digest(self, path: Path) -> str:
+        path = Path(path).resolve()
+        stamp = file_stamp(path)
+        if self.trust_stamps:
+            try:
+                record = json.loads(self._record_path(path).read_text())
+                if record["path"] == str(path) and record["stamp"] == stamp:
+                    return record["digest"]
+            except (OSError, ValueError, KeyError):
+                pass
+        digest = hash_file(path)
+        self.remember(path, stamp, digest)
+        return digest
+
+    def remember(self, path: Path, stamp: list[int], digest: str) -> None:
+        record = {"path": str(Path(path).resolve()), "stamp": stamp, "digest": digest}
+        try:
+            write_atomic(self._record_path(Path(path).resolve()), canonical_json(record).encode())
+        except OSError:
+            pass  # only a shortcut: without it the file is hashed again next time; the build reports storage errors
+
+    def forget_missing(self) -> None:
+        """Drop records of files that no longer exist."""
+        for record_path in self.folder.glob("*.json"):
+            try:
+                gone = not Path(json.loads(record_path.read_text())["path"]).exists()
+            except (OSError, ValueError, KeyError, TypeError):
+                gone = True
+            if gone:
+                record_path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def reading_entry(entry_dir: Path):
+    """Parsing an input entry's archives failed: the entry is damaged (it is discarded and rebuilt), not the build."""
+    try:
+        yield
+    except (zipfile.BadZipFile, EOFError, ValueError, KeyError, RuntimeError) as err:
+        raise DamagedEntry(entry_dir, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
 
 
 @dataclass(frozen=True)
@@ -134,6 +189,36 @@ class Store:
         if tree_digest({n: f["digest"] for n, f in files.items()}) != record.get("digest"):
             raise CacheCorrupt(f"cache entry {path}: record digest does not match its files")
         return record
+
+    def check(self, entry: Entry) -> None:
+        """Read every file of `entry` against its recorded hash, trusting no stamp; raises CacheCorrupt."""
+        self._validated_record(entry.path, entry.record["key"], hash_file)
+        self._remember_files(entry.path, entry.record["files"])
+
+    def discard(self, entry: Entry) -> None:
+        self._discard(entry.path)
+
+    def fsck(self) -> tuple[int, list[str]]:
+        """Re-read every entry against its hashes; a damaged one is discarded (the next build rebuilds it, or pulls
+        it from the remote). Returns (entries checked, one line per finding)."""
+        findings: list[str] = []
+        folders = sorted(p for p in (self.root / SCHEMA / ALGORITHM).glob("*/*") if p.is_dir())
+        for path in folders:
+            try:
+                record = self._validated_record(path, path.name, hash_file)
+            except CacheCorrupt as err:
+                findings.append(f"{err}: discarded; the next build rebuilds it")
+                self._discard(path)
+                continue
+            self._remember_files(path, record["files"])
+        if (self.root / "tmp").is_dir():
+            self._prune_orphans(self.root / "tmp")
+        self.stats.forget_missing()
+        return len(folders), findings
+
+    def _remember_files(self, path: Path, files: dict) -> None:
+        for name, expected in files.items():
+            self.stats.remember(path / name, file_stamp(path / name), expected["digest"])
 
     def _discard(self, path: Path) -> None:
         trash = self.root / "trash"
@@ -238,6 +323,5 @@ class Store:
                 raise
             log.info("entry %s was committed by another build; keeping that one", key)
             return existing
-        for name in files:
-            self.stats.remember(final / name, file_stamp(final / name), files[name]["digest"])
+        self._remember_files(final, files)
         return Entry(final, full)

@@ -27,6 +27,14 @@ class ValidationFailed(ProblemList):
     heading = "validation failed"
 
 
+class FsckFound(ProblemList):
+    """`fsck` found damage: each line says what, and what was done about it."""
+
+    def __init__(self, problems: list[str], summary: str):
+        self.heading = f"{summary}; found"
+        super().__init__(problems)
+
+
 class SourceError(XportError):
     """Weights or tokenizer could not be fetched from the declared source."""
 
@@ -50,3 +58,12 @@ class VerifyFailed(XportError):
 
 class CacheCorrupt(XportError):
     """A cache entry is present but does not match its recorded content."""
+
+
+class DamagedEntry(XportError):
+    """A stage could not read an input entry whose files match their hashes (an archive damaged before it was
+    recorded, or by a tool that rewrote the record): the entry is discarded and rebuilt, not trusted again."""
+
+    def __init__(self, entry_dir, reason: str):
+        self.entry_dir = entry_dir
+        super().__init__(f"{entry_dir}: unreadable ({reason})")

@@ -1,4 +1,4 @@
-"""All hashing: canonical JSON, xxh3-128 digests, stat-cached file digests, code and library versions."""
+"""All hashing: canonical JSON, xxh3-128 digests of values and files, code and library versions. Writes nothing."""
 
 from __future__ import annotations
 
@@ -56,39 +56,6 @@ def file_stamp(path: Path) -> list[int]:
     """(size, mtime_ns, inode): unchanged stamp means unchanged content, without reading it."""
     st = os.stat(path)
     return [st.st_size, st.st_mtime_ns, st.st_ino]
-
-
-class StatCache:
-    """Remembers file digests by absolute path and stamp, so big files are read once."""
-
-    def __init__(self, folder: Path):
-        self.folder = Path(folder)
-
-    def _record_path(self, path: Path) -> Path:
-        return self.folder / f"{xxhash.xxh3_64_hexdigest(str(path).encode())}.json"
-
-    def digest(self, path: Path) -> str:
-        path = Path(path).resolve()
-        stamp = file_stamp(path)
-        record_path = self._record_path(path)
-        try:
-            record = json.loads(record_path.read_text())
-            if record["path"] == str(path) and record["stamp"] == stamp:
-                return record["digest"]
-        except (OSError, ValueError, KeyError):
-            pass
-        digest = hash_file(path)
-        self.remember(path, stamp, digest)
-        return digest
-
-    def remember(self, path: Path, stamp: list[int], digest: str) -> None:
-        from xportbuild.cache import write_atomic
-
-        record = {"path": str(Path(path).resolve()), "stamp": stamp, "digest": digest}
-        try:
-            write_atomic(self._record_path(Path(path).resolve()), canonical_json(record).encode())
-        except OSError:
-            pass  # only a shortcut: without it the file is hashed again next time; the build reports storage errors
 
 
 def tree_digest(files: dict[str, str]) -> str:

@@ -61,12 +61,47 @@ def _module_key(key: str, modules: dict[str, str]) -> str:
     return modules.setdefault(address[1], f"m{len(modules)}") + (address[2] or "")
 
 
+class _DeferredErrors(io.RawIOBase):
+    """A file that torch's C++ zip writer can write through: that writer throws from a destructor when a write
+    fails, which aborts the whole process (a full disk would be a core dump, not a message). Here a failed write
+    is kept, and raised once the writer is done."""
+
+    def __init__(self, handle):
+        super().__init__()
+        self.handle = handle
+        self.error: OSError | None = None
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:  # torch rewinds the file it was given when it is done
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.handle.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.handle.tell()
+
+    def write(self, data) -> int:
+        if self.error is None:
+            try:
+                self.handle.write(data)
+            except OSError as err:
+                self.error = err
+        return len(data)
+
+
 def save(program, path: Path) -> None:
     """torch.export.save, then every serialization id set from the archive's content."""
     import torch
 
     number_addresses(program)
-    torch.export.save(program, path)
+    with open(path, "wb") as handle:
+        writer = _DeferredErrors(handle)
+        torch.export.save(program, writer)
+        if writer.error is not None:
+            raise writer.error
     with open(path, "r+b") as archive:
         _fix_ids(archive)
 

@@ -10,7 +10,8 @@ import tempfile
 from pathlib import Path
 
 from xportbuild.errors import SourceError
-from xportbuild.keys import StatCache, library_versions, tree_digest
+from xportbuild.cache import StatCache
+from xportbuild.keys import library_versions, tree_digest
 from xportbuild.recipe.spec import SourceSpec, resolve_relative
 
 log = logging.getLogger(__name__)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import traceback
 import warnings
 from pathlib import Path
 
 from doit.exceptions import TaskFailed
 
-from xportbuild.build import Resolver, Workspace, build_node
-from xportbuild.errors import RecipeError, XportError
+from xportbuild.build import Resolver, Workspace, build_node, storage_errors
+from xportbuild.errors import FsckFound, RecipeError, XportError
 from xportbuild.plan import STAGE_DOCS, Plan, plan_targets
 from xportbuild.recipe import load_project
 
@@ -56,41 +57,67 @@ def _configure_logging() -> None:
         root.propagate = False
 
 
-def run_stage(plan: Plan, workspace: Workspace, task: str):
-    _configure_logging()
-    try:
-        entry = build_node(plan, workspace, task)
-    except XportError as err:
+def _failed(task: str, workspace: Workspace, err: Exception) -> TaskFailed:
+    """One line for the user; an unexpected error's traceback goes to a log file that the line names."""
+    if isinstance(err, XportError):
         message = str(err)
         return TaskFailed(message if message.startswith(task) else f"{task}: {message}")
-    table = entry.file("sensitivity.md")
-    if table.is_file():  # the sensitivity stage's whole point is this table, built or reused
-        print(table.read_text())
+    log_path = workspace.state_file("logs", task).with_suffix(".log")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_path.write_text("".join(traceback.format_exception(err)))
+    summary = (str(err).strip().splitlines() or [""])[0][:200]
+    return TaskFailed(f"{task}: unexpected {type(err).__name__}: {summary} (traceback in {log_path})")
+
+
+def _guarded(task: str, workspace: Workspace, action):
+    """Runs `action()`: its printed result on success, else a TaskFailed of one line."""
+    _configure_logging()
+    try:
+        text = action()
+    except Exception as err:  # noqa: BLE001  every failure becomes one line (and a log file when unexpected)
+        return _failed(task, workspace, err)
+    if text:
+        print(text)
     return None
+
+
+def run_stage(plan: Plan, workspace: Workspace, task: str):
+    def build() -> str:
+        table = build_node(plan, workspace, task).file("sensitivity.md")
+        # the sensitivity stage's whole point is this table, built or reused
+        return table.read_text() if table.is_file() else ""
+
+    return _guarded(task, workspace, build)
 
 
 def run_validate(recipes_dir: Path, workspace: Workspace):
     from xportbuild.preflight import validate_project
 
-    try:
-        count = validate_project(recipes_dir, workspace.cache_dir / "sources")
-    except XportError as err:
-        return TaskFailed(str(err))
-    print(f"{count} targets valid")
-    return None
+    return _guarded("validate", workspace,
+                    lambda: f"{validate_project(recipes_dir, workspace.cache_dir / 'sources')} targets valid")
 
 
 def run_publish(plan: Plan, workspace: Workspace, target: str):
     from xportbuild.stages.publish import publish
 
-    _configure_logging()
-    log.info("export:%s: publishing", target)
-    try:
-        folder = publish(plan, workspace, target)
-    except XportError as err:
-        return TaskFailed(str(err))
-    print(f"published {folder}")
-    return None
+    def publish_target() -> str:
+        log.info("export:%s: publishing", target)
+        with storage_errors(f"export:{target}", workspace.artifacts_dir):
+            return f"published {publish(plan, workspace, target)}"
+
+    return _guarded(f"export:{target}", workspace, publish_target)
+
+
+def run_fsck(workspace: Workspace):
+    from xportbuild.stages.publish import fsck
+
+    def check() -> str:
+        findings, summary = fsck(workspace)
+        if findings:
+            raise FsckFound(findings, summary)
+        return summary
+
+    return _guarded("fsck", workspace, check)
 
 
 def _stage_group(plan: Plan, workspace: Workspace, stage: str):
@@ -137,15 +164,8 @@ def make_tasks(recipes_dir: Path, cache_dir: Path | None = None, artifacts_dir: 
     XPORTBUILD_REMOTE_CACHE names a folder shared between machines (CI): entries are pulled from it after a
     content-hash check, and pushed to it when built.
     """
-    project = Path(recipes_dir).resolve().parent
-    state_dir = project / ".xportbuild"
-    state_dir.mkdir(exist_ok=True)  # doit opens its dep file here before any task runs
-    workspace = Workspace(
-        cache_dir=Path(cache_dir or os.environ.get("XPORTBUILD_CACHE") or state_dir / "cache").resolve(),
-        artifacts_dir=Path(artifacts_dir or project / "artifacts").resolve(),
-        state_dir=state_dir,
-        remote_cache_dir=Path(remote) if (remote := os.environ.get("XPORTBUILD_REMOTE_CACHE")) else None,
-    )
+    workspace = Workspace.for_project(recipes_dir, cache_dir, artifacts_dir)
+    workspace.state_dir.mkdir(exist_ok=True)  # doit opens its dep file here before any task runs
     try:
         plan = plan_targets(load_project(Path(recipes_dir)))
     except RecipeError as err:
@@ -160,6 +180,12 @@ def make_tasks(recipes_dir: Path, cache_dir: Path | None = None, artifacts_dir: 
                 "actions": [(run_validate, [Path(recipes_dir), workspace])], "uptodate": [False], "verbosity": 2}
 
     creators["task_validate"] = task_validate
+
+    def task_fsck():
+        return {"doc": "read every cache entry and published file against its hashes; repair what can be",
+                "actions": [(run_fsck, [workspace])], "uptodate": [False], "verbosity": 2}
+
+    creators["task_fsck"] = task_fsck
     return creators
 
 

@@ -127,3 +127,61 @@ def test_tampered_remote_entry_is_rejected(tmp_path, caplog, tamper):
         assert Store(tmp_path / "local", remote=remote).lookup(KEY) is None
     assert "rejected" in caplog.text
     assert not Store(tmp_path / "local").entry_path(KEY).exists()
+
+
+def test_stat_cache_reads_unchanged_files_once(tmp_path, monkeypatch):
+    from xportbuild import cache
+
+    big = tmp_path / "weights.bin"
+    big.write_bytes(b"x" * 1000)
+    stats = cache.StatCache(tmp_path / "stat")
+    reads = []
+    real_hash = cache.hash_file
+    monkeypatch.setattr(cache, "hash_file", lambda path: reads.append(path) or real_hash(path))
+    first = stats.digest(big)
+    assert stats.digest(big) == first and len(reads) == 1
+    os.utime(big, ns=(1, 1))  # touched, same content: one re-read, then cached again
+    assert stats.digest(big) == first and len(reads) == 2
+    assert stats.digest(big) == first and len(reads) == 2
+    big.write_bytes(b"y" * 1000)
+    assert stats.digest(big) != first
+
+
+def _flip_in_place(path, offset: int = 0) -> None:
+    """Change one byte without changing size or mtime, as bit rot does."""
+    stamp = path.stat()
+    with open(path, "r+b") as handle:
+        handle.seek(offset)
+        byte = handle.read(1)
+        handle.seek(offset)
+        handle.write(bytes([byte[0] ^ 0x01]))
+    os.utime(path, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+
+
+def test_a_stamp_hides_bit_rot_but_check_and_rehashing_do_not(tmp_path):
+    from xportbuild.errors import CacheCorrupt
+
+    store = Store(tmp_path)
+    _commit(store)
+    entry = store.lookup(KEY)
+    _flip_in_place(entry.file("forward.pt2"))
+    assert store.lookup(KEY) is not None, "the no-op path trusts unchanged stamps"
+    with pytest.raises(CacheCorrupt, match="forward.pt2 does not match its content hash"):
+        store.check(entry)
+    assert store.stats.rehashing().digest(entry.file("forward.pt2")) != entry.record["files"]["forward.pt2"]["digest"]
+
+
+def test_fsck_discards_damaged_entries_and_keeps_intact_ones(tmp_path):
+    store = Store(tmp_path)
+    _commit(store)
+    other_doc = {**KEY_DOC, "params": {"max_seq_len": 64}}
+    other = digest_value(other_doc)
+    with store.building(other) as scratch:
+        (scratch / "forward.pt2").write_bytes(b"other program")
+        store.commit(other, scratch, {"stage": "program", "key_doc": other_doc, "result": {}})
+    _flip_in_place(store.entry_path(KEY) / "forward.pt2", offset=3)
+    checked, findings = Store(tmp_path).fsck()
+    assert checked == 2
+    assert len(findings) == 1 and KEY in findings[0] and "does not match its content hash" in findings[0]
+    assert not store.entry_path(KEY).exists() and store.lookup(other) is not None
+    assert Store(tmp_path).fsck() == (1, [])

@@ -23,22 +23,6 @@ def test_nan_cannot_enter_a_key():
         keys.digest_value({"tol": float("nan")})
 
 
-def test_stat_cache_reads_unchanged_files_once(tmp_path, monkeypatch):
-    big = tmp_path / "weights.bin"
-    big.write_bytes(b"x" * 1000)
-    stats = keys.StatCache(tmp_path / "stat")
-    reads = []
-    real_hash = keys.hash_file
-    monkeypatch.setattr(keys, "hash_file", lambda path: reads.append(path) or real_hash(path))
-    first = stats.digest(big)
-    assert stats.digest(big) == first and len(reads) == 1
-    os.utime(big, ns=(1, 1))  # touched, same content: one re-read, then cached again
-    assert stats.digest(big) == first and len(reads) == 2
-    assert stats.digest(big) == first and len(reads) == 2
-    big.write_bytes(b"y" * 1000)
-    assert stats.digest(big) != first
-
-
 def test_library_versions_do_not_import_libraries():
     import sys
 

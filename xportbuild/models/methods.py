@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from xportbuild.cache import reading_entry
 from xportbuild.errors import StageError
 
 Call = Callable[[str, tuple], torch.Tensor]  # (method, positional tensors) -> its one output
@@ -128,6 +129,11 @@ def save_samples(samples: list[RecordedSample], out_dir: Path) -> None:
 
 
 def load_samples(entry_dir: Path) -> list[RecordedSample]:
+    with reading_entry(entry_dir):
+        return _load_samples(entry_dir)
+
+
+def _load_samples(entry_dir: Path) -> list[RecordedSample]:
     index = json.loads((entry_dir / CALLS_FILE).read_text())
     samples = []
     with np.load(entry_dir / SAMPLES_FILE, allow_pickle=False) as data:

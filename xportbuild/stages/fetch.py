@@ -10,7 +10,7 @@ from pathlib import Path
 
 from xportbuild import preflight, sources
 from xportbuild.errors import SourceError
-from xportbuild.keys import StatCache
+from xportbuild.cache import StatCache
 from xportbuild.recipe.spec import SourceSpec
 
 log = logging.getLogger(__name__)

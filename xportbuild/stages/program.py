@@ -9,6 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 from xportbuild import pt2
+from xportbuild.cache import reading_entry
 from xportbuild.errors import StageError
 from xportbuild.recipe.spec import ExportSpec
 from xportbuild.stages.fetch import SOURCE_RECORD
@@ -38,15 +39,16 @@ def load_programs(entry_dir: Path) -> dict:
     import torch
     import torchao  # noqa: F401  registers the quantized tensor types a .pt2 may hold
 
-    facts = json.loads((entry_dir / METHODS_FILE).read_text())
-    if any(fact.get("llama_ops", 0) for fact in facts.values()):
-        from xportbuild.models.custom_attention import import_llama_ops
+    with reading_entry(entry_dir):
+        facts = json.loads((entry_dir / METHODS_FILE).read_text())
+        if any(fact.get("llama_ops", 0) for fact in facts.values()):
+            from xportbuild.models.custom_attention import import_llama_ops
 
-        import_llama_ops()
-    programs = {}
-    for method, fact in facts.items():
-        refuse_unsafe_pickles(entry_dir / fact["file"])
-        programs[method] = torch.export.load(entry_dir / fact["file"])
+            import_llama_ops()
+        programs = {}
+        for method, fact in facts.items():
+            refuse_unsafe_pickles(entry_dir / fact["file"])
+            programs[method] = torch.export.load(entry_dir / fact["file"])
     return programs
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from xportbuild.cache import reading_entry
 from xportbuild.errors import StageError
 from xportbuild.quality import one_thread
 from xportbuild.recipe.spec import VerifyInputs
@@ -53,7 +54,7 @@ def _continue_prompts(step, tokenizer, verify: VerifyInputs, max_seq_len: int) -
 
 def load_reference(entry_dir: Path) -> list[dict[str, np.ndarray]]:
     """Per prompt: {"prompt", "greedy", "logits"} arrays."""
-    with np.load(entry_dir / "reference.npz", allow_pickle=False) as data:
+    with reading_entry(entry_dir), np.load(entry_dir / "reference.npz", allow_pickle=False) as data:
         count = sum(1 for name in data.files if name.startswith("prompt_"))
         return [{kind: data[f"{kind}_{i}"] for kind in ("prompt", "greedy", "logits")} for i in range(count)]
 
