@@ -47,14 +47,43 @@ def fingerprints(names: tuple[str, ...], recipe_file: str) -> list[dict]:
     return result
 
 
+def import_problems(names: tuple[str, ...], recipe_file: str) -> list[str]:
+    """Each named pass imported and checked to be callable (validate's job: lower would fail on it much later)."""
+    problems = []
+    for name in names:
+        try:
+            resolve(_reference(name), str(repo_root(recipe_file)))
+        except (KeyError, RecipeError) as err:
+            problems.append(f"{recipe_file}: lower.passes: {name!r}: {err.problems[0] if isinstance(err, RecipeError) else err}")
+    return problems
+
+
+def apply(function, program, ref: str):
+    """`function(program)`, which must return the program it rewrote; a pass that fails is named, not a traceback."""
+    from xportbuild.errors import StageError
+
+    try:
+        result = function(program)
+    except Exception as err:  # noqa: BLE001  a user's pass may raise anything; the message names it
+        raise StageError(f"lower: pass {ref!r} raised {type(err).__name__}: {err}") from err
+    if result is None or not hasattr(result, "graph_module"):
+        raise StageError(f"lower: pass {ref!r} returned {type(result).__name__}, not the ExportedProgram it was given; "
+                         "a pass must return the program")
+    return result
+
+
 def resolve(ref: str, recipe_root: str):
     """The pass function named by `ref` ('module:attr')."""
     if recipe_root not in sys.path:
         sys.path.append(recipe_root)
     module_name, _, attr = ref.partition(":")
-    function = getattr(importlib.import_module(module_name), attr, None)
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as err:  # noqa: BLE001  whatever the user's module raises on import is the finding
+        raise RecipeError([f"importing {module_name!r} raised {type(err).__name__}: {err}"]) from err
+    function = getattr(module, attr, None)
     if not callable(function):
-        raise RecipeError([f"pass {ref!r}: {attr!r} is not a callable in module {module_name!r}"])
+        raise RecipeError([f"{attr!r} is not a callable in module {module_name!r}"])
     return function
 
 

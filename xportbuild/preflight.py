@@ -13,6 +13,9 @@ from xportbuild.errors import RecipeError, SourceError, ValidationFailed
 from xportbuild.recipe.spec import ModelSpec, SourceSpec, Target
 
 _EMBEDDING_NAMES = ("embed_tokens", "word_embeddings", "wte", "token_embd")
+# Every token covers at least one byte of the prompt, apart from the few special tokens a tokenizer adds around it
+# (BOS, EOS): a prompt this far under its budget fits without loading the tokenizer (13 s for Gemma's GGUF).
+_ADDED_TOKENS_BOUND = 4
 
 
 @dataclass(frozen=True)
@@ -148,6 +151,41 @@ def model_problems(model: ModelSpec, facts: SourceFacts) -> list[str]:
     return problems
 
 
+def prompt_problems(model: ModelSpec, facts: SourceFacts) -> list[str]:
+    """Prompts whose tokens (plus the tokens a causal LM generates after them) exceed max_seq_len."""
+    from xportbuild.models.kinds import kind_of
+
+    if not kind_of(model.task).prompted:
+        return []
+    generated = model.verify.max_new_tokens if model.task == "causal-lm" else 0
+    budget = model.max_seq_len - generated
+    near = [i for i, prompt in enumerate(model.verify.prompts) if len(prompt.encode()) + _ADDED_TOKENS_BOUND > budget]
+    if not near:
+        return []
+    tokenizer = _tokenizer(model, facts)
+    problems = []
+    for index in near:
+        count = len(tokenizer(model.verify.prompts[index])["input_ids"])
+        if count > budget:
+            plus = f" + max_new_tokens {generated}" if generated else ""
+            problems.append(f"{model.file}: verify.prompts[{index}]: {count} tokens{plus} exceed max_seq_len "
+                            f"{model.max_seq_len}; shorten the prompt or raise max_seq_len")
+    return problems
+
+
+def _tokenizer(model: ModelSpec, facts: SourceFacts):
+    from transformers import AutoTokenizer
+
+    location = Path(facts.location)
+    try:
+        if model.source.kind == "gguf":
+            return AutoTokenizer.from_pretrained(location.parent, gguf_file=location.name)
+        return AutoTokenizer.from_pretrained(location, trust_remote_code=model.source.trust_remote_code)
+    except (OSError, ValueError, KeyError) as err:
+        raise SourceError(f"{model.file}: source: cannot load the tokenizer of {location} to count prompt tokens "
+                          f"({err})") from err
+
+
 def _transformers_supports(kind: str, model_type: str, task: str) -> bool:
     if kind == "gguf":
         from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
@@ -190,12 +228,15 @@ def validate(targets: list[Target], scratch_root: Path) -> list[str]:
             passes.fingerprints(recipe.lower.passes, recipe.file)
         except RecipeError as err:
             problems.extend(err.problems)
+        else:
+            problems.extend(passes.import_problems(recipe.lower.passes, recipe.file))
     for target in targets:
         model = target.model
         if model.name not in facts_by_model:
             try:
                 facts_by_model[model.name] = source_facts(model.source, model.file, scratch_root)
                 problems.extend(model_problems(model, facts_by_model[model.name]))
+                problems.extend(prompt_problems(model, facts_by_model[model.name]))
             except SourceError as err:
                 facts_by_model[model.name] = None
                 problems.append(str(err))

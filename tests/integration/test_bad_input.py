@@ -70,13 +70,23 @@ def _bad_project(root, weights):
     model("Bad Name", local(weights / "tiny-llama"))
     model("dup-a", local(weights / "tiny-llama"))  # dup-a + xnnpack-fp32 ...
     model("dup", local(weights / "tiny-llama"), recipes=("a-xnnpack-fp32",))  # ... and dup + a-xnnpack-fp32
-    model("uses-bad-recipes", local(weights / "tiny-llama"), recipes=("tpu", "pass-missing"))
+    model("uses-bad-recipes", local(weights / "tiny-llama"),
+          recipes=("tpu", "pass-missing", "pass-raises", "pass-not-callable"))
+    model("empty-prompt", local(weights / "tiny-llama"), prompts=("hello", "  "))
+    model("long-prompt", local(weights / "tiny-llama"), prompts=("hello", "the quick brown fox " * 8))
+    (models / "latin1.toml").write_bytes(model_toml(local(weights / "tiny-llama"), ["xnnpack-fp32"],
+                                                    prompts=("caf\xe9",)).encode("latin-1"))
     model("typo-source", local(weights / "tiny-llama").replace('kind = "local"', 'kind = "local"\nrepo = "x/y"'))
     shutil.copyfile(recipes / "xnnpack-fp32.toml", recipes / "a-xnnpack-fp32.toml")
     (recipes / "q-none-divides.toml").write_text(QUANT.format(size=128, fallback="true"))
     (recipes / "q-no-fallback.toml").write_text(QUANT.format(size=64, fallback="false"))
     (recipes / "tpu.toml").write_text('doc = "x"\nbackend = "tpu"\n[quantize]\nlinear = "3w"\n'
                                       '[lower]\nextract_delegate_segmentz = true\n')
+    (root / "raising_passes.py").write_text("raise ValueError('broken at import')\n")
+    (root / "flat_passes.py").write_text("boom = 3\n")
+    (recipes / "pass-raises.toml").write_text('doc = "x"\nbackend = "xnnpack"\n[lower]\npasses = ["raising_passes:boom"]\n')
+    (recipes / "pass-not-callable.toml").write_text('doc = "x"\nbackend = "xnnpack"\n[lower]\n'
+                                                    'passes = ["flat_passes:boom"]\n')
     (recipes / "pass-missing.toml").write_text('doc = "x"\nbackend = "xnnpack"\n[lower]\npasses = ["nowhere:fn"]\n')
     return root / "recipes"
 
@@ -90,6 +100,13 @@ TABLE = [
     ("unknown scheme", ["tpu.toml: quantize.linear: '3w' is not one of"]),
     ("unknown lowering option", ["tpu.toml: lower.extract_delegate_segmentz: unknown key"]),
     ("pass not importable", ["pass-missing.toml: lower.passes: 'nowhere:fn'"]),
+    ("pass raises on import", ["pass-raises.toml: lower.passes: 'raising_passes:boom': importing 'raising_passes' "
+                               "raised ValueError: broken at import"]),
+    ("pass not callable", ["pass-not-callable.toml: lower.passes: 'flat_passes:boom': 'boom' is not a callable"]),
+    ("empty prompt", ["empty-prompt.toml: verify.prompts[1]: '  ' is empty"]),
+    ("prompt over max_seq_len", ["long-prompt.toml: verify.prompts[1]:", "tokens + max_new_tokens 6 exceed "
+                                 "max_seq_len 32; shorten the prompt or raise max_seq_len"]),
+    ("model file not UTF-8", ["latin1.toml: (file): not UTF-8 text: byte 0xe9 at offset", "save the file as UTF-8"]),
     ("group size divides no layer", ["q-none-divides.toml: quantize.linear_group_size: 128 divides no linear layer "
                                      "of model good", "pick a divisor"]),
     ("group size without fallback", ["q-no-fallback.toml: quantize.linear_group_size: 64 does not divide",
@@ -219,3 +236,20 @@ def test_remote_code_runs_only_with_the_opt_in(project, weights):
         return load_reference(project.entry(f"reference:{model}").path)[0]["logits"]
 
     np.testing.assert_allclose(logits("custom"), 2 * logits("plain"), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("body, expected", [
+    ("def broken(program):\n    raise RuntimeError('pass bug')\n", "pass 'app_passes:broken' raised RuntimeError: pass bug"),
+    ("def broken(program):\n    program.graph_module.recompile()\n",
+     "pass 'app_passes:broken' returned NoneType, not the ExportedProgram it was given"),
+], ids=["raises", "returns-none"])
+def test_a_pass_that_fails_at_lower_is_one_line(project, weights, body, expected):
+    """validate can import a pass, not run it on a program: a pass that raises or forgets to return its program is
+    found at lower, named, in one line."""
+    (project.root / "app_passes.py").write_text(body)
+    project.write_recipe("with-pass", 'doc = "x"\nbackend = "xnnpack"\n[lower]\npasses = ["app_passes:broken"]\n')
+    project.write_model("tiny-llama", model_toml(local(weights / "tiny-llama"), ["with-pass"]))
+    result = project.doit("export:tiny-llama-with-pass", check=False)
+    assert result.returncode == 1
+    assert f"lower:tiny-llama-with-pass: lower: {expected}" in result.stdout, result.stdout[-2000:]
+    assert "Traceback" not in result.stdout + result.stderr

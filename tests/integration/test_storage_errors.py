@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import resource
+import shutil
+
+import pytest
 
 from xportbuild.keys import hash_file
 
@@ -51,3 +54,64 @@ def test_unwritable_cache_directory(project, weights):
     assert "fetch:tiny-llama: cannot write to /sys/xportbuild-cache" in result.stdout, result.stdout + result.stderr
     assert "free disk space or fix permissions" in result.stdout
     assert not (project.root / "artifacts" / TARGET).exists()
+
+
+FULL_DISK = """set -e
+mount -t tmpfs -o size=64m tmpfs "$CACHE"
+mount -t tmpfs -o size=64m tmpfs "$ARTIFACTS"
+cp -a "$SAVED_CACHE/." "$CACHE/"
+cp -a "$SAVED_ARTIFACTS/." "$ARTIFACTS/"
+if [ -n "$DROP" ]; then rm -rf "$CACHE/$DROP"; fi
+if [ -n "$UNPUBLISH" ]; then rm -rf "$ARTIFACTS/$UNPUBLISH"; fi
+dd if=/dev/zero of="$CACHE/filler" bs=64k 2>/dev/null || true
+dd if=/dev/zero of="$ARTIFACTS/filler" bs=64k 2>/dev/null || true
+exec "$PYTHON" -m doit "$TASK"
+"""
+QUANTIZED = "tiny-gemma3-xnnpack-8da4w"
+FLOAT = "tiny-gemma3-xnnpack-fp32"
+# Every stage that writes, on a real full file system: a private tmpfs (a user and mount namespace of the test's
+# own) holding the cache and artifacts folders, filled up before the stage runs.
+FULL_DISK_CASES = ["fetch:tiny-gemma3", "reference:tiny-gemma3", "program:tiny-gemma3", f"quantize:{QUANTIZED}",
+                   f"lower:{QUANTIZED}", f"verify:{QUANTIZED}", f"export:{FLOAT}"]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, weights):
+    """A project with both targets built and published, its cache and artifacts kept aside to copy from."""
+    import os
+
+    from tests.conftest import DODO, REPO, Project
+
+    root = tmp_path_factory.mktemp("full-disk")
+    (root / "app" / "recipes" / "models").mkdir(parents=True)
+    shutil.copytree(REPO / "recipes" / "recipes", root / "app" / "recipes" / "recipes")
+    (root / "app" / "dodo.py").write_text(DODO)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "XPORTBUILD_CACHE": str(root / "saved-cache")}
+    project = Project(root / "app", env)
+    project.write_model("tiny-gemma3", model_toml(local(weights / "tiny-gemma3"), ["xnnpack-8da4w", "xnnpack-fp32"]))
+    project.doit("export")
+    shutil.move(project.root / "artifacts", root / "saved-artifacts")
+    return project, root
+
+
+@pytest.mark.parametrize("task", FULL_DISK_CASES)
+def test_a_full_disk_in_any_stage_is_one_clean_line(built, task):
+    import subprocess
+    import sys
+
+    project, root = built
+    cache, artifacts = project.root / "full-cache", project.root / "artifacts"
+    cache.mkdir(exist_ok=True)
+    artifacts.mkdir(exist_ok=True)
+    drop = "" if task.startswith("export:") else project.entry(task).path.relative_to(root / "saved-cache")
+    env = {**project.env, "XPORTBUILD_CACHE": str(cache), "SAVED_CACHE": str(root / "saved-cache"), "CACHE": str(cache),
+           "SAVED_ARTIFACTS": str(root / "saved-artifacts"), "ARTIFACTS": str(artifacts), "DROP": str(drop),
+           "UNPUBLISH": task.removeprefix("export:") if task.startswith("export:") else "", "TASK": task,
+           "PYTHON": sys.executable}
+    result = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", FULL_DISK], cwd=project.root,
+                            env=env, capture_output=True, text=True, timeout=900)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output[-3000:]  # doit's "task failed", not an abort (134) or a crash (3)
+    assert f"{task}: cannot write to" in output and "No space left on device" in output, output[-3000:]
+    assert "free disk space or fix permissions, then run again (finished stages are kept)" in output
+    assert "Traceback" not in output and "terminate called" not in output, output[-3000:]

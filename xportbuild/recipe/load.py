@@ -93,10 +93,13 @@ def _build(cls, data: dict, file: Path, prefix: str, problems: _Problems, fixed:
 
 def _read_toml(file: Path, problems: _Problems) -> dict | None:
     try:
-        return tomllib.loads(file.read_text())
+        return tomllib.loads(file.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        problems.add(file, "(file)", f"not UTF-8 text: byte 0x{err.object[err.start]:02x} at offset {err.start}; "
+                     "save the file as UTF-8")
     except (OSError, tomllib.TOMLDecodeError) as err:
         problems.add(file, "(file)", f"cannot parse TOML: {err}")
-        return None
+    return None
 
 
 def _check_source(source: SourceSpec, file: Path, problems: _Problems) -> None:
@@ -152,6 +155,10 @@ def _check_verify_inputs(task: str, verify: VerifyInputs, declared: set[str], fi
     if kind.prompted:
         if not verify.prompts:
             problems.add(file, "verify.prompts", f"task {task!r} is verified on text: needs at least one prompt")
+        for index, prompt in enumerate(verify.prompts):
+            if not prompt.strip():
+                problems.add(file, f"verify.prompts[{index}]", f"{prompt!r} is empty: the model and the runner would "
+                             "have nothing to continue; write a prompt or remove it")
         if "samples" in declared:
             problems.add(file, "verify.samples", f"set, but task {task!r} is verified on its prompts (one generated "
                          "input per prompt where it takes images or audio): it would do nothing")

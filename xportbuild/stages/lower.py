@@ -50,13 +50,14 @@ def lower(program_dirs: list[Path], spec: LowerSpec, pass_refs: list[str], repo_
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
 
     programs = load_target_programs(program_dirs)
-    functions = [passes.strip_embedding_padding_idx] + [passes.resolve(ref, repo_root) for ref in pass_refs]
+    functions = {"strip_embedding_padding_idx": passes.strip_embedding_padding_idx}
+    functions.update({ref: passes.resolve(ref, repo_root) for ref in pass_refs})
     table_shapes = _shared_table_shapes(programs) if shared_table else set()
     # Lowering a loaded program with autograd on fails on the KV cache's in-place copy_.
     with torch.no_grad():
         for method, program in programs.items():
-            for function in functions:
-                program = function(program)
+            for ref, function in functions.items():
+                program = passes.apply(function, program, ref)
             programs[method] = program
         edge = to_edge_transform_and_lower(
             programs,

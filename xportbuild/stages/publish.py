@@ -81,15 +81,15 @@ def first_stale_reason(plan: Plan, resolver: Resolver, task: str) -> str:
 
 def publish(plan: Plan, workspace: Workspace, target: str) -> Path:
     """Write artifacts/<target>/ (model.pte, tokenizer, manifest.json, report.md), replacing it whole."""
-    resolver = Resolver(plan, workspace)
-    record = manifest(plan, resolver, target)
+    # Every stage read whole against its hashes (rebuilt if damaged): what is published is what was verified.
+    entries = {task: checked_entry(plan, workspace, task) for task in plan.ancestors(plan.targets[target].verify)}
+    record = manifest(plan, Resolver(plan, workspace), target)
     workspace.artifacts_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=workspace.artifacts_dir, prefix=f".{target}-"))
     try:
         files = {}
         for name, stage in SHIPPED.items():
-            # Read whole against its hashes: what is published is what was verified, byte for byte.
-            entry = checked_entry(plan, workspace, record["stages"][stage]["task"])
+            entry = entries[record["stages"][stage]["task"]]
             if entry.file(name).is_file():
                 shutil.copyfile(entry.file(name), staging / name)
                 files[name] = hash_file(staging / name)

@@ -117,7 +117,7 @@ def runner_check(pte_path: Path, inputs: RunnerInputs, pte_greedy: list[int], eo
     try:
         figures = llm_runner.generate(pte_path, inputs.tokenizer_dir / "tokenizer.json", inputs.prompt,
                                       len(pte_greedy))
-    except RuntimeError as err:  # e.g. a tokenizer.json the C++ tokenizer cannot read: reported, the .pte is fine
+    except RuntimeError as err:  # e.g. an empty prompt, or a tokenizer.json the C++ tokenizer cannot read
         return {"error": str(err).strip().splitlines()[0], "matches_pte_greedy": None}
     ends = [index for index, token in enumerate(pte_greedy) if token in eos_ids]
     expected = AutoTokenizer.from_pretrained(inputs.tokenizer_dir).decode(pte_greedy[: ends[0] if ends else None])
@@ -144,7 +144,10 @@ def verify(pte_path: Path, program_dir: Path, reference_dir: Path, tolerances: T
     if runner is not None:
         eos_ids = json.loads((program_dir / MODEL_FACTS_FILE).read_text())["runner"]["get_eos_ids"]
         numbers["runner"] = runner_check(pte_path, runner, numbers["greedy"][0]["pte"], eos_ids)
-        if numbers["runner"]["matches_pte_greedy"] is False:
+        if numbers["runner"]["matches_pte_greedy"] is None:  # an app could not run what we would publish
+            failures.append(Missed(f"ExecuTorch's LLM runner could not run the .pte on prompt 0: "
+                                   f"{numbers['runner']['error']}", "", "", 0.0))
+        elif numbers["runner"]["matches_pte_greedy"] is False:
             failures.append(Missed(f"ExecuTorch's LLM runner generated {numbers['runner']['text']!r} from prompt "
                                    f"0, not the .pte's greedy {numbers['runner']['expected']!r}", "", "", 0.0))
     if failures:
