@@ -18,7 +18,7 @@ from pathlib import Path
 from xportbuild.cache import Entry, Store, write_atomic
 from xportbuild.errors import CacheCorrupt, DamagedEntry, StageError, VerifyFailed
 from xportbuild.keys import SCHEMA, canonical_json, digest_value, library_versions, module_source_digest
-from xportbuild.plan import STAGE_RUNNERS, Plan, StageNode, stage_code
+from xportbuild.plan import STAGE_RUNNERS, Plan, StageNode, source_of, stage_code
 
 log = logging.getLogger(__name__)
 
@@ -109,10 +109,8 @@ class Resolver:
 
     def _source_fingerprint(self, node: StageNode) -> dict:
         from xportbuild import sources
-        from xportbuild.recipe.spec import SourceSpec
 
-        source = SourceSpec(**node.params["source"])
-        return sources.fingerprint(source, node.origin, self.source_digests, self.workspace.cache_dir / "sources")
+        return sources.fingerprint(source_of(node), node.origin, self.source_digests, self.workspace.cache_dir / "sources")
 
     def entry(self, task: str) -> Entry | None:
         if task in self._entries:
@@ -149,7 +147,7 @@ def explain_change(last_doc_path: Path, doc: dict) -> str:
         last = json.loads(last_doc_path.read_text())
     except (OSError, ValueError):
         return "never built here and not in the cache"
-    old, new = _flatten(last), _flatten(doc)
+    old, new = _flatten(last), _flatten(json.loads(canonical_json(doc)))  # as stored: a tuple reads back as a list
     changes = []
     for name in sorted(set(old) | set(new)):
         if old.get(name) != new.get(name):

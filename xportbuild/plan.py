@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from xportbuild import passes
 from xportbuild.models.kinds import kind_of
-from xportbuild.recipe.spec import Target, as_dict
+from xportbuild.recipe.spec import SourceSpec, Target, as_dict
 
 # Modules whose source is part of each stage's key: editing them reruns that stage. Stages that load, export or
 # run a model also depend on the wrapper of its kind (`stage_code`).
@@ -62,6 +62,9 @@ class StageNode:
     params: dict
     inputs: dict[str, str] = field(default_factory=dict)
     origin: str = ""  # the model or recipe file it comes from: for messages and imports, not the key
+    # Where the stage finds what its key identifies by content (a source's path as spelled), not the key: the same
+    # weights reached as `../models/x` or by an absolute path, on this machine or another, are one fetch.
+    locator: dict = field(default_factory=dict)
 
     @property
     def part(self) -> str:
@@ -71,6 +74,11 @@ class StageNode:
     @property
     def task(self) -> str:
         return f"{self.stage}:{self.subject}"
+
+
+def source_of(node: StageNode) -> SourceSpec:
+    """The source a fetch node reads: its keyed fields and where it is found."""
+    return SourceSpec(**node.params["source"], **node.locator)
 
 
 @dataclass(frozen=True)
@@ -107,7 +115,8 @@ class Plan:
 
 def _model_nodes(target: Target) -> dict[str, StageNode]:
     model = target.model
-    fetch = StageNode("fetch", model.name, {"source": as_dict(model.source)}, origin=model.file)
+    keyed = {name: value for name, value in as_dict(model.source).items() if name != "path"}
+    fetch = StageNode("fetch", model.name, {"source": keyed}, origin=model.file, locator={"path": model.source.path})
     reference = StageNode(
         "reference",
         model.name,

@@ -136,3 +136,15 @@ def test_fsck_reads_everything_discards_damaged_entries_and_restores_published_f
     before = len(project.events())
     project.doit(f"export:{TARGET}")  # the discarded program is rebuilt, the same bytes: nothing else reruns
     assert project.built_since(before) == [QUANTIZE]
+
+
+def test_a_source_is_identified_by_its_content_not_by_how_its_path_is_spelled(project, weights):
+    project.write_model("tiny-llama", model_toml(local(weights / "tiny-llama"), ["xnnpack-fp32"]))
+    project.doit("fetch:tiny-llama")
+    spelled = os.path.relpath(weights / "tiny-llama", project.root / "recipes" / "models")
+    assert spelled.startswith("..")
+    project.write_model("tiny-llama", model_toml(local(spelled), ["xnnpack-fp32"]))
+    assert "status     : up-to-date" in project.doit("info", "fetch:tiny-llama").stdout
+    before = len(project.events())
+    project.doit("fetch:tiny-llama")
+    assert project.built_since(before) == []

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from xportbuild import preflight, sources
 from xportbuild.errors import SourceError
+from xportbuild.plan import source_of
 from xportbuild.cache import StatCache
 from xportbuild.recipe.spec import SourceSpec
 
@@ -33,7 +34,9 @@ def fetch(source: SourceSpec, model_file: str, out_dir: Path, scratch_root: Path
             if file.is_file() and file.suffix not in _PICKLE_SUFFIXES:
                 shutil.copyfile(file, out_dir / file.name)
     # Which source exactly (commit SHA or content digest), for the provenance record in the .pte.
-    identity = {**dataclasses.asdict(source), **sources.fingerprint(source, model_file, stats, scratch_root)}
+    # Not its path as spelled: the same bytes reached another way are the same fetch.
+    identity = {**dataclasses.asdict(dataclasses.replace(source, path="")),
+                **sources.fingerprint(source, model_file, stats, scratch_root)}
     (out_dir / SOURCE_RECORD).write_text(json.dumps({"trust_remote_code": source.trust_remote_code,
                                                      "source": identity}))
     config = json.loads((out_dir / "config.json").read_text())
@@ -74,5 +77,4 @@ def _drop_gguf_quantizer(model, path: Path) -> None:
 
 
 def run(node, inputs: dict[str, Path], out_dir: Path, workspace) -> dict:
-    source = SourceSpec(**node.params["source"])
-    return fetch(source, node.origin, out_dir, workspace.cache_dir / "sources", workspace.store.stats)
+    return fetch(source_of(node), node.origin, out_dir, workspace.cache_dir / "sources", workspace.store.stats)
