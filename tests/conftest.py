@@ -78,6 +78,7 @@ def weights(tmp_path_factory) -> Path:
     commit = tiny.populate_hub_cache(qwen, root / "hf-cache", "tiny-org/tiny-qwen3")
     (root / "hub-commit").write_text(commit)
     tiny.save_gguf(root / "tiny-llama.gguf")
+    tiny.save_gguf(root / "tiny-llama-spm.gguf", vocabulary="llama")
     return root
 
 

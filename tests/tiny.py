@@ -112,8 +112,10 @@ def _gguf_tensor_name(name: str) -> str:
     return f"blk.{index}.{_GGUF_LAYER_NAMES[module]}.weight"
 
 
-def save_gguf(path: Path, seed: int = 1) -> Path:
-    """A tiny float32 llama GGUF with a llama (sentencepiece-style) vocabulary."""
+def save_gguf(path: Path, seed: int = 1, vocabulary: str = "gpt2") -> Path:
+    """A tiny float32 llama GGUF. `vocabulary` "gpt2": byte-level BPE as Llama 3 GGUFs ship it (ExecuTorch's C++
+    tokenizer reads its conversion); "llama": sentencepiece-style (converted with a Metaspace pre-tokenizer, which
+    that tokenizer cannot read)."""
     import gguf
     import numpy as np
     import torch
@@ -121,6 +123,8 @@ def save_gguf(path: Path, seed: int = 1) -> Path:
 
     torch.manual_seed(seed)
     config = _config("llama", tie=False)
+    if vocabulary == "gpt2":
+        config.vocab_size = 192  # a token per ASCII byte
     model = AutoModelForCausalLM.from_config(config).eval()
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_context_length(MAX_POSITIONS)
@@ -132,16 +136,10 @@ def save_gguf(path: Path, seed: int = 1) -> Path:
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_rope_freq_base(10000.0)
     writer.add_vocab_size(config.vocab_size)
-    pieces = sorted({c for w in WORDS for c in w} | {"\u2581"})
-    tokens = ["<unk>", "<s>", "</s>"] + pieces + [f"\u2581{w}" for w in WORDS]
-    tokens += [f"<extra_{i}>" for i in range(config.vocab_size - len(tokens))]
-    writer.add_tokenizer_model("llama")
-    writer.add_token_list(tokens)
-    writer.add_token_scores([0.0] * 3 + [-float(i) for i in range(len(tokens) - 3)])
-    writer.add_token_types([2, 3, 3] + [1] * (len(tokens) - 3))
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    writer.add_unk_token_id(0)
+    if vocabulary == "gpt2":
+        _add_byte_level_vocabulary(writer, config.vocab_size)
+    else:
+        _add_sentencepiece_vocabulary(writer, config.vocab_size)
     for name, tensor in model.state_dict().items():
         writer.add_tensor(_gguf_tensor_name(name), tensor.numpy().astype(np.float32))
     writer.write_header_to_file()
@@ -149,6 +147,44 @@ def save_gguf(path: Path, seed: int = 1) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def _add_sentencepiece_vocabulary(writer, vocab_size: int) -> None:
+    pieces = sorted({c for w in WORDS for c in w} | {"\u2581"})
+    tokens = ["<unk>", "<s>", "</s>"] + pieces + [f"\u2581{w}" for w in WORDS]
+    tokens += [f"<extra_{i}>" for i in range(vocab_size - len(tokens))]
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([0.0] * 3 + [-float(i) for i in range(len(tokens) - 3)])
+    writer.add_token_types([2, 3, 3] + [1] * (len(tokens) - 3))
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+
+
+def _byte_symbols() -> list[str]:
+    """GPT-2's printable stand-in for each of the 256 bytes, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
+
+
+def _add_byte_level_vocabulary(writer, vocab_size: int) -> None:
+    merged = ["\u0120t", "he", "\u0120the"]  # GPT-2's space (Ġ) then letters: " the" as one token
+    # ASCII bytes only: a random model would otherwise emit half a UTF-8 character, which the runner's Python
+    # binding cannot hand to its callback.
+    ascii_bytes = _byte_symbols()[:128]
+    tokens = ["<|begin_of_text|>", "<|end_of_text|>"] + ascii_bytes + merged
+    tokens += [f"<|extra_{i}|>" for i in range(vocab_size - len(tokens))]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("llama-bpe")
+    writer.add_token_list(tokens)
+    normal = len(ascii_bytes) + len(merged)
+    writer.add_token_types([3, 3] + [1] * normal + [3] * (len(tokens) - 2 - normal))
+    writer.add_token_scores([0.0] * len(tokens))
+    writer.add_token_merges(["\u0120 t", "h e", "\u0120t he"])
+    writer.add_bos_token_id(0)
+    writer.add_eos_token_id(1)
 
 
 def save_foreign_gguf(path: Path, architecture: str) -> Path:

@@ -57,7 +57,11 @@ def generate(pte_path: Path, tokenizer_path: Path, prompt: str, max_new_tokens: 
     stats = []
     config = GenerationConfig(echo=False, max_new_tokens=max_new_tokens, temperature=temperature,
                               num_bos=bos_tokens(tokenizer_path), num_eos=0)
-    runner.generate(prompt, config, pieces.append, stats.append)
+    try:
+        runner.generate(prompt, config, pieces.append, stats.append)
+    except UnicodeDecodeError as err:  # the binding passes each piece as str: a byte-level token may be half a char
+        raise RuntimeError(f"the runner produced a piece that is not whole UTF-8 ({err.reason} at byte "
+                           f"{err.start}); its Python binding cannot pass it on") from err
     return _figures("".join(pieces), json.loads(stats[-1].to_json_string()), constructed_s)
 
 
