@@ -9,8 +9,8 @@ from pathlib import Path
 
 from xportbuild import __version__, backends, passes
 from xportbuild.errors import StageError
-from xportbuild.keys import library_versions, module_source_digest
-from xportbuild.plan import STAGE_CODE
+from xportbuild.keys import code_digests, digest_value, library_versions
+from xportbuild.plan import code_roots
 from xportbuild.recipe.spec import LowerSpec
 from xportbuild.stages.program import MODEL_FACTS_FILE, load_target_programs, program_inputs
 
@@ -37,8 +37,7 @@ def constant_methods(program_dir: Path, provenance: dict) -> dict:
     """Runner metadata recorded by the program stage, plus `get_provenance`: a JSON string saying what built this.
     (Every program of a target records the same metadata: the first one is read.)"""
     facts = json.loads((program_dir / MODEL_FACTS_FILE).read_text())
-    record = {**provenance, "source": facts["source"], "xportbuild": __version__, "libraries": library_versions(),
-              "lower_code": {module: module_source_digest(module) for module in STAGE_CODE["lower"]}}
+    record = {**provenance, "source": facts["source"], "xportbuild": __version__, "libraries": library_versions()}
     return {**facts["runner"], PROVENANCE_METHOD: json.dumps(record, sort_keys=True)}
 
 
@@ -149,7 +148,8 @@ def run(node, inputs: dict[str, Path], out_dir: Path, workspace) -> dict:
     refs = [p["ref"] for p in node.params["passes"]]
     # An entry's folder is named by its key: the provenance names the exact programs lowered.
     programs = program_inputs(inputs)
-    provenance = {"target": node.subject, "lower_params": node.params}
+    provenance = {"target": node.subject, "lower_params": node.params,
+                  "lower_code": digest_value(code_digests(code_roots(node)))}
     if "program" in programs:
         provenance["program_key"] = programs["program"].name
     else:
