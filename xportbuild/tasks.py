@@ -37,7 +37,7 @@ class StageFresh:
 
 class PublishedFresh(StageFresh):
     def __call__(self) -> bool:
-        from xportbuild.stages.publish import published_state
+        from xportbuild.publish import published_state
 
         _configure_logging()
         fresh, self.reason = published_state(self.plan, self.workspace, self.task)
@@ -97,7 +97,7 @@ def run_validate(recipes_dir: Path, workspace: Workspace):
 
 
 def run_publish(plan: Plan, workspace: Workspace, target: str):
-    from xportbuild.stages.publish import publish
+    from xportbuild.publish import publish
 
     def publish_target() -> str:
         log.info("export:%s: publishing", target)
@@ -108,7 +108,7 @@ def run_publish(plan: Plan, workspace: Workspace, target: str):
 
 
 def run_fsck(workspace: Workspace):
-    from xportbuild.stages.publish import fsck
+    from xportbuild.publish import fsck
 
     def check() -> str:
         findings, summary = fsck(workspace)
