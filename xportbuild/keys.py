@@ -5,7 +5,6 @@ from __future__ import annotations
 import ast
 import functools
 import importlib.metadata
-import importlib.util
 import json
 import math
 import os
@@ -65,14 +64,6 @@ def file_stamp(path: Path) -> list[int]:
 def tree_digest(files: dict[str, str]) -> str:
     """Digest of a set of files given as {relative path: content digest}."""
     return digest_value(sorted(files.items()))
-
-
-def module_source_digest(module: str) -> str:
-    """Digest of a module's source file, found without importing the module itself."""
-    spec = importlib.util.find_spec(module)
-    if spec is None or spec.origin is None or not os.path.isfile(spec.origin):
-        raise ModuleNotFoundError(f"no source file for module {module!r}")
-    return xxhash.xxh3_128_hexdigest(Path(spec.origin).read_bytes())
 
 
 def package_module_file(module: str, package_dir: Path = PACKAGE_DIR) -> Path | None:

@@ -182,14 +182,16 @@ def plan_targets(targets: list[Target]) -> Plan:
         else:
             programs = _method_nodes(target, fetch_task, reference_task)
         program_inputs = {name: node.task for name, node in programs.items()}
+        located = passes.locate(target.recipe.lower.passes, target.recipe.file)
         lower_params = {
             "lower": as_dict(target.recipe.lower),
-            "passes": passes.fingerprints(target.recipe.lower.passes, target.recipe.file),
+            "passes": [found.keyed() for found in located],
             "shared_table": target.recipe.quantize.tied_table == "shared",
             "target": target.name,  # the .pte's provenance names it
             "custom_ops": list(target.recipe.export.custom_ops),  # must survive lowering
         }
-        lower = StageNode("lower", target.name, lower_params, program_inputs, origin=target.recipe.file)
+        lower = StageNode("lower", target.name, lower_params, program_inputs, origin=target.recipe.file,
+                          locator={"pass_files": {found.ref: found.file for found in located}})
         verify = StageNode(
             "verify",
             target.name,

@@ -41,7 +41,7 @@ def constant_methods(program_dir: Path, provenance: dict) -> dict:
     return {**facts["runner"], PROVENANCE_METHOD: json.dumps(record, sort_keys=True)}
 
 
-def lower(program_dirs: list[Path], spec: LowerSpec, pass_refs: list[str], repo_root: str, out_dir: Path,
+def lower(program_dirs: list[Path], spec: LowerSpec, pass_files: dict[str, str], out_dir: Path,
           shared_table: bool = False, provenance: dict | None = None, custom_ops: tuple[str, ...] = ()) -> dict:
     """Write out_dir/model.pte (and model.ptd when a table is shared) holding every method of `program_dirs`;
     returns sizes and delegation facts."""
@@ -50,7 +50,7 @@ def lower(program_dirs: list[Path], spec: LowerSpec, pass_refs: list[str], repo_
 
     programs = load_target_programs(program_dirs)
     functions = {"strip_embedding_padding_idx": passes.strip_embedding_padding_idx}
-    functions.update({ref: passes.resolve(ref, repo_root) for ref in pass_refs})
+    functions.update({ref: passes.load(ref, file) for ref, file in pass_files.items()})
     table_shapes = _shared_table_shapes(programs) if shared_table else set()
     # Lowering a loaded program with autograd on fails on the KV cache's in-place copy_.
     with torch.no_grad():
@@ -145,7 +145,6 @@ def _check_stored_once(shapes: set[tuple[int, ...]], ptd_bytes: int) -> dict:
 def run(node, inputs: dict[str, Path], out_dir: Path, workspace) -> dict:
     lower_params = dict(node.params["lower"])
     spec = LowerSpec(**{**lower_params, "passes": tuple(lower_params["passes"])})
-    refs = [p["ref"] for p in node.params["passes"]]
     # An entry's folder is named by its key: the provenance names the exact programs lowered.
     programs = program_inputs(inputs)
     provenance = {"target": node.subject, "lower_params": node.params,
@@ -154,5 +153,6 @@ def run(node, inputs: dict[str, Path], out_dir: Path, workspace) -> dict:
         provenance["program_key"] = programs["program"].name
     else:
         provenance["program_keys"] = {name.removeprefix("program."): folder.name for name, folder in programs.items()}
-    return lower(list(programs.values()), spec, refs, str(passes.repo_root(node.origin)), out_dir,
+    pass_files = {found["ref"]: node.locator["pass_files"][found["ref"]] for found in node.params["passes"]}
+    return lower(list(programs.values()), spec, pass_files, out_dir,
                  node.params["shared_table"], provenance, tuple(node.params["custom_ops"]))
