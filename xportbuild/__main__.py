@@ -29,7 +29,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _fsck(args: argparse.Namespace) -> int:
-    from xportbuild.stages.publish import fsck
+    from xportbuild.publish import fsck
 
     findings, summary = fsck(Workspace.for_project(Path(args.recipes)))
     for line in findings:

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from xportbuild.cache import Entry, Store, write_atomic
 from xportbuild.errors import CacheCorrupt, DamagedEntry, StageError, VerifyFailed
-from xportbuild.keys import SCHEMA, canonical_json, digest_value, library_versions, module_source_digest
-from xportbuild.plan import STAGE_RUNNERS, Plan, StageNode, source_of, stage_code
+from xportbuild.keys import SCHEMA, canonical_json, code_digests, digest_value, library_versions
+from xportbuild.plan import STAGE_BY_NAME, Plan, StageNode, code_roots, source_of
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class Resolver:
             "stage": node.stage,
             "params": node.params,
             "inputs": inputs,
-            "code": {module: module_source_digest(module) for module in stage_code(node)},
+            "code": code_digests(code_roots(node)),
             "libraries": library_versions(),
         }, ""
 
@@ -192,7 +192,7 @@ class PeakMemory:
 
 
 def _runner(stage: str):
-    module_name, _, attr = STAGE_RUNNERS[stage].partition(":")
+    module_name, _, attr = STAGE_BY_NAME[stage].runner.partition(":")
     return getattr(importlib.import_module(module_name), attr)
 
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import ast
+import functools
 import importlib.metadata
-import importlib.util
 import json
 import math
 import os
@@ -15,6 +16,8 @@ SCHEMA = "v1"
 ALGORITHM = "xxh3_128"
 LIBRARIES = ("torch", "executorch", "torchao", "transformers")
 _CHUNK = 8 << 20
+PACKAGE = "xportbuild"
+PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 def canonical_json(value) -> str:
@@ -63,12 +66,57 @@ def tree_digest(files: dict[str, str]) -> str:
     return digest_value(sorted(files.items()))
 
 
-def module_source_digest(module: str) -> str:
-    """Digest of a module's source file, found without importing the module itself."""
-    spec = importlib.util.find_spec(module)
-    if spec is None or spec.origin is None or not os.path.isfile(spec.origin):
-        raise ModuleNotFoundError(f"no source file for module {module!r}")
-    return xxhash.xxh3_128_hexdigest(Path(spec.origin).read_bytes())
+def package_module_file(module: str, package_dir: Path = PACKAGE_DIR) -> Path | None:
+    """The source file of `module` inside this package (a module or a package's __init__), or None."""
+    if module != PACKAGE and not module.startswith(PACKAGE + "."):
+        return None
+    parts = module.split(".")[1:]
+    for candidate in (package_dir.joinpath(*parts).with_suffix(".py"), package_dir.joinpath(*parts, "__init__.py")):
+        if parts and candidate.is_file() or not parts and candidate.name == "__init__.py" and candidate.is_file():
+            return candidate
+    return None
+
+
+def _imported_names(module: str, tree: ast.AST) -> set[str]:
+    """Every module an import statement anywhere in `tree` may name (function-level imports included: stages import
+    lazily), with `from a import b` also offering `a.b` in case b is a submodule."""
+    names: set[str] = set()
+    package = module if module == PACKAGE else module.rpartition(".")[0]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names)
+    return names
+
+
+@functools.lru_cache(maxsize=None)
+def import_closure(roots: tuple[str, ...], package_dir: Path = PACKAGE_DIR) -> tuple[str, ...]:
+    """The modules of this package that `roots` import, directly or not, read from their source (nothing is
+    imported). A stage's key covers exactly these: editing any of them reruns the stage, editing another does not.
+    Parent packages count too: their __init__ runs on import."""
+    seen: set[str] = set()
+    pending = list(roots)
+    while pending:
+        module = pending.pop()
+        if module in seen or (file := package_module_file(module, package_dir)) is None:
+            continue
+        seen.add(module)
+        parents = [".".join(module.split(".")[:n]) for n in range(1, module.count(".") + 1)]
+        pending.extend(parents)
+        pending.extend(_imported_names(module, ast.parse(file.read_bytes(), str(file))))
+    return tuple(sorted(seen))
+
+
+def code_digests(roots: tuple[str, ...], package_dir: Path = PACKAGE_DIR) -> dict[str, str]:
+    """{module: digest of its source} over the import closure of `roots`."""
+    return {module: xxhash.xxh3_128_hexdigest(package_module_file(module, package_dir).read_bytes())
+            for module in import_closure(tuple(sorted(roots)), package_dir)}
 
 
 def library_versions(names: tuple[str, ...] = LIBRARIES) -> dict[str, str]:

@@ -5,12 +5,15 @@ A pass takes an ExportedProgram and returns one. Its source file is part of the 
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+import xxhash
+
 from xportbuild.errors import RecipeError
-from xportbuild.keys import module_source_digest
+from xportbuild.keys import PACKAGE, package_module_file
 
 REGISTRY: dict[str, str] = {
     "strip_embedding_padding_idx": "xportbuild.passes:strip_embedding_padding_idx",
@@ -30,31 +33,57 @@ def _reference(name: str) -> str:
     return name
 
 
-def fingerprints(names: tuple[str, ...], recipe_file: str) -> list[dict]:
-    """[{name, ref, source}] for the lower key; the module is located, not imported."""
-    root = str(repo_root(recipe_file))
-    if root not in sys.path:
-        sys.path.append(root)
-    result, problems = [], []
+@dataclass(frozen=True)
+class LocatedPass:
+    """A pass found once, at plan time, without importing it: the lower key holds its name, reference and source
+    digest; the file it was found in (machine-specific) only tells lower where to load it from."""
+
+    name: str
+    ref: str
+    file: str
+    source: str
+
+    def keyed(self) -> dict:
+        return {"name": self.name, "ref": self.ref, "source": self.source}
+
+
+def _module_file(module: str, root: Path) -> Path | None:
+    if module == PACKAGE or module.startswith(PACKAGE + "."):
+        return package_module_file(module)
+    base = root.joinpath(*module.split("."))
+    return next((f for f in (base.with_suffix(".py"), base / "__init__.py") if f.is_file()), None)
+
+
+def locate(names: tuple[str, ...], recipe_file: str) -> list[LocatedPass]:
+    """Every named pass located in the recipe's repo (or among the built-ins); raises RecipeError with all
+    problems. Nothing is imported and sys.path is left alone."""
+    root, located, problems = repo_root(recipe_file), [], []
     for name in names:
         try:
             ref = _reference(name)
-            result.append({"name": name, "ref": ref, "source": module_source_digest(ref.split(":")[0])})
-        except (KeyError, ModuleNotFoundError, ImportError, ValueError) as err:
-            problems.append(f"{recipe_file}: lower.passes: {name!r}: {err}")
+        except KeyError as err:
+            problems.append(f"{recipe_file}: lower.passes: {name!r}: {err.args[0]}")
+            continue
+        module = ref.partition(":")[0]
+        file = _module_file(module, root)
+        if file is None:
+            problems.append(f"{recipe_file}: lower.passes: {name!r}: no module {module!r} under {root} (a pass is "
+                            "'module:attr', importable from the folder holding recipes/)")
+            continue
+        located.append(LocatedPass(name, ref, str(file), xxhash.xxh3_128_hexdigest(file.read_bytes())))
     if problems:
         raise RecipeError(problems)
-    return result
+    return located
 
 
-def import_problems(names: tuple[str, ...], recipe_file: str) -> list[str]:
-    """Each named pass imported and checked to be callable (validate's job: lower would fail on it much later)."""
+def import_problems(located: list[LocatedPass], recipe_file: str) -> list[str]:
+    """Each located pass imported and checked to be callable (validate's job: lower would fail on it much later)."""
     problems = []
-    for name in names:
+    for found in located:
         try:
-            resolve(_reference(name), str(repo_root(recipe_file)))
-        except (KeyError, RecipeError) as err:
-            problems.append(f"{recipe_file}: lower.passes: {name!r}: {err.problems[0] if isinstance(err, RecipeError) else err}")
+            load(found.ref, found.file)
+        except RecipeError as err:
+            problems.append(f"{recipe_file}: lower.passes: {found.name!r}: {err.problems[0]}")
     return problems
 
 
@@ -72,19 +101,31 @@ def apply(function, program, ref: str):
     return result
 
 
-def resolve(ref: str, recipe_root: str):
-    """The pass function named by `ref` ('module:attr')."""
-    if recipe_root not in sys.path:
-        sys.path.append(recipe_root)
+def load(ref: str, file: str):
+    """The pass function `ref` ('module:attr'), imported from the file it was located in at plan time."""
     module_name, _, attr = ref.partition(":")
     try:
-        module = importlib.import_module(module_name)
+        module = sys.modules.get(module_name)
+        if module is None or Path(getattr(module, "__file__", "") or "").resolve() != Path(file).resolve():
+            module = _import_file(module_name, Path(file))
     except Exception as err:  # noqa: BLE001  whatever the user's module raises on import is the finding
         raise RecipeError([f"importing {module_name!r} raised {type(err).__name__}: {err}"]) from err
     function = getattr(module, attr, None)
     if not callable(function):
         raise RecipeError([f"{attr!r} is not a callable in module {module_name!r}"])
     return function
+
+
+def _import_file(module_name: str, file: Path):
+    spec = importlib.util.spec_from_file_location(module_name, file)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[module_name]
+        raise
+    return module
 
 
 def strip_embedding_padding_idx(program):

@@ -4,53 +4,47 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from xportbuild import passes
+from xportbuild import backends, passes
 from xportbuild.models.kinds import kind_of
 from xportbuild.recipe.spec import SourceSpec, Target, as_dict
 
-# Modules whose source is part of each stage's key: editing them reruns that stage. Stages that load, export or
-# run a model also depend on the wrapper of its kind (`stage_code`).
-STAGE_CODE: dict[str, tuple[str, ...]] = {
-    "fetch": ("xportbuild.stages.fetch", "xportbuild.sources"),
-    "reference": ("xportbuild.stages.reference", "xportbuild.quality"),
-    "program": ("xportbuild.stages.program", "xportbuild.pt2"),
-    "quantize": ("xportbuild.stages.program", "xportbuild.pt2", "xportbuild.stages.quantize", "xportbuild.quality"),
-    "lower": ("xportbuild.stages.lower", "xportbuild.backends", "xportbuild.passes", "xportbuild.models.custom_attention"),
-    "verify": ("xportbuild.stages.verify", "xportbuild.gates", "xportbuild.runtime", "xportbuild.llm_runner",
-               "xportbuild.quality"),
-    "sensitivity": ("xportbuild.stages.sensitivity", "xportbuild.stages.quantize", "xportbuild.quality"),
-}
-_CAUSAL_LM_CODE = ("xportbuild.models.causal_lm", "xportbuild.models.custom_attention")
+@dataclass(frozen=True)
+class Stage:
+    """A cached stage: its name, the function that runs it ("module:function") and what it does."""
+
+    name: str
+    runner: str
+    doc: str
+
+    @property
+    def module(self) -> str:
+        return self.runner.partition(":")[0]
 
 
-def stage_code(node: "StageNode") -> tuple[str, ...]:
-    """The modules whose source is part of `node`'s key."""
-    task = node.params.get("task")
-    if task is None:
-        return STAGE_CODE[node.stage]
-    if task == "causal-lm":
-        return STAGE_CODE[node.stage] + _CAUSAL_LM_CODE
-    return STAGE_CODE[node.stage] + ("xportbuild.models.methods", "xportbuild.models.common", kind_of(task).module)
+# The one list of stages, in pipeline order.
+STAGES: tuple[Stage, ...] = (
+    Stage("fetch", "xportbuild.stages.fetch:run", "fetch weights and tokenizer of a model into the cache"),
+    Stage("reference", "xportbuild.stages.reference:run", "run the float eager model on its verification prompts"),
+    Stage("program", "xportbuild.stages.program:run", "torch.export the float model, one .pt2 per method"),
+    Stage("quantize", "xportbuild.stages.quantize:run", "quantize with torchao and torch.export, one .pt2 per method"),
+    Stage("lower", "xportbuild.stages.lower:run", "lower the cached programs to an ExecuTorch .pte"),
+    Stage("verify", "xportbuild.stages.verify:run",
+          "run the .pte in the ExecuTorch runtime and compare with the references"),
+    Stage("sensitivity", "xportbuild.stages.sensitivity:run",
+          "opt-in, slow: quality with each layer group in float or 8 bits (not part of export)"),
+)
+STAGE_BY_NAME = {stage.name: stage for stage in STAGES}
 
 
-STAGE_RUNNERS: dict[str, str] = {
-    "fetch": "xportbuild.stages.fetch:run",
-    "reference": "xportbuild.stages.reference:run",
-    "program": "xportbuild.stages.program:run",
-    "quantize": "xportbuild.stages.quantize:run",
-    "lower": "xportbuild.stages.lower:run",
-    "verify": "xportbuild.stages.verify:run",
-    "sensitivity": "xportbuild.stages.sensitivity:run",
-}
-STAGE_DOCS: dict[str, str] = {
-    "fetch": "fetch weights and tokenizer of a model into the cache",
-    "reference": "run the float eager model on its verification prompts",
-    "program": "torch.export the float model, one .pt2 per method",
-    "quantize": "quantize with torchao and torch.export, one .pt2 per method",
-    "lower": "lower the cached programs to an ExecuTorch .pte",
-    "verify": "run the .pte in the ExecuTorch runtime and compare with the references",
-    "sensitivity": "opt-in, slow: quality with each layer group in float or 8 bits (not part of export)",
-}
+def code_roots(node: "StageNode") -> tuple[str, ...]:
+    """The modules a stage reaches by name rather than by import: its runner, the wrapper of its model's task kind,
+    its backend. Its key covers their import closure (`keys.code_digests`); the app's passes enter it by content."""
+    roots = [STAGE_BY_NAME[node.stage].module]
+    if task := node.params.get("task"):
+        roots.append(kind_of(task).module)
+    if backend := node.params.get("lower", {}).get("backend"):
+        roots.append(backends.REGISTRY[backend].partition(":")[0])
+    return tuple(roots)
 
 
 @dataclass(frozen=True)
@@ -188,14 +182,16 @@ def plan_targets(targets: list[Target]) -> Plan:
         else:
             programs = _method_nodes(target, fetch_task, reference_task)
         program_inputs = {name: node.task for name, node in programs.items()}
+        located = passes.locate(target.recipe.lower.passes, target.recipe.file)
         lower_params = {
             "lower": as_dict(target.recipe.lower),
-            "passes": passes.fingerprints(target.recipe.lower.passes, target.recipe.file),
+            "passes": [found.keyed() for found in located],
             "shared_table": target.recipe.quantize.tied_table == "shared",
             "target": target.name,  # the .pte's provenance names it
             "custom_ops": list(target.recipe.export.custom_ops),  # must survive lowering
         }
-        lower = StageNode("lower", target.name, lower_params, program_inputs, origin=target.recipe.file)
+        lower = StageNode("lower", target.name, lower_params, program_inputs, origin=target.recipe.file,
+                          locator={"pass_files": {found.ref: found.file for found in located}})
         verify = StageNode(
             "verify",
             target.name,

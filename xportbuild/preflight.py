@@ -225,11 +225,9 @@ def validate(targets: list[Target], scratch_root: Path) -> list[str]:
     facts_by_model: dict[str, SourceFacts | None] = {}
     for recipe in {target.recipe.name: target.recipe for target in targets}.values():
         try:
-            passes.fingerprints(recipe.lower.passes, recipe.file)
+            problems.extend(passes.import_problems(passes.locate(recipe.lower.passes, recipe.file), recipe.file))
         except RecipeError as err:
             problems.extend(err.problems)
-        else:
-            problems.extend(passes.import_problems(recipe.lower.passes, recipe.file))
     for target in targets:
         model = target.model
         if model.name not in facts_by_model:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from xportbuild.plan import STAGES
 from xportbuild.runtime import describe_machine
 
-STAGE_ORDER = ("fetch", "reference", "program", "quantize", "lower", "verify")
+STAGE_ORDER = tuple(stage.name for stage in STAGES)
 
 
 def _stage_rows(stages: dict) -> list[str]:

@@ -13,10 +13,9 @@ from doit.exceptions import TaskFailed
 
 from xportbuild.build import Resolver, Workspace, build_node, storage_errors
 from xportbuild.errors import FsckFound, RecipeError, XportError
-from xportbuild.plan import STAGE_DOCS, Plan, plan_targets
+from xportbuild.plan import STAGE_BY_NAME, STAGES, Plan, plan_targets
 from xportbuild.recipe import load_project
 
-STAGES = ("fetch", "reference", "program", "quantize", "lower", "verify", "sensitivity")
 log = logging.getLogger(__name__)
 
 
@@ -38,7 +37,7 @@ class StageFresh:
 
 class PublishedFresh(StageFresh):
     def __call__(self) -> bool:
-        from xportbuild.stages.publish import published_state
+        from xportbuild.publish import published_state
 
         _configure_logging()
         fresh, self.reason = published_state(self.plan, self.workspace, self.task)
@@ -98,7 +97,7 @@ def run_validate(recipes_dir: Path, workspace: Workspace):
 
 
 def run_publish(plan: Plan, workspace: Workspace, target: str):
-    from xportbuild.stages.publish import publish
+    from xportbuild.publish import publish
 
     def publish_target() -> str:
         log.info("export:%s: publishing", target)
@@ -109,7 +108,7 @@ def run_publish(plan: Plan, workspace: Workspace, target: str):
 
 
 def run_fsck(workspace: Workspace):
-    from xportbuild.stages.publish import fsck
+    from xportbuild.publish import fsck
 
     def check() -> str:
         findings, summary = fsck(workspace)
@@ -122,12 +121,12 @@ def run_fsck(workspace: Workspace):
 
 def _stage_group(plan: Plan, workspace: Workspace, stage: str):
     def generator():
-        yield {"basename": stage, "name": None, "doc": STAGE_DOCS[stage]}
+        yield {"basename": stage, "name": None, "doc": STAGE_BY_NAME[stage].doc}
         for node in plan.nodes.values():
             if node.stage == stage:
                 yield {
                     "name": node.subject,
-                    "doc": STAGE_DOCS[stage],
+                    "doc": STAGE_BY_NAME[stage].doc,
                     "actions": [(run_stage, [plan, workspace, node.task])],
                     "task_dep": sorted(node.inputs.values()),
                     "uptodate": [StageFresh(plan, workspace, node.task)],
@@ -172,7 +171,7 @@ def make_tasks(recipes_dir: Path, cache_dir: Path | None = None, artifacts_dir: 
         # A traceback from inside dodo loading would bury the list of problems.
         print(err, file=sys.stderr)
         raise SystemExit(2) from err
-    creators = {f"task_{stage}": _stage_group(plan, workspace, stage) for stage in STAGES}
+    creators = {f"task_{stage.name}": _stage_group(plan, workspace, stage.name) for stage in STAGES}
     creators["task_export"] = _export_group(plan, workspace)
 
     def task_validate():

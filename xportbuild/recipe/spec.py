@@ -18,11 +18,6 @@ HeadScheme = Literal["same", "none", "8da4w", "8da8w", "4w", "8w"]
 QParamsAlgorithm = Literal["affine", "hqq"]
 TiedTable = Literal["copies", "shared"]
 
-SOURCE_KINDS: tuple[str, ...] = ("hub", "local", "gguf")
-BACKENDS: tuple[str, ...] = ("xnnpack", "portable")
-LINEAR_SCHEMES: tuple[str, ...] = ("none", "8da4w", "8da8w", "4w", "8w")
-EMBEDDING_SCHEMES: tuple[str, ...] = ("none", "4w", "8w")
-
 
 @dataclass(frozen=True)
 class SourceSpec:

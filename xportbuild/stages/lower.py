@@ -9,8 +9,8 @@ from pathlib import Path
 
 from xportbuild import __version__, backends, passes
 from xportbuild.errors import StageError
-from xportbuild.keys import library_versions, module_source_digest
-from xportbuild.plan import STAGE_CODE
+from xportbuild.keys import code_digests, digest_value, library_versions
+from xportbuild.plan import code_roots
 from xportbuild.recipe.spec import LowerSpec
 from xportbuild.stages.program import MODEL_FACTS_FILE, load_target_programs, program_inputs
 
@@ -37,12 +37,11 @@ def constant_methods(program_dir: Path, provenance: dict) -> dict:
     """Runner metadata recorded by the program stage, plus `get_provenance`: a JSON string saying what built this.
     (Every program of a target records the same metadata: the first one is read.)"""
     facts = json.loads((program_dir / MODEL_FACTS_FILE).read_text())
-    record = {**provenance, "source": facts["source"], "xportbuild": __version__, "libraries": library_versions(),
-              "lower_code": {module: module_source_digest(module) for module in STAGE_CODE["lower"]}}
+    record = {**provenance, "source": facts["source"], "xportbuild": __version__, "libraries": library_versions()}
     return {**facts["runner"], PROVENANCE_METHOD: json.dumps(record, sort_keys=True)}
 
 
-def lower(program_dirs: list[Path], spec: LowerSpec, pass_refs: list[str], repo_root: str, out_dir: Path,
+def lower(program_dirs: list[Path], spec: LowerSpec, pass_files: dict[str, str], out_dir: Path,
           shared_table: bool = False, provenance: dict | None = None, custom_ops: tuple[str, ...] = ()) -> dict:
     """Write out_dir/model.pte (and model.ptd when a table is shared) holding every method of `program_dirs`;
     returns sizes and delegation facts."""
@@ -51,7 +50,7 @@ def lower(program_dirs: list[Path], spec: LowerSpec, pass_refs: list[str], repo_
 
     programs = load_target_programs(program_dirs)
     functions = {"strip_embedding_padding_idx": passes.strip_embedding_padding_idx}
-    functions.update({ref: passes.resolve(ref, repo_root) for ref in pass_refs})
+    functions.update({ref: passes.load(ref, file) for ref, file in pass_files.items()})
     table_shapes = _shared_table_shapes(programs) if shared_table else set()
     # Lowering a loaded program with autograd on fails on the KV cache's in-place copy_.
     with torch.no_grad():
@@ -146,13 +145,14 @@ def _check_stored_once(shapes: set[tuple[int, ...]], ptd_bytes: int) -> dict:
 def run(node, inputs: dict[str, Path], out_dir: Path, workspace) -> dict:
     lower_params = dict(node.params["lower"])
     spec = LowerSpec(**{**lower_params, "passes": tuple(lower_params["passes"])})
-    refs = [p["ref"] for p in node.params["passes"]]
     # An entry's folder is named by its key: the provenance names the exact programs lowered.
     programs = program_inputs(inputs)
-    provenance = {"target": node.subject, "lower_params": node.params}
+    provenance = {"target": node.subject, "lower_params": node.params,
+                  "lower_code": digest_value(code_digests(code_roots(node)))}
     if "program" in programs:
         provenance["program_key"] = programs["program"].name
     else:
         provenance["program_keys"] = {name.removeprefix("program."): folder.name for name, folder in programs.items()}
-    return lower(list(programs.values()), spec, refs, str(passes.repo_root(node.origin)), out_dir,
+    pass_files = {found["ref"]: node.locator["pass_files"][found["ref"]] for found in node.params["passes"]}
+    return lower(list(programs.values()), spec, pass_files, out_dir,
                  node.params["shared_table"], provenance, tuple(node.params["custom_ops"]))

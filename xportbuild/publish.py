@@ -1,4 +1,5 @@
-"""Publish: copy a verified target's .pte with its manifest and report into artifacts/<target>/, atomically."""
+"""Publish: copy a verified target's .pte with its manifest and report into artifacts/<target>/, atomically; check
+and repair what was published. Orchestration over stage entries, not a stage: it builds nothing cacheable."""
 
 from __future__ import annotations
 
