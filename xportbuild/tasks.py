@@ -28,20 +28,24 @@ class StageFresh:
 
     def __call__(self) -> bool:
         _configure_logging()  # checks may pull from the remote cache or discard damaged entries: say so
-        fresh, self.reason = Resolver(self.plan, self.workspace).status(self.task)
+        try:
+            fresh, self.reason = self.check()
+        except XportError as err:  # e.g. a source that is gone: not fresh, and the build reports it in one line
+            fresh, self.reason = False, str(err)
         return fresh
+
+    def check(self) -> tuple[bool, str]:
+        return Resolver(self.plan, self.workspace).status(self.task)
 
     def __str__(self) -> str:
         return self.reason
 
 
 class PublishedFresh(StageFresh):
-    def __call__(self) -> bool:
+    def check(self) -> tuple[bool, str]:
         from xportbuild.publish import published_state
 
-        _configure_logging()
-        fresh, self.reason = published_state(self.plan, self.workspace, self.task)
-        return fresh
+        return published_state(self.plan, self.workspace, self.task)
 
 
 def _configure_logging() -> None:

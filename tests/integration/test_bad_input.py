@@ -201,6 +201,15 @@ def test_fetch_refuses_a_truncated_source_and_keeps_finished_work(project, weigh
     assert "status     : up-to-date" in project.doit("info", "fetch:ok").stdout
 
 
+def test_a_source_folder_gone_since_planning_is_one_line_under_doit(project, weights):
+    """doit asks each task's freshness before running it: a source that is not there fails that task in one line."""
+    project.write_model("gone", model_toml(local(project.root / "nowhere"), ["xnnpack-fp32"]))
+    result = project.doit("export:gone-xnnpack-fp32", check=False)
+    assert result.returncode == 1, result.stdout + result.stderr  # a failed task, not doit's crash (3)
+    assert "fetch:gone: " in result.stdout and "nowhere is not a saved model folder" in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
+
+
 CUSTOM_CODE = '''from transformers import LlamaForCausalLM
 
 
