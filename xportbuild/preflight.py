@@ -139,7 +139,16 @@ def model_type_problems(source: SourceSpec, model_file: str, facts: SourceFacts,
         what = "GGUF architecture" if source.kind == "gguf" else "model_type"
         return [f"{model_file}: source: {facts.described_by}: {what} {facts.model_type!r} has no {task} class "
                 f"in this transformers version, so it cannot be exported as task \"{task}\""]
+    if reason := _refused(source.kind, facts.model_type, task):
+        return [f"{model_file}: source: {facts.described_by}: model_type {facts.model_type!r} cannot be exported as "
+                f"task \"{task}\": {reason}"]
     return []
+
+
+def _refused(kind: str, model_type: str, task: str) -> str | None:
+    from xportbuild.models.kinds import kind_of
+
+    return None if kind == "gguf" else kind_of(task).refused.get(model_type)
 
 
 def model_problems(model: ModelSpec, facts: SourceFacts) -> list[str]:

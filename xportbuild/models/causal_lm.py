@@ -6,6 +6,7 @@ one `Step`: (input_ids [1, n], cache_position [n]) -> logits [1, n, vocab].
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 
 from xportbuild.errors import StageError
-from xportbuild.models.common import eos_ids, load_pretrained, text_limit
+from xportbuild.models.common import conv1d_as_linear, eos_ids, load_pretrained, text_limit
 from xportbuild.recipe.spec import ExportSpec
 
 Step = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -24,7 +25,13 @@ STOCK_OPS = ExportSpec()  # the model's own attention and cache ops
 def load_model(model_dir: Path) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
-    return load_pretrained(AutoModelForCausalLM, model_dir, "causal LM")
+    model = load_pretrained(AutoModelForCausalLM, model_dir, "causal LM")
+    conv1d_as_linear(model)
+    if model._can_set_experts_implementation():
+        # Mixture of experts: every expert as one batched matmul over stock ops (the default grouped_mm calls a
+        # transformers custom op that ExecuTorch has no kernel for). Exact, at the cost of computing unused experts.
+        model.set_experts_implementation("batched_mm")
+    return model
 
 
 def exportable(model: torch.nn.Module, max_seq_len: int, export: ExportSpec = STOCK_OPS) -> torch.nn.Module:
@@ -41,7 +48,19 @@ def exportable(model: torch.nn.Module, max_seq_len: int, export: ExportSpec = ST
     wrapper = TorchExportableModuleForDecoderOnlyLM(model, batch_size=1, max_cache_len=max_seq_len)
     # The outer wrapper's forward drops cache_position; its inner module is what export traces.
     custom_attention.swap_kv_cache(wrapper.model, export)
+    if "position_ids" in inspect.signature(model.forward).parameters:
+        model.register_forward_pre_hook(_positions_from_cache, with_kwargs=True)
     return wrapper.model
+
+
+def _positions_from_cache(module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Give the model its positions: the cache's start (the caller's cache_position[0]) onwards. Left to itself, a
+    model with learned positions (OPT, BioGPT, XGLM) derives them from a mask and slices by the cache's length, which
+    export cannot trace; models with rotary positions compute these same values."""
+    if kwargs.get("position_ids") is None and kwargs.get("input_ids") is not None and kwargs.get("cache") is not None:
+        start = kwargs["cache"].layers[0].cumulative_length
+        kwargs["position_ids"] = (start + torch.arange(kwargs["input_ids"].shape[1])).reshape(1, -1)
+    return args, kwargs
 
 
 def export_methods(module: torch.nn.Module, max_seq_len: int,

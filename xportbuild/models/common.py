@@ -23,6 +23,23 @@ def load_pretrained(auto_class, model_dir: Path, what: str):
     return model.eval()
 
 
+def conv1d_as_linear(model) -> None:
+    """transformers' Conv1D (GPT-2 and its kin) is a linear layer with its weight stored transposed: replace each by the
+    nn.Linear it stands for, so that quantization finds it and XNNPACK lowers it as a linear."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, Conv1D):
+                linear = torch.nn.Linear(child.nx, child.nf, bias=child.bias is not None, dtype=child.weight.dtype)
+                with torch.no_grad():
+                    linear.weight.copy_(child.weight.t())
+                    if child.bias is not None:
+                        linear.bias.copy_(child.bias)
+                setattr(parent, name, linear)
+
+
 def text_limit(model, max_seq_len: int) -> None:
     """max_seq_len must fit the text model's positions."""
     limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,7 @@ class Kind:
     logit_methods: tuple[str, ...]
     generates: bool
     prompted: bool = True
+    refused: dict[str, str] = field(default_factory=dict)  # model_type -> why it cannot be exported as this kind
 
     @property
     def has_sequence(self) -> bool:
@@ -35,9 +36,14 @@ class Kind:
         return importlib.import_module(self.module)
 
 
+# Decoder families transformers loads as causal LMs that do not export, found by the family sweep
+# (tests/slow/test_families.py): validate refuses them before any work.
+REFUSED_DECODERS = {
+}
+
 KINDS: dict[str, Kind] = {kind.task: kind for kind in (
     Kind("causal-lm", "xportbuild.models.causal_lm", ("forward",), ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",),
-         ("forward",), True),
+         ("forward",), True, refused=REFUSED_DECODERS),
     Kind("masked-lm", "xportbuild.models.masked_lm", ("forward",), ("MODEL_FOR_MASKED_LM_MAPPING_NAMES",),
          ("forward",), False),
     Kind("image-classification", "xportbuild.models.image_classifier", ("forward",),
