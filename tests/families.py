@@ -17,7 +17,7 @@ TINY_SIZES = {
 }
 # Multi-query families (Falcon, GPT-BigCode) cache one key/value head: one for all. DiffLlama splits its heads in two.
 # LFM2 as shipped mixes short convolutions with attention; its default config is attention only.
-FAMILY_SIZES = {"diffllama": {"num_key_value_heads": 2},
+FAMILY_SIZES = {"diffllama": {"num_key_value_heads": 2}, "deepseek_v3": {"head_dim": 16},  # rotary part only
                 "lfm2": {"layer_types": ["conv", "full_attention"], "full_attn_idxs": [1]}}
 SLIDING_WINDOW = 16  # under max_seq_len, so a family's sliding-window layers do slide in verification
 
@@ -63,11 +63,13 @@ def save_family_model(folder: Path, model_type: str, seed: int = 0) -> Path:
     model.save_pretrained(folder)
     return folder
 
-# The families the sweep builds (tests/slow/test_families.py), those most likely to break first.
+# The families the sweep builds (tests/slow/test_families.py), those most likely to break first. Left out: qwen2,
+# whose folder transformers always tokenizes with Qwen2's byte-level class, which the tests' tokenizer is not (its
+# .pte matched the float model; ExecuTorch's C++ tokenizer split the prompt differently from transformers').
 SWEEP = [
     "gpt2", "opt", "falcon", "mixtral", "qwen3_moe", "olmoe", "lfm2", "gpt_bigcode", "mpt", "codegen", "gptj",
     "gpt_neo", "biogpt", "xglm", "bloom", "deepseek_v3", "gemma2", "gemma3_text", "cohere2", "olmo3", "ministral",
-    "vaultgemma", "exaone4", "llama", "mistral", "qwen2", "qwen3", "gemma", "phi", "phi3", "olmo", "olmo2",
+    "vaultgemma", "exaone4", "llama", "mistral", "qwen3", "gemma", "phi", "phi3", "olmo", "olmo2",
     "granite", "smollm3", "cohere", "gpt_neox", "stablelm", "starcoder2", "helium", "glm", "glm4", "nemotron",
     "ernie4_5", "seed_oss", "apertus", "arcee", "bitnet", "diffllama", "doge",
 ]
