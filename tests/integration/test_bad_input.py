@@ -57,6 +57,9 @@ def _bad_project(root, weights):
     model("missing-gguf", f'kind = "gguf"\npath = "{src / "nowhere.gguf"}"')
     model("no-package", 'kind = "gguf"\npackage = "no_such_gguf_package"')
     model("vit", local(src / "vit"))
+    mpt = tiny.copy_model(weights / "tiny-llama", src / "mpt")  # only its config's model_type is read before a build
+    (mpt / "config.json").write_text((mpt / "config.json").read_text().replace('"llama"', '"mpt"'))
+    model("mpt-like", local(mpt))
     # A ViT declared as a masked LM: the kind's Auto classes decide, from the config alone.
     (models / "vit-as-fill-mask.toml").write_text(model_toml(local(src / "vit"), ["xnnpack-fp32"]).replace(
         'task = "causal-lm"', 'task = "masked-lm"'))
@@ -128,6 +131,8 @@ TABLE = [
     ("truncated GGUF", ["short-gguf.toml: source:", "short.gguf: not a readable GGUF file"]),
     ("unsupported GGUF architecture", ["rwkv-gguf.toml: source:", "GGUF architecture 'rwkv9' has no causal-lm class"]),
     ("config not exportable", ["vit.toml: source:", "model_type 'vit' has no causal-lm class"]),
+    ("family refused", ["mpt-like.toml: source:", "model_type 'mpt' cannot be exported as task \"causal-lm\": its "
+                        "ALiBi bias is sliced by the cache's length"]),
     ("config not of its task kind", ["vit-as-fill-mask.toml: source:", "model_type 'vit' has no masked-lm class in "
                                      "this transformers version, so it cannot be exported as task \"masked-lm\""]),
     ("remote code without opt-in", ["remote-code.toml: source.trust_remote_code: false",
