@@ -10,6 +10,7 @@ from pathlib import Path
 
 from xportbuild import passes, sources
 from xportbuild.errors import RecipeError, SourceError, ValidationFailed
+from xportbuild.models.kinds import kind_of
 from xportbuild.recipe.spec import ModelSpec, SourceSpec, Target
 
 _EMBEDDING_NAMES = ("embed_tokens", "word_embeddings", "wte", "token_embd")
@@ -139,16 +140,10 @@ def model_type_problems(source: SourceSpec, model_file: str, facts: SourceFacts,
         what = "GGUF architecture" if source.kind == "gguf" else "model_type"
         return [f"{model_file}: source: {facts.described_by}: {what} {facts.model_type!r} has no {task} class "
                 f"in this transformers version, so it cannot be exported as task \"{task}\""]
-    if reason := _refused(source.kind, facts.model_type, task):
+    if reason := kind_of(task).refused.get(facts.model_type):
         return [f"{model_file}: source: {facts.described_by}: model_type {facts.model_type!r} cannot be exported as "
                 f"task \"{task}\": {reason}"]
     return []
-
-
-def _refused(kind: str, model_type: str, task: str) -> str | None:
-    from xportbuild.models.kinds import kind_of
-
-    return None if kind == "gguf" else kind_of(task).refused.get(model_type)
 
 
 def model_problems(model: ModelSpec, facts: SourceFacts) -> list[str]:
@@ -162,8 +157,6 @@ def model_problems(model: ModelSpec, facts: SourceFacts) -> list[str]:
 
 def prompt_problems(model: ModelSpec, facts: SourceFacts) -> list[str]:
     """Prompts whose tokens (plus the tokens a causal LM generates after them) exceed max_seq_len."""
-    from xportbuild.models.kinds import kind_of
-
     if not kind_of(model.task).prompted:
         return []
     generated = model.verify.max_new_tokens if model.task == "causal-lm" else 0
@@ -201,8 +194,6 @@ def _transformers_supports(kind: str, model_type: str, task: str) -> bool:
 
         return model_type in GGUF_SUPPORTED_ARCHITECTURES or model_type.replace("-", "_") in GGUF_SUPPORTED_ARCHITECTURES
     from transformers.models.auto import modeling_auto
-
-    from xportbuild.models.kinds import kind_of
 
     return any(model_type in getattr(modeling_auto, mapping) for mapping in kind_of(task).auto_mappings)
 

@@ -31,6 +31,8 @@ def load_model(model_dir: Path) -> torch.nn.Module:
         # Mixture of experts: every expert as one batched matmul over stock ops (the default grouped_mm calls a
         # transformers custom op that ExecuTorch has no kernel for). Exact, at the cost of computing unused experts.
         model.set_experts_implementation("batched_mm")
+    if "position_ids" in inspect.signature(model.forward).parameters:
+        model.register_forward_pre_hook(_positions_from_cache, with_kwargs=True)
     return model
 
 
@@ -48,8 +50,6 @@ def exportable(model: torch.nn.Module, max_seq_len: int, export: ExportSpec = ST
     wrapper = TorchExportableModuleForDecoderOnlyLM(model, batch_size=1, max_cache_len=max_seq_len)
     # The outer wrapper's forward drops cache_position; its inner module is what export traces.
     custom_attention.swap_kv_cache(wrapper.model, export)
-    if "position_ids" in inspect.signature(model.forward).parameters:
-        model.register_forward_pre_hook(_positions_from_cache, with_kwargs=True)
     return wrapper.model
 
 
