@@ -18,7 +18,8 @@ from pathlib import Path
 from xportbuild.cache import Entry, Store, write_atomic
 from xportbuild.errors import CacheCorrupt, DamagedEntry, StageError, VerifyFailed
 from xportbuild.keys import SCHEMA, canonical_json, code_digests, digest_value, library_versions
-from xportbuild.plan import STAGE_BY_NAME, Plan, StageNode, code_roots, source_of
+from xportbuild.pipeline import STAGE_BY_NAME, code_roots
+from xportbuild.plan import Plan, StageNode
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,8 @@ class Resolver:
     def _source_fingerprint(self, node: StageNode) -> dict:
         from xportbuild import sources
 
-        return sources.fingerprint(source_of(node), node.origin, self.source_digests, self.workspace.cache_dir / "sources")
+        return sources.fingerprint(sources.source_of(node), node.origin, self.source_digests,
+                                   self.workspace.cache_dir / "sources")
 
     def entry(self, task: str) -> Entry | None:
         if task in self._entries:

@@ -4,47 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from xportbuild import backends, passes
+from xportbuild import passes
 from xportbuild.models.kinds import kind_of
-from xportbuild.recipe.spec import SourceSpec, Target, as_dict
-
-@dataclass(frozen=True)
-class Stage:
-    """A cached stage: its name, the function that runs it ("module:function") and what it does."""
-
-    name: str
-    runner: str
-    doc: str
-
-    @property
-    def module(self) -> str:
-        return self.runner.partition(":")[0]
-
-
-# The one list of stages, in pipeline order.
-STAGES: tuple[Stage, ...] = (
-    Stage("fetch", "xportbuild.stages.fetch:run", "fetch weights and tokenizer of a model into the cache"),
-    Stage("reference", "xportbuild.stages.reference:run", "run the float eager model on its verification prompts"),
-    Stage("program", "xportbuild.stages.program:run", "torch.export the float model, one .pt2 per method"),
-    Stage("quantize", "xportbuild.stages.quantize:run", "quantize with torchao and torch.export, one .pt2 per method"),
-    Stage("lower", "xportbuild.stages.lower:run", "lower the cached programs to an ExecuTorch .pte"),
-    Stage("verify", "xportbuild.stages.verify:run",
-          "run the .pte in the ExecuTorch runtime and compare with the references"),
-    Stage("sensitivity", "xportbuild.stages.sensitivity:run",
-          "opt-in, slow: quality with each layer group in float or 8 bits (not part of export)"),
-)
-STAGE_BY_NAME = {stage.name: stage for stage in STAGES}
-
-
-def code_roots(node: "StageNode") -> tuple[str, ...]:
-    """The modules a stage reaches by name rather than by import: its runner, the wrapper of its model's task kind,
-    its backend. Its key covers their import closure (`keys.code_digests`); the app's passes enter it by content."""
-    roots = [STAGE_BY_NAME[node.stage].module]
-    if task := node.params.get("task"):
-        roots.append(kind_of(task).module)
-    if backend := node.params.get("lower", {}).get("backend"):
-        roots.append(backends.REGISTRY[backend].partition(":")[0])
-    return tuple(roots)
+from xportbuild.recipe.spec import Target, as_dict
 
 
 @dataclass(frozen=True)
@@ -62,17 +24,12 @@ class StageNode:
 
     @property
     def part(self) -> str:
-        """The one method a per-method program or quantize node exports ("" for a node of all methods)."""
+        """The method a program or quantize node exports ("" for other stages)."""
         return self.params.get("method", "")
 
     @property
     def task(self) -> str:
         return f"{self.stage}:{self.subject}"
-
-
-def source_of(node: StageNode) -> SourceSpec:
-    """The source a fetch node reads: its keyed fields and where it is found."""
-    return SourceSpec(**node.params["source"], **node.locator)
 
 
 @dataclass(frozen=True)
@@ -133,40 +90,33 @@ def _group_scale_dtype(target: Target) -> str:
     return "bfloat16" if target.recipe.lower.backend == "xnnpack" else "float32"
 
 
-def _program_node(target: Target, fetch_task: str) -> StageNode:
-    export_params = {"task": target.model.task, "max_seq_len": target.model.max_seq_len,
-                     "export": as_dict(target.recipe.export)}
-    if not target.recipe.quantize.enabled:
-        return StageNode("program", _program_subject(target), export_params, {"fetch": fetch_task}, target.model.file)
-    params = {**export_params, "quantize": as_dict(target.recipe.quantize),
-              "group_scale_dtype": _group_scale_dtype(target)}
-    inputs = {"fetch": fetch_task, "reference": f"reference:{target.model.name}"}
-    return StageNode("quantize", target.name, params, inputs, target.recipe.file)
-
-
 def _method_nodes(target: Target, fetch_task: str, reference_task: str) -> dict[str, StageNode]:
-    """One program or quantize node per method: changing one method's quantization reruns only that method.
+    """One program or quantize node per method, under lower's input name for it ("program", or "program.<method>"
+    for a kind of several methods): changing one method's quantization reruns only that method.
 
-    A method the recipe leaves in float shares the model's float program of that method with every other recipe."""
-    model, nodes = target.model, {}
-    for method in kind_of(model.task).methods:
-        params = {"task": model.task, "method": method, "max_seq_len": model.max_seq_len}
+    A method the recipe leaves in float shares the model's float program of that method with every other recipe
+    that exports attention the same way."""
+    methods = kind_of(target.model.task).methods
+    nodes = {}
+    for method in methods:
+        suffix = f".{method}" if len(methods) > 1 else ""
+        params = {"task": target.model.task, "method": method, "max_seq_len": target.model.max_seq_len,
+                  "export": as_dict(target.recipe.export)}
         quantize = target.recipe.quantize_for(method)
         if quantize.enabled:
             params = {**params, "quantize": as_dict(quantize), "group_scale_dtype": _group_scale_dtype(target)}
-            node = StageNode("quantize", f"{target.name}.{method}", params,
+            node = StageNode("quantize", f"{target.name}{suffix}", params,
                              {"fetch": fetch_task, "reference": reference_task}, target.recipe.file)
         else:
-            node = StageNode("program", f"{model.name}.{method}", params, {"fetch": fetch_task}, model.file)
-        nodes[f"program.{method}"] = node
+            node = StageNode("program", f"{_program_subject(target)}{suffix}", params, {"fetch": fetch_task},
+                             target.model.file)
+        nodes[f"program{suffix}"] = node
     return nodes
 
 
 def _verify_params(target: Target) -> dict:
-    params = {"tolerances": as_dict(target.tolerances), "task": target.model.task}
-    if target.model.task != "causal-lm":  # a causal LM generates as many tokens as its reference did
-        params["max_new_tokens"] = target.model.verify.max_new_tokens
-    return params
+    return {"tolerances": as_dict(target.tolerances), "task": target.model.task,
+            "max_new_tokens": target.model.verify.max_new_tokens}
 
 
 def plan_targets(targets: list[Target]) -> Plan:
@@ -177,10 +127,7 @@ def plan_targets(targets: list[Target]) -> Plan:
         model_nodes = _model_nodes(target)
         nodes.update(model_nodes)
         fetch_task, reference_task = list(model_nodes)
-        if target.model.task == "causal-lm":
-            programs = {"program": _program_node(target, fetch_task)}
-        else:
-            programs = _method_nodes(target, fetch_task, reference_task)
+        programs = _method_nodes(target, fetch_task, reference_task)
         program_inputs = {name: node.task for name, node in programs.items()}
         located = passes.locate(target.recipe.lower.passes, target.recipe.file)
         lower_params = {
@@ -192,17 +139,20 @@ def plan_targets(targets: list[Target]) -> Plan:
         }
         lower = StageNode("lower", target.name, lower_params, program_inputs, origin=target.recipe.file,
                           locator={"pass_files": {found.ref: found.file for found in located}})
+        replay = StageNode("replay", target.name, {"task": target.model.task},
+                           {**program_inputs, "reference": reference_task}, origin=target.model.file)
         verify = StageNode(
             "verify",
             target.name,
             _verify_params(target),
-            {"lower": lower.task, **program_inputs, "reference": reference_task, "fetch": fetch_task},
+            {"lower": lower.task, "replay": replay.task, **program_inputs, "reference": reference_task,
+             "fetch": fetch_task},
             origin=target.model.file,
         )
-        for node in (*programs.values(), lower, verify):
+        for node in (*programs.values(), replay, lower, verify):
             nodes[node.task] = node
         program = programs.get("program")
-        if program is not None and program.stage == "quantize":  # the layer-group study is a causal-LM one
+        if program is not None and program.stage == "quantize":  # the layer-group study: kinds of one method
             sensitivity = StageNode("sensitivity", target.name, program.params, program.inputs, target.recipe.file)
             nodes[sensitivity.task] = sensitivity
         plans[target.name] = TargetPlan(target, verify.task, program_inputs, lower.task)

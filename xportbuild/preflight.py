@@ -10,7 +10,7 @@ from pathlib import Path
 
 from xportbuild import passes, sources
 from xportbuild.errors import RecipeError, SourceError, ValidationFailed
-from xportbuild.models.kinds import kind_of
+from xportbuild.models.kinds import kind_of, kinds_with
 from xportbuild.recipe.spec import ModelSpec, SourceSpec, Target
 
 _EMBEDDING_NAMES = ("embed_tokens", "word_embeddings", "wte", "token_embd")
@@ -130,12 +130,18 @@ def remote_code_problem(source: SourceSpec, model_file: str, facts: SourceFacts)
     return None
 
 
-def model_type_problems(source: SourceSpec, model_file: str, facts: SourceFacts, task: str = "causal-lm") -> list[str]:
+def gguf_task() -> str:
+    """The task kind transformers converts GGUF files to."""
+    return kinds_with("from_gguf")[0]
+
+
+def model_type_problems(source: SourceSpec, model_file: str, facts: SourceFacts, task: str) -> list[str]:
     """Remote code without the opt-in, or an architecture transformers cannot build as the task's kind."""
     if remote_code := remote_code_problem(source, model_file, facts):
         return [remote_code]
-    if source.kind == "gguf" and task != "causal-lm":
-        return [f"{model_file}: source.kind: \"gguf\" converts to a causal LM only, and this model is task {task!r}"]
+    if source.kind == "gguf" and not kind_of(task).from_gguf:
+        return [f"{model_file}: source.kind: \"gguf\" converts to a {gguf_task()} model only, and this model is "
+                f"task {task!r}"]
     if not facts.remote_code and not _transformers_supports(source.kind, facts.model_type, task):
         what = "GGUF architecture" if source.kind == "gguf" else "model_type"
         return [f"{model_file}: source: {facts.described_by}: {what} {facts.model_type!r} has no {task} class "
@@ -156,10 +162,12 @@ def model_problems(model: ModelSpec, facts: SourceFacts) -> list[str]:
 
 
 def prompt_problems(model: ModelSpec, facts: SourceFacts) -> list[str]:
-    """Prompts whose tokens (plus the tokens a causal LM generates after them) exceed max_seq_len."""
-    if not kind_of(model.task).prompted:
+    """Prompts whose tokens (plus the tokens generated after them, where they share the sequence) exceed
+    max_seq_len."""
+    kind = kind_of(model.task)
+    if not kind.prompted:
         return []
-    generated = model.verify.max_new_tokens if model.task == "causal-lm" else 0
+    generated = model.verify.max_new_tokens if kind.prompt_continued else 0
     budget = model.max_seq_len - generated
     near = [i for i, prompt in enumerate(model.verify.prompts) if len(prompt.encode()) + _ADDED_TOKENS_BOUND > budget]
     if not near:

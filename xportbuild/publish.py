@@ -34,10 +34,13 @@ def _stage_record(task: str, entry: Entry) -> dict:
 
 def manifest(plan: Plan, resolver: Resolver, target: str) -> dict:
     """Every stage's key, inputs, timing and result, plus tool versions: the machine-readable record."""
+    # A program or quantize node is named as lower names its input: "quantize", or "quantize.<method>" for a kind of
+    # several methods.
+    method_of = {task: name.partition(".")[2] for name, task in plan.targets[target].programs.items()}
     stages = {}
     for task in plan.ancestors(plan.targets[target].verify):
-        node = plan.nodes[task]
-        stages[f"{node.stage}.{node.part}" if node.part else node.stage] = _stage_record(task, resolver.entry(task))
+        stage, method = plan.nodes[task].stage, method_of.get(task)
+        stages[f"{stage}.{method}" if method else stage] = _stage_record(task, resolver.entry(task))
     target_spec = plan.targets[target].target
     # The CPU whose kernels produced the verification numbers (a shared cache may have brought them from another).
     verified_on = stages["verify"]["result"].get("machine")

@@ -1,8 +1,8 @@
-"""How close a model's next-token predictions are to the float reference: the numbers every stage reports.
+"""How close a model's outputs are to the float reference: the numbers every stage reports.
 
-A `Step` (see models.causal_lm) is teacher-forced on the reference's greedy continuation, so every position
-is compared on the same context. Means are pooled over positions; their uncertainty comes from a bootstrap over
-prompts, since positions of one prompt share their context and are not independent samples."""
+Outputs are compared on the float model's recorded calls (a decoder fed the float outcome: every position on the
+same context). Means are pooled over positions; their uncertainty comes from a bootstrap over samples, since
+positions of one prompt share their context and are not independent samples."""
 
 from __future__ import annotations
 
@@ -51,15 +51,21 @@ def compare_outputs(actual: np.ndarray, expected: np.ndarray, logits: bool) -> d
     return {name: numbers[name] for name in ("positions", "cosine_mean", "cosine_min", "max_abs")}
 
 
-def method_quality(actual: list[list], expected: list[list], logit_methods: tuple[str, ...]) -> dict[str, dict]:
-    """Per method, `actual` outputs against `expected` ones, both aligned with a reference's recorded calls
-    (as `methods.replay` returns them; expected may be the recorded samples' calls)."""
+def sample_quality(actual: list[np.ndarray | None], expected: list[np.ndarray | None], methods: list[str],
+                   logit_methods: tuple[str, ...]) -> dict[str, dict]:
+    """Per method, one sample's outputs against expected ones, call by call (as `methods.replay` returns them;
+    None where a call was not made), pooled over its calls."""
     per_method: dict[str, list[dict]] = {}
-    for actual_row, expected_row in zip(actual, expected):
-        for output, (method, reference) in zip(actual_row, expected_row):
-            if output is not None and reference is not None:
-                per_method.setdefault(method, []).append(compare_outputs(output, reference, method in logit_methods))
+    for output, reference, method in zip(actual, expected, methods):
+        if output is not None and reference is not None:
+            per_method.setdefault(method, []).append(compare_outputs(output, reference, method in logit_methods))
     return {method: merge(numbers) for method, numbers in per_method.items()}
+
+
+def method_quality(per_sample: list[dict[str, dict]]) -> dict[str, dict]:
+    """Per method, `sample_quality` over every sample: pooled numbers with their intervals over samples."""
+    methods = list(dict.fromkeys(method for numbers in per_sample for method in numbers))
+    return {method: summarize([numbers[method] for numbers in per_sample if method in numbers]) for method in methods}
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -115,13 +121,3 @@ def first_divergence(a: list[int], b: list[int]) -> int | None:
         if x != y:
             return index
     return None if len(a) == len(b) else min(len(a), len(b))
-
-
-def quality(step, references: list[dict]) -> dict:
-    """Teacher-forced agreement with the float reference over every position of every prompt."""
-    from xportbuild.models import causal_lm
-
-    with one_thread():
-        return summarize([compare_logits(causal_lm.teacher_forced_logits(step, ref["prompt"].tolist(),
-                                                                         ref["greedy"].tolist()), ref["logits"])
-                          for ref in references])

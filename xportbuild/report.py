@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from xportbuild.plan import STAGES
+from xportbuild.pipeline import STAGES
 from xportbuild.runtime import describe_machine
 
 STAGE_ORDER = tuple(stage.name for stage in STAGES)
@@ -44,15 +44,14 @@ def _method_rows(methods: dict) -> list[str]:
 
 
 def _verify_rows(numbers: dict) -> list[str]:
-    if "methods" in numbers:
-        return _method_rows(numbers["methods"])
+    """The .pte against float and program, pooled over what an app's choices come from, then method by method."""
     rows = ["| .pte compared with | positions | mean cosine | min cosine | top-1 | max abs | mean KL |",
             "|---|---|---|---|---|---|---|"]
     for label, key in (("float eager model", "vs_reference"), ("pre-lowering program", "vs_program")):
         n = numbers[key]
         rows.append(f"| {label} | {n.get('positions', '-')} | {n['cosine_mean']:.6f} | {n['cosine_min']:.6f} | "
                     f"{_number(n, 'top1', '.3f')} | {n['max_abs']:.4g} | {_number(n, 'kl_mean', '.4g')} |")
-    return rows
+    return [*rows, "", *_method_rows(numbers["methods"])]
 
 
 def quality_rows(by_stage: dict) -> list[str]:
@@ -106,9 +105,9 @@ def render_report(manifest: dict) -> str:
         f"{_sizes(lower)}",
         "",
         "## Quality by stage",
-        "Teacher-forced on the float model's greedy text, every position of every verification prompt; intervals are "
-        "95% bootstrap intervals over prompts. Greedy departs at: the .pte's greedy token where it first leaves the "
-        "float text (\"-\": equal).",
+        "Each method on the float model's recorded calls (a decoder teacher-forced on the float model's greedy text: "
+        "every position of every verification sample); intervals are 95% bootstrap intervals over samples. Greedy "
+        "departs at: where the .pte's own outcome first leaves the float model's (\"-\": equal).",
         "",
         *quality_rows(verify["quality_by_stage"]),
         "",

@@ -26,16 +26,6 @@ def data_file(pte_path: Path) -> str | None:
     return str(path) if path.is_file() else None
 
 
-def method_step(pte_path: Path, method: str = "forward"):
-    """A causal LM `Step` calling `method` of the program at `pte_path`."""
-    call = pte_call(pte_path)
-
-    def step(input_ids, cache_position):
-        return call(method, (input_ids, cache_position))
-
-    return step
-
-
 def pte_call(pte_path: Path):
     """A `methods.Call` running methods of the program at `pte_path`."""
     from executorch.extension.pybindings.portable_lib import _load_for_executorch

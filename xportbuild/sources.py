@@ -107,3 +107,8 @@ def fingerprint(source: SourceSpec, model_file: str, stats: StatCache, scratch_r
         return {"tree": tree_digest(files)}
     path = gguf_path(source, model_file, scratch_root)
     return {"gguf": stats.digest(path), "versions": library_versions(("gguf",))}
+
+
+def source_of(node) -> SourceSpec:
+    """The source a fetch node reads: its keyed fields and where it is found."""
+    return SourceSpec(**node.params["source"], **node.locator)

@@ -13,7 +13,8 @@ from doit.exceptions import TaskFailed
 
 from xportbuild.build import Resolver, Workspace, build_node, storage_errors
 from xportbuild.errors import FsckFound, RecipeError, XportError
-from xportbuild.plan import STAGE_BY_NAME, STAGES, Plan, plan_targets
+from xportbuild.pipeline import STAGE_BY_NAME, STAGES
+from xportbuild.plan import Plan, plan_targets
 from xportbuild.recipe import load_project
 
 log = logging.getLogger(__name__)

@@ -53,28 +53,50 @@ def _entries(target: str, cache: Path) -> dict[str, str]:
     return {**{name: str(entry.path) for name, entry in folders.items()}, "model_file": target_spec.model.file}
 
 
+def _verifying(entries: dict[str, str], reference_dir: Path):
+    """What verify reads: the model's kind, its facts, the recorded samples and how many tokens to generate."""
+    from xportbuild.models.kinds import kind_of
+    from xportbuild.models.methods import load_samples
+    from xportbuild.recipe import load_project
+    from xportbuild.stages.program import MODEL_FACTS_FILE
+
+    model = next(t.model for t in load_project(REPO / "recipes") if t.model.file == entries["model_file"])
+    facts = json.loads((Path(entries["program"]) / MODEL_FACTS_FILE).read_text())["runner"]
+    return kind_of(model.task), facts, load_samples(reference_dir), model.verify.max_new_tokens
+
+
 def pte_runs_to(entries: dict[str, str], out: Path) -> None:
     """In this (possibly emulated) process: the .pte's runs on the cached reference, saved for the native side."""
     import numpy as np
 
     from xportbuild import runtime
-    from xportbuild.stages import reference, verify
+    from xportbuild.stages import verify
 
-    runs = verify.run_pte(runtime.method_step(Path(entries["lower"]) / "model.pte"),
-                          reference.load_reference(Path(entries["reference"])))
-    arrays = {f"logits_{i}": run.logits for i, run in enumerate(runs)}
+    kind, facts, samples, max_new_tokens = _verifying(entries, Path(entries["reference"]))
+    runs = verify.run_pte(runtime.pte_call(Path(entries["lower"]) / "model.pte"), samples, kind, facts, max_new_tokens)
+    arrays = {f"out_{i}_{j}": output for i, run in enumerate(runs) for j, output in enumerate(run.outputs)
+              if output is not None}
     arrays.update({f"tokens_{i}": np.array(run.tokens) for i, run in enumerate(runs)})
     np.savez(out, machine=json.dumps(runtime.machine()), **arrays)
+
+
+def _measure(runs: list, entries: dict[str, str], reference_dir: Path) -> dict:
+    """verify's numbers, the program's side computed here (in float32: verify reads it from the replay stage)."""
+    from xportbuild.stages import verify
+    from xportbuild.stages.replay import program_results
+
+    kind, _, samples, _ = _verifying(entries, reference_dir)
+    results = list(program_results([Path(entries["program"])], samples, kind.task))
+    return verify.measure(runs, results, samples, kind)
 
 
 def measure_emulated(entries: dict[str, str], cpu: str) -> dict | None:
     """The .pte run under an emulated CPU, compared natively with the cached reference and the program."""
     import numpy as np
 
-    from xportbuild.models import causal_lm
-    from xportbuild.stages import reference, verify
-    from xportbuild.stages.program import load_programs
+    from xportbuild.stages import verify
 
+    _, _, samples, _ = _verifying(entries, Path(entries["reference"]))
     with tempfile.TemporaryDirectory() as scratch:
         out = Path(scratch) / "runs.npz"
         result = subprocess.run(["qemu-x86_64", "-cpu", cpu, sys.executable, __file__, "-", "--pte-runs", str(out),
@@ -83,12 +105,11 @@ def measure_emulated(entries: dict[str, str], cpu: str) -> dict | None:
             print(f"emulated {cpu} failed: {result.stderr.strip().splitlines()[-1]}", file=sys.stderr)
             return None
         with np.load(out) as data:
-            count = sum(1 for name in data.files if name.startswith("logits_"))
-            runs = [verify.PteRun(data[f"logits_{i}"], data[f"tokens_{i}"].tolist(), 0.0) for i in range(count)]
+            runs = [verify.PteRun([data[f"out_{i}_{j}"] if f"out_{i}_{j}" in data.files else None
+                                   for j in range(len(sample.calls))], data[f"tokens_{i}"].tolist(), 0.0)
+                    for i, sample in enumerate(samples)]
             machine = json.loads(str(data["machine"]))
-    references = reference.load_reference(Path(entries["reference"]))
-    program = load_programs(Path(entries["program"]))["forward"]
-    return _with_worst_margin(verify.measure(runs, causal_lm.module_step(program.module()), references), machine)
+    return _with_worst_margin(_measure(runs, entries, Path(entries["reference"])), machine)
 
 
 def measure_one(entries: dict[str, str], threads: int) -> dict:
@@ -97,21 +118,18 @@ def measure_one(entries: dict[str, str], threads: int) -> dict:
     from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
 
     from xportbuild import runtime
-    from xportbuild.models import causal_lm
     from xportbuild.recipe import load_project
     from xportbuild.stages import reference, verify
-    from xportbuild.stages.program import load_programs
 
     torch.set_num_threads(threads)
     _unsafe_reset_threadpool(threads)
     model = next(t.model for t in load_project(REPO / "recipes") if t.model.file == entries["model_file"])
     with tempfile.TemporaryDirectory() as scratch:
-        reference.reference(Path(entries["fetch"]), model.verify, model.max_seq_len, Path(scratch))
-        references = reference.load_reference(Path(scratch))
-    runs = verify.run_pte(runtime.method_step(Path(entries["lower"]) / "model.pte"), references)
-    program = load_programs(Path(entries["program"]))["forward"]
-    return _with_worst_margin(verify.measure(runs, causal_lm.module_step(program.module()), references),
-                              runtime.machine())
+        reference.reference(Path(entries["fetch"]), model.task, model.verify, model.max_seq_len, Path(scratch))
+        kind, facts, samples, max_new_tokens = _verifying(entries, Path(scratch))
+        runs = verify.run_pte(runtime.pte_call(Path(entries["lower"]) / "model.pte"), samples, kind, facts,
+                              max_new_tokens)
+        return _with_worst_margin(_measure(runs, entries, Path(scratch)), runtime.machine())
 
 
 def _with_worst_margin(numbers: dict, machine: dict) -> dict:

@@ -245,9 +245,9 @@ def test_remote_code_runs_only_with_the_opt_in(project, weights):
     project.doit("reference:custom", "reference:plain")
 
     def logits(model: str) -> np.ndarray:
-        from xportbuild.stages.reference import load_reference
+        from xportbuild.models.methods import load_samples
 
-        return load_reference(project.entry(f"reference:{model}").path)[0]["logits"]
+        return load_samples(project.entry(f"reference:{model}").path)[0].outputs[0]
 
     np.testing.assert_allclose(logits("custom"), 2 * logits("plain"), rtol=1e-4, atol=1e-4)
 

@@ -16,7 +16,8 @@ def test_only_stale_stages_rerun(project, weights, tmp_path):
 
     project.doit(f"export:{TARGET}")
     assert project.built_since(0) == sorted(
-        ["fetch:tiny-llama", "reference:tiny-llama", f"quantize:{TARGET}", f"lower:{TARGET}", f"verify:{TARGET}"])
+        ["fetch:tiny-llama", "reference:tiny-llama", f"quantize:{TARGET}", f"replay:{TARGET}", f"lower:{TARGET}",
+         f"verify:{TARGET}"])
 
     mark = len(project.events())
     result = project.doit(f"export:{TARGET}")
@@ -41,7 +42,7 @@ def test_only_stale_stages_rerun(project, weights, tmp_path):
     project.edit_recipe("xnnpack-8da4w", 'qparams = "affine"', 'qparams = "hqq"')
     mark = len(project.events())
     project.doit(f"export:{TARGET}")
-    assert project.built_since(mark) == [f"lower:{TARGET}", f"quantize:{TARGET}", f"verify:{TARGET}"]
+    assert project.built_since(mark) == [f"lower:{TARGET}", f"quantize:{TARGET}", f"replay:{TARGET}", f"verify:{TARGET}"]
     manifest = json.loads((project.root / "artifacts" / TARGET / "manifest.json").read_text())
     assert manifest["stages"]["quantize"]["params"]["quantize"]["qparams"] == "hqq"
 

@@ -59,6 +59,10 @@ def _manifest(project, target: str) -> dict:
     return json.loads((project.root / "artifacts" / target / "manifest.json").read_text())
 
 
+def _stage_name(stage: str, kind, method: str) -> str:
+    return f"{stage}.{method}" if len(kind.methods) > 1 else stage
+
+
 def _check_target(project, target: str, task: str, fp32: bool) -> dict:
     from xportbuild.models.kinds import KINDS as TASK_KINDS
 
@@ -66,17 +70,20 @@ def _check_target(project, target: str, task: str, fp32: bool) -> dict:
     manifest = _manifest(project, target)
     verify = manifest["stages"]["verify"]["result"]
     assert set(verify["methods"]) == set(kind.methods)
-    # One program (float) or quantize node per method, each feeding lower.
-    per_method = {name.split(".", 1)[1] for name in manifest["stages"] if name.startswith(("program.", "quantize."))}
-    assert per_method == set(kind.methods)
+    # One program (float) or quantize node per method, each feeding lower (named by method if there are several).
+    programs = [name for name in manifest["stages"] if name.split(".")[0] in ("program", "quantize")]
+    assert set(manifest["stages"]["lower"]["inputs"]) == {name.replace("quantize", "program") for name in programs}
+    per_method = {name.partition(".")[2] or kind.methods[0] for name in programs}
+    assert per_method == set(kind.methods) and len(programs) == len(kind.methods)
     lower = manifest["stages"]["lower"]["result"]
     assert set(lower["delegation"]) == set(kind.methods)
     assert sum(m["delegate_calls"] for m in lower["delegation"].values()) > 0
-    # The app's whole chain with the .pte gives the program's outcome (tokens or labels), sample by sample; with
-    # dynamically quantized activations a choice may flip where the program itself had a near-tie (recipe margin).
+    # The app's whole chain with the .pte gives the float model's outcome (tokens or labels), sample by sample; with
+    # dynamically quantized activations a choice may flip where the program, fed the same context, had a near-tie
+    # (recipe margin).
     for outcome in verify["greedy"]:
         margin = outcome["program_margin_at_divergence"]
-        assert outcome["pte"] == outcome["program"] or not fp32 and margin is not None and margin <= 0.5, outcome
+        assert outcome["pte"] == outcome["reference"] or not fp32 and margin is not None and margin <= 0.5, outcome
     references = [token for outcome in verify["greedy"] for token in outcome["reference"]]
     if kind.generates or task == "masked-lm":
         assert len(set(references)) > 1, f"degenerate reference outcome {references}: the test could not fail"
@@ -87,9 +94,10 @@ def _check_target(project, target: str, task: str, fp32: bool) -> dict:
         assert all(outcome["pte"] == outcome["reference"] for outcome in verify["greedy"])
     else:
         for method in kind.methods:
-            quantized = manifest["stages"][f"quantize.{method}"]["result"]["quantized"]
+            quantized = manifest["stages"][_stage_name("quantize", kind, method)]["result"]["quantized"]
             assert quantized.get("linear", {}).get("scheme", "8da8w") == "8da8w", (method, quantized)
-        assert any("linear" in manifest["stages"][f"quantize.{m}"]["result"]["quantized"] for m in kind.methods)
+        assert any("linear" in manifest["stages"][_stage_name("quantize", kind, m)]["result"]["quantized"]
+                   for m in kind.methods)
     files = set(manifest["files"])
     assert "model.pte" in files
     if task in ("image-classification",):
@@ -141,7 +149,7 @@ def test_changing_one_methods_quantization_reruns_only_that_method(project, kind
     project.edit_recipe(recipe, "linear_group_size = 32", "linear_group_size = 0")
     project.doit(f"export:tiny-t5-{recipe}")
     assert project.built_since(before) == [f"lower:tiny-t5-{recipe}", f"quantize:tiny-t5-{recipe}.text_decoder",
-                                           f"verify:tiny-t5-{recipe}"]
+                                           f"replay:tiny-t5-{recipe}", f"verify:tiny-t5-{recipe}"]
     after = _manifest(project, f"tiny-t5-{recipe}")["stages"]
     assert after["quantize.encoder"]["key"] == stages["quantize.encoder"]["key"]
     assert after["quantize.text_decoder"]["result"]["quantized"]["linear"]["scheme"] == "8da8w"

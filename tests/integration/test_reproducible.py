@@ -10,7 +10,7 @@ from tests.conftest import DODO, REPO, Project
 from tests.integration.models import local, model_toml
 
 TARGET = "tiny-gemma3-xnnpack-8da4w"  # the default recipe: quantized, shared tied table, custom SDPA + KV cache
-STAGES = (f"quantize:{TARGET}", f"lower:{TARGET}")
+STAGES = (f"quantize:{TARGET}", f"replay:{TARGET}", f"lower:{TARGET}")
 
 
 def _cold_project(tmp_path, weights, name: str, threads: int) -> Project:
@@ -27,9 +27,10 @@ def _cold_project(tmp_path, weights, name: str, threads: int) -> Project:
 
 
 def _outputs(project: Project, task: str) -> dict[str, bytes]:
-    """The programs and artifacts a stage wrote, by file name."""
+    """The programs, their replayed outputs and the artifacts a stage wrote, by file name."""
     folder = project.entry(task).path
-    return {path.name: path.read_bytes() for path in sorted(folder.iterdir()) if path.suffix in (".pt2", ".pte", ".ptd")}
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())
+            if path.suffix in (".pt2", ".npz", ".pte", ".ptd")}
 
 
 def test_two_cold_builds_with_different_thread_counts_are_byte_identical(tmp_path, weights):

@@ -50,7 +50,7 @@ def test_a_stage_key_covers_every_module_it_imports_and_no_other(tmp_path, stage
     edited module is in its import closure, and every module it runs is."""
     import shutil
 
-    from xportbuild.plan import code_roots
+    from xportbuild.pipeline import code_roots
 
     package = tmp_path / "xportbuild"
     shutil.copytree(keys.PACKAGE_DIR, package, ignore=shutil.ignore_patterns("__pycache__"))
@@ -72,7 +72,7 @@ def test_a_stage_key_covers_every_module_it_imports_and_no_other(tmp_path, stage
 
 def test_the_modules_a_stage_runs_are_in_its_key():
     """The ones a hand-written list once missed: the kind's shared helpers, the inputs generator, the backend."""
-    from xportbuild.plan import code_roots
+    from xportbuild.pipeline import code_roots
 
     assert "xportbuild.models.common" in keys.import_closure(code_roots(_node("quantize")))
     assert "xportbuild.models.inputs" in keys.import_closure(code_roots(_node("reference", "image-classification")))

@@ -1,25 +1,21 @@
-"""Causal LM task kind: load, wrap with a static KV cache for export, and run step functions.
+"""Causal LM task kind: `forward(input_ids [1, n], cache_position [n]) -> logits [1, n, vocab]`, the KV cache held
+as buffers, the sequence length dynamic. An app prefills the prompt in one call, then decodes one token per call.
 
-Every runner of a causal LM program (eager wrapper, ExportedProgram, .pte method) is driven through
-one `Step`: (input_ids [1, n], cache_position [n]) -> logits [1, n, vocab].
+Besides the kind interface (models.methods), two hooks of its own: `texts` (the reference's prompts and greedy
+continuations as text) and `app_check` (ExecuTorch's C++ LLM runner generates from the published .pte).
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from xportbuild.errors import StageError
 from xportbuild.models.common import conv1d_as_linear, eos_ids, load_pretrained, text_limit
-from xportbuild.recipe.spec import ExportSpec
-
-Step = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-METHODS = ("forward",)
-STOCK_OPS = ExportSpec()  # the model's own attention and cache ops
+from xportbuild.models.methods import Call, ExportableMethod, Outcome, greedy_token
+from xportbuild.recipe.spec import STOCK_OPS, ExportSpec, VerifyInputs
 
 
 def load_model(model_dir: Path) -> torch.nn.Module:
@@ -36,8 +32,19 @@ def load_model(model_dir: Path) -> torch.nn.Module:
     return model
 
 
-def exportable(model: torch.nn.Module, max_seq_len: int, export: ExportSpec = STOCK_OPS) -> torch.nn.Module:
-    """The module exported as `forward(input_ids, cache_position)`, KV cache held as buffers; with the recipe's
+class DecoderForward(torch.nn.Module):
+    """The exported method, its inputs positional as the .pte's are."""
+
+    def __init__(self, decoder: torch.nn.Module):
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, input_ids: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
+        return self.decoder(input_ids=input_ids, cache_position=cache_position)
+
+
+def exportables(model: torch.nn.Module, max_seq_len: int, export: ExportSpec = STOCK_OPS) -> dict[str, ExportableMethod]:
+    """`forward` with a static KV cache and a dynamic sequence length up to max_seq_len - 1; with the recipe's
     custom ops, attention and cache updates go through ExecuTorch's llama:: ops."""
     from transformers import GenerationConfig
     from transformers.integrations.executorch import TorchExportableModuleForDecoderOnlyLM
@@ -50,7 +57,10 @@ def exportable(model: torch.nn.Module, max_seq_len: int, export: ExportSpec = ST
     wrapper = TorchExportableModuleForDecoderOnlyLM(model, batch_size=1, max_cache_len=max_seq_len)
     # The outer wrapper's forward drops cache_position; its inner module is what export traces.
     custom_attention.swap_kv_cache(wrapper.model, export)
-    return wrapper.model
+    seq_len = torch.export.Dim("seq_len", min=1, max=max_seq_len - 1)
+    example = (torch.tensor([[1, 2]], dtype=torch.long), torch.arange(2, dtype=torch.long))
+    return {"forward": ExportableMethod(DecoderForward(wrapper.model).eval(), example,
+                                       {"input_ids": {1: seq_len}, "cache_position": {0: seq_len}})}
 
 
 def _positions_from_cache(module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -63,33 +73,33 @@ def _positions_from_cache(module, args: tuple, kwargs: dict) -> tuple[tuple, dic
     return args, kwargs
 
 
-def export_methods(module: torch.nn.Module, max_seq_len: int,
-                   export: ExportSpec = STOCK_OPS) -> dict[str, torch.export.ExportedProgram]:
-    """torch.export of every method, with a dynamic sequence length up to max_seq_len - 1; a custom op the
-    recipe asks for must be in the graph."""
-    from xportbuild.models.custom_attention import llama_op_counts, missing_ops
+def samples(model_dir: Path, model, verify: VerifyInputs) -> list[dict[str, np.ndarray]]:
+    from transformers import AutoTokenizer
 
-    example = torch.tensor([[1, 2]], dtype=torch.long)
-    seq_len = torch.export.Dim("seq_len", min=1, max=max_seq_len - 1)
-    try:
-        with torch.no_grad():
-            program = torch.export.export(
-                module,
-                args=(),
-                kwargs={"input_ids": example, "cache_position": torch.arange(2, dtype=torch.long)},
-                dynamic_shapes={"input_ids": {1: seq_len}, "cache_position": {0: seq_len}},
-                strict=True,
-            )
-    except Exception as err:  # torch.export raises many unrelated types; the user needs the method and reason
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise StageError(f"{type(module).__name__}: method forward is not exportable: {reason}") from err
-    if missing := missing_ops(llama_op_counts(program), export.custom_ops):
-        raise StageError(f"export: {', '.join(missing)} requested by the recipe but absent from method forward: "
-                         f"this model's attention does not go through transformers' attention interface")
-    return {"forward": program}
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return [{"input_ids": np.array([tokenizer(prompt)["input_ids"]], dtype=np.int64)} for prompt in verify.prompts]
 
 
-def runner_metadata(model: torch.nn.Module, max_seq_len: int, export: ExportSpec) -> dict:
+def run(call: Call, sample: dict[str, np.ndarray], facts: dict, max_new_tokens: int,
+        forced: list[int] | None = None) -> Outcome:
+    """Greedy generation as an app runs it: the prompt in one call, then one call per token. `forced`: the scores at
+    each of those tokens, fed them instead of its own choices, in one call (the causal mask gives each position
+    exactly the context token-by-token decoding would)."""
+    prompt = sample["input_ids"][0].tolist()
+    if forced is not None:
+        tokens = prompt + forced[:-1]
+        logits = call("forward", (torch.tensor([tokens]), torch.arange(len(tokens))))
+        scores = logits[0, len(prompt) - 1:].float().numpy()
+        return Outcome([int(row.argmax()) for row in scores], list(scores))
+    outcome = Outcome([])
+    token = greedy_token(call("forward", (torch.tensor([prompt]), torch.arange(len(prompt)))), outcome)
+    while len(outcome.tokens) < max_new_tokens:
+        position = torch.tensor([len(prompt) + len(outcome.tokens) - 1])
+        token = greedy_token(call("forward", (torch.tensor([[token]]), position)), outcome)
+    return outcome
+
+
+def metadata(model: torch.nn.Module, model_dir: Path, max_seq_len: int, export: ExportSpec = STOCK_OPS) -> dict:
     """The constant methods ExecuTorch's LLM runner reads (its runner/constants.h names), plus model facts.
 
     Read from the model's own config, not derived: head_dim is the config's (Gemma 3: 256, not hidden / heads),
@@ -104,44 +114,44 @@ def runner_metadata(model: torch.nn.Module, max_seq_len: int, export: ExportSpec
         "get_eos_ids": eos_ids(model),
         "use_kv_cache": True,
         "use_sdpa_with_kv_cache": export.custom_sdpa,
-        "enable_dynamic_shape": True,  # export_methods makes the sequence length dynamic
+        "enable_dynamic_shape": True,  # exportables makes the sequence length dynamic
         "get_n_layers": config.num_hidden_layers,
         "get_n_kv_heads": getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
         "get_head_dim": getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
+        "get_dtype": str(model.dtype).removeprefix("torch."),  # the logits' dtype: what the .pte really returns
     }
     if bos is not None:
         metadata["get_bos_id"] = int(bos)
     return metadata
 
 
-def output_dtype(program: torch.export.ExportedProgram) -> str:
-    """The dtype the program computes its logits in, e.g. "float32": what the .pte really returns."""
-    output = next(node for node in program.graph.nodes if node.op == "output")
-    first = output.args[0][0] if isinstance(output.args[0], (list, tuple)) else output.args[0]
-    return str(first.meta["val"].dtype).removeprefix("torch.")
+def texts(model_dir: Path, verify: VerifyInputs, outcomes: list[Outcome]) -> list[dict]:
+    """Each prompt with the float model's greedy continuation, as text."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return [{"prompt": prompt, "continuation": tokenizer.decode(outcome.tokens)}
+            for prompt, outcome in zip(verify.prompts, outcomes)]
 
 
-def module_step(module: torch.nn.Module) -> Step:
-    def step(input_ids: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return module(input_ids=input_ids, cache_position=cache_position)
+def app_check(pte_path: Path, model_dir: Path, prompt: str, pte_tokens: list[int], facts: dict) -> tuple[dict, str]:
+    """Generate with the C++ runner as an app would; its text must be the .pte's greedy text up to an end token.
+    Returns the runner's figures and, if an app would not get that text, why ("" if it would).
 
-    return step
+    Surrounding whitespace is not compared: tokenizers' decoders differ in stripping it, the model does not."""
+    from transformers import AutoTokenizer
 
+    from xportbuild import llm_runner
 
-def teacher_forced_logits(step: Step, prompt: list[int], continuation: list[int]) -> np.ndarray:
-    """Logits at every position of prompt + continuation[:-1], in one call: `forward` takes a dynamic sequence
-    length, and a causal mask gives each position exactly the context token-by-token decoding would."""
-    tokens = prompt + continuation[:-1]
-    return step(torch.tensor([tokens]), torch.arange(len(tokens)))[0].float().numpy()
-
-
-def greedy(step: Step, prompt: list[int], max_new_tokens: int) -> list[int]:
-    """Greedy continuation of `prompt` (argmax at each step)."""
-    logits = step(torch.tensor([prompt]), torch.arange(len(prompt)))
-    tokens = [int(logits[0, -1].argmax())]
-    while len(tokens) < max_new_tokens:
-        position = torch.tensor([len(prompt) + len(tokens) - 1])
-        logits = step(torch.tensor([[tokens[-1]]]), position)
-        tokens.append(int(logits[0, -1].argmax()))
-    return tokens
+    try:
+        figures = llm_runner.generate(pte_path, model_dir / "tokenizer.json", prompt, len(pte_tokens))
+    except RuntimeError as err:  # e.g. an empty prompt, or a tokenizer.json the C++ tokenizer cannot read
+        error = str(err).strip().splitlines()[0]
+        return ({"error": error, "matches_pte_greedy": None},
+                f"ExecuTorch's LLM runner could not run the .pte on prompt 0: {error}")
+    ends = [index for index, token in enumerate(pte_tokens) if token in facts["get_eos_ids"]]
+    expected = AutoTokenizer.from_pretrained(model_dir).decode(pte_tokens[: ends[0] if ends else None])
+    matches = figures.text.strip() == expected.strip()
+    result = {**figures.as_dict(), "expected": expected, "matches_pte_greedy": matches}
+    return result, "" if matches else (f"ExecuTorch's LLM runner generated {figures.text!r} from prompt 0, not the "
+                                       f".pte's greedy {expected!r}")

@@ -14,7 +14,7 @@ import torch
 from xportbuild.models import inputs
 from xportbuild.models.common import load_pretrained
 from xportbuild.models.methods import Call, ExportableMethod, Outcome
-from xportbuild.recipe.spec import VerifyInputs
+from xportbuild.recipe.spec import STOCK_OPS, ExportSpec, VerifyInputs
 
 
 class ClassifierForward(torch.nn.Module):
@@ -36,7 +36,7 @@ def image_shape(model) -> tuple[int, int, int]:
     return inputs.image_shape(model.config, model.name_or_path)
 
 
-def exportables(model, max_seq_len: int) -> dict[str, ExportableMethod]:
+def exportables(model, max_seq_len: int, export: ExportSpec = STOCK_OPS) -> dict[str, ExportableMethod]:
     example = torch.from_numpy(inputs.generated_image(0, image_shape(model)))
     return {"forward": ExportableMethod(ClassifierForward(model).eval(), (example,))}
 
@@ -46,12 +46,13 @@ def samples(model_dir: Path, model, verify: VerifyInputs) -> list[dict[str, np.n
     return [{"pixel_values": inputs.generated_image(index, shape)} for index in range(verify.samples)]
 
 
-def run(call: Call, sample: dict[str, np.ndarray], facts: dict, max_new_tokens: int) -> Outcome:
+def run(call: Call, sample: dict[str, np.ndarray], facts: dict, max_new_tokens: int,
+        forced: list[int] | None = None) -> Outcome:
     scores = call("forward", (torch.from_numpy(sample["pixel_values"]),))[0].float().numpy()
     return Outcome([int(scores.argmax())], [scores])
 
 
-def metadata(model, model_dir: Path, max_seq_len: int) -> dict:
+def metadata(model, model_dir: Path, max_seq_len: int, export: ExportSpec = STOCK_OPS) -> dict:
     channels, height, width = image_shape(model)
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
     return {"get_num_labels": model.config.num_labels, "get_labels": json.dumps(labels),

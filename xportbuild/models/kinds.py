@@ -25,6 +25,16 @@ class Kind:
     generates: bool
     prompted: bool = True
     refused: dict[str, str] = field(default_factory=dict)  # model_type -> why it cannot be exported as this kind
+    # The recipe's custom attention ops (export.custom_sdpa / custom_kv_cache) and one shared tied table: only a
+    # kind whose wrapper implements them accepts them.
+    custom_attention: bool = False
+    from_gguf: bool = False  # transformers converts GGUF files to this kind
+    # Generated tokens follow the prompt in one sequence: a prompt must leave room for max_new_tokens.
+    prompt_continued: bool = False
+    # How the reference stores its logit outputs. float16 where hundreds of positions over a vocabulary of 262k would
+    # take a gigabyte in float32: half precision moves a logit by at most 0.016 below 64, under every tolerance, but
+    # can flip a near-tie's top-1, so kinds whose outputs are small keep float32.
+    reference_logits: str = "float32"
 
     @property
     def has_sequence(self) -> bool:
@@ -52,7 +62,8 @@ REFUSED_DECODERS = {
 
 KINDS: dict[str, Kind] = {kind.task: kind for kind in (
     Kind("causal-lm", "xportbuild.models.causal_lm", ("forward",), ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",),
-         ("forward",), True, refused=REFUSED_DECODERS),
+         ("forward",), True, refused=REFUSED_DECODERS, custom_attention=True, from_gguf=True, prompt_continued=True,
+         reference_logits="float16"),
     Kind("masked-lm", "xportbuild.models.masked_lm", ("forward",), ("MODEL_FOR_MASKED_LM_MAPPING_NAMES",),
          ("forward",), False),
     Kind("image-classification", "xportbuild.models.image_classifier", ("forward",),
@@ -70,3 +81,8 @@ KINDS: dict[str, Kind] = {kind.task: kind for kind in (
 
 def kind_of(task: str) -> Kind:
     return KINDS[task]
+
+
+def kinds_with(feature: str) -> list[str]:
+    """The tasks whose kind has `feature` (a boolean field), for messages that say which kinds accept a knob."""
+    return [kind.task for kind in KINDS.values() if getattr(kind, feature)]

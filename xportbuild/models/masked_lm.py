@@ -12,7 +12,7 @@ import torch
 
 from xportbuild.models.common import load_pretrained, text_limit
 from xportbuild.models.methods import Call, ExportableMethod, Outcome
-from xportbuild.recipe.spec import VerifyInputs
+from xportbuild.recipe.spec import STOCK_OPS, ExportSpec, VerifyInputs
 
 MASK = "<mask>"  # written in verify prompts; replaced by the tokenizer's own mask token
 
@@ -32,7 +32,7 @@ def load_model(model_dir: Path):
     return load_pretrained(AutoModelForMaskedLM, model_dir, "masked LM")
 
 
-def exportables(model, max_seq_len: int) -> dict[str, ExportableMethod]:
+def exportables(model, max_seq_len: int, export: ExportSpec = STOCK_OPS) -> dict[str, ExportableMethod]:
     text_limit(model, max_seq_len)
     seq_len = torch.export.Dim("seq_len", min=2, max=max_seq_len)
     example = torch.tensor([[1, 2, 3]], dtype=torch.long)
@@ -50,13 +50,14 @@ def samples(model_dir: Path, model, verify: VerifyInputs) -> list[dict[str, np.n
             for e in encoded]
 
 
-def run(call: Call, sample: dict[str, np.ndarray], facts: dict, max_new_tokens: int) -> Outcome:
+def run(call: Call, sample: dict[str, np.ndarray], facts: dict, max_new_tokens: int,
+        forced: list[int] | None = None) -> Outcome:
     logits = call("forward", (torch.from_numpy(sample["input_ids"]), torch.from_numpy(sample["attention_mask"])))
     scores = logits[0].float().numpy()
     return Outcome(scores.argmax(-1).tolist(), list(scores))
 
 
-def metadata(model, model_dir: Path, max_seq_len: int) -> dict:
+def metadata(model, model_dir: Path, max_seq_len: int, export: ExportSpec = STOCK_OPS) -> dict:
     config = model.config
     return {"get_max_seq_len": max_seq_len, "get_vocab_size": config.vocab_size,
             "get_mask_token_id": _mask_id(model_dir)}

@@ -1,12 +1,17 @@
-"""What every multi-method kind shares: exportable methods, calling them (eager, program or .pte) the same way,
-and recording the calls an app makes so that each method can be replayed and compared on its own.
+"""What every task kind shares: exportable methods, calling them (eager, program or .pte) the same way, and
+recording the calls an app makes so that each method can be replayed and compared on its own.
 
-A kind's module (masked_lm, image_classifier, seq2seq, multimodal) provides:
+A kind's module (causal_lm, masked_lm, image_classifier, seq2seq, multimodal) provides:
   load_model(model_dir) -> the float eager model;
-  exportables(model, max_seq_len) -> {method: ExportableMethod};
-  samples(model_dir, model, verify) -> the verification inputs, generated, as {name: array};
-  run(call, sample, facts, max_new_tokens) -> Outcome: what an app gets, calling the methods in order;
-  metadata(model, model_dir, max_seq_len) -> constant methods written into the .pte.
+  exportables(model, max_seq_len, export) -> {method: ExportableMethod} (`export`: the recipe's attention ops, read
+    only by kinds with custom_attention);
+  samples(model_dir, model, verify) -> the verification inputs, tokenized or generated, as {name: array};
+  run(call, sample, facts, max_new_tokens, forced=None) -> Outcome: what an app gets, calling the methods in order;
+    with `forced` (the float model's outcome), fed those tokens instead of its own choices: the scores each
+    step gives on the float context, which is what the reference records and what every stage replays;
+  metadata(model, model_dir, max_seq_len, export) -> constant methods written into the .pte.
+Optional hooks: texts(model_dir, verify, outcomes) (the reference as text) and app_check(pte_path, model_dir,
+prompt, pte_tokens, facts) (an app's own runtime on the published .pte).
 """
 
 from __future__ import annotations
@@ -88,7 +93,7 @@ class Recorder:
 
     def __call__(self, method: str, args: tuple) -> torch.Tensor:
         output = self.inner(method, args)
-        self.calls.append((method, [np.asarray(a) for a in args], _as_array(output)))
+        self.calls.append((method, [np.asarray(a) for a in args], as_array(output)))
         return output
 
 
@@ -101,15 +106,49 @@ def greedy_token(logits: torch.Tensor, outcome: Outcome) -> int:
     return token
 
 
-# Reference storage: one .npz (no pickle) plus a JSON index of the calls.
+def follow(logits: torch.Tensor, outcome: Outcome, forced: list[int]) -> int:
+    """Note what the last position would pick, and go on with the forced token of this step instead."""
+    greedy_token(logits, outcome)
+    return forced[len(outcome.tokens) - 1]
+
+
+class Memo:
+    """Calls through `call`, answering a call made again with the same inputs from memory: a kind's forced run
+    repeats the calls just replayed (a causal LM's is one and the same call), so it costs nothing more."""
+
+    def __init__(self, call: Call):
+        self.inner, self.outputs = call, {}
+
+    def __call__(self, method: str, args: tuple) -> torch.Tensor:
+        key = (method, *((tuple(a.shape), str(a.dtype), a.numpy().tobytes()) for a in args))
+        if key not in self.outputs:
+            self.outputs[key] = self.inner(method, args)
+        return self.outputs[key]
+
+
+# Reference storage: one .npz (no pickle) plus a JSON index of the calls; logit outputs in the kind's
+# `reference_logits` dtype.
 SAMPLES_FILE, CALLS_FILE = "samples.npz", "calls.json"
 
 
 @dataclass
 class RecordedSample:
     inputs: dict[str, np.ndarray]
-    outcome: Outcome
+    outcome: Outcome  # the float model's tokens or labels (its scores are in the calls)
     calls: list[tuple[str, list[np.ndarray], np.ndarray]]
+
+    @property
+    def methods(self) -> list[str]:
+        return [method for method, _, _ in self.calls]
+
+    @property
+    def outputs(self) -> list[np.ndarray]:
+        return [output for _, _, output in self.calls]
+
+
+def stored(calls: list[tuple[str, list[np.ndarray], np.ndarray]], logit_methods: tuple[str, ...], dtype: str) -> list:
+    """The calls as the reference keeps them: logit outputs in `dtype`."""
+    return [(method, args, output.astype(dtype) if method in logit_methods else output) for method, args, output in calls]
 
 
 def save_samples(samples: list[RecordedSample], out_dir: Path) -> None:
@@ -118,7 +157,6 @@ def save_samples(samples: list[RecordedSample], out_dir: Path) -> None:
         for name, value in sample.inputs.items():
             arrays[f"s{i}.input.{name}"] = value
         arrays[f"s{i}.tokens"] = np.array(sample.outcome.tokens, dtype=np.int64)
-        arrays[f"s{i}.scores"] = np.stack(sample.outcome.scores) if sample.outcome.scores else np.zeros((0,))
         for j, (_, args, output) in enumerate(sample.calls):
             for k, arg in enumerate(args):
                 arrays[f"s{i}.c{j}.a{k}"] = arg
@@ -138,8 +176,7 @@ def _load_samples(entry_dir: Path) -> list[RecordedSample]:
     samples = []
     with np.load(entry_dir / SAMPLES_FILE, allow_pickle=False) as data:
         for i, item in enumerate(index):
-            scores = data[f"s{i}.scores"]
-            outcome = Outcome(data[f"s{i}.tokens"].tolist(), list(scores) if scores.ndim == 2 else [])
+            outcome = Outcome(data[f"s{i}.tokens"].tolist())
             calls = [(method, [data[f"s{i}.c{j}.a{k}"] for k in range(count)], data[f"s{i}.c{j}.out"])
                      for j, (method, count) in enumerate(item["calls"])]
             samples.append(RecordedSample({name: data[f"s{i}.input.{name}"] for name in item["inputs"]}, outcome, calls))
@@ -150,17 +187,11 @@ def as_tensors(arrays: list[np.ndarray]) -> tuple:
     return tuple(torch.from_numpy(np.array(a)) for a in arrays)
 
 
-def replay(call: Call, samples: list[RecordedSample], methods: set[str]) -> list[list[np.ndarray | None]]:
+def replay(call: Call, sample: RecordedSample, methods: set[str]) -> list[np.ndarray | None]:
     """Each recorded call of `methods` made again through `call`, in the recorded order (a decoder's cache sees the
     same sequence of positions); None for calls of other methods."""
-    outputs = []
-    for sample in samples:
-        row = []
-        for method, args, _ in sample.calls:
-            row.append(_as_array(call(method, as_tensors(args))) if method in methods else None)
-        outputs.append(row)
-    return outputs
+    return [as_array(call(method, as_tensors(args))) if method in methods else None for method, args, _ in sample.calls]
 
 
-def _as_array(output: torch.Tensor) -> np.ndarray:
+def as_array(output: torch.Tensor) -> np.ndarray:
     return output.float().numpy() if output.is_floating_point() else output.numpy()

@@ -17,8 +17,8 @@ import torch
 from xportbuild.errors import StageError
 from xportbuild.models import inputs
 from xportbuild.models.common import attach_static_cache, eos_ids, load_pretrained, start_at, text_limit
-from xportbuild.models.methods import Call, ExportableMethod, Outcome, greedy_token
-from xportbuild.recipe.spec import VerifyInputs
+from xportbuild.models.methods import Call, ExportableMethod, Outcome, follow, greedy_token
+from xportbuild.recipe.spec import STOCK_OPS, ExportSpec, VerifyInputs
 
 
 def _idefics3_image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -129,7 +129,7 @@ def _media(model, index: int) -> np.ndarray:
     return inputs.generated_image(index, inputs.image_shape(model.config.vision_config, model.name_or_path))
 
 
-def exportables(model, max_seq_len: int) -> dict[str, ExportableMethod]:
+def exportables(model, max_seq_len: int, export: ExportSpec = STOCK_OPS) -> dict[str, ExportableMethod]:
     text_limit(model, max_seq_len)
     embedding, encoder = TokenEmbedding(model).eval(), MediaEncoder(model).eval()
     ids = torch.tensor([[1, 2, 3]], dtype=torch.long)
@@ -162,7 +162,8 @@ def with_placeholders(prompt_ids: list[int], rows: int, facts: dict) -> list[int
     return prompt_ids[:at] + [facts["get_placeholder_token_id"]] * rows + prompt_ids[at:]
 
 
-def run(call: Call, sample: dict[str, np.ndarray], facts: dict, max_new_tokens: int) -> Outcome:
+def run(call: Call, sample: dict[str, np.ndarray], facts: dict, max_new_tokens: int,
+        forced: list[int] | None = None) -> Outcome:
     features = call(facts["get_encoder_method"], (torch.from_numpy(sample["media"]),))
     ids = with_placeholders(sample["input_ids"][0].tolist(), features.shape[1], facts)
     if len(ids) + max_new_tokens > facts["get_max_seq_len"]:
@@ -172,16 +173,20 @@ def run(call: Call, sample: dict[str, np.ndarray], facts: dict, max_new_tokens: 
     embeds = call("token_embedding", (input_ids,)).clone()
     embeds[input_ids == facts["get_placeholder_token_id"]] = features.reshape(-1, features.shape[-1])
     outcome = Outcome([])
-    token = greedy_token(call("text_decoder", (embeds, torch.arange(len(ids)))), outcome)
-    for position in range(len(ids), len(ids) + max_new_tokens - 1):
-        if token in facts["get_eos_ids"]:
+
+    def choose(logits: torch.Tensor) -> int:
+        return greedy_token(logits, outcome) if forced is None else follow(logits, outcome, forced)
+
+    token = choose(call("text_decoder", (embeds, torch.arange(len(ids)))))
+    for position in range(len(ids), len(ids) + (max_new_tokens if forced is None else len(forced)) - 1):
+        if forced is None and token in facts["get_eos_ids"]:
             break
         embedded = call("token_embedding", (torch.tensor([[token]]),))
-        token = greedy_token(call("text_decoder", (embedded, torch.tensor([position]))), outcome)
+        token = choose(call("text_decoder", (embedded, torch.tensor([position]))))
     return outcome
 
 
-def metadata(model, model_dir: Path, max_seq_len: int) -> dict:
+def metadata(model, model_dir: Path, max_seq_len: int, export: ExportSpec = STOCK_OPS) -> dict:
     config = model.config.get_text_config()
     facts = {"get_max_seq_len": max_seq_len, "get_vocab_size": config.vocab_size, "get_eos_ids": eos_ids(model),
              "get_placeholder_token_id": placeholder_id(model), "get_encoder_method": encoder_method(model),

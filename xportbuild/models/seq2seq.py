@@ -17,8 +17,8 @@ import torch
 from xportbuild.errors import StageError
 from xportbuild.models import inputs
 from xportbuild.models.common import attach_static_cache, eos_ids, load_pretrained, start_at
-from xportbuild.models.methods import Call, ExportableMethod, Outcome, greedy_token
-from xportbuild.recipe.spec import VerifyInputs
+from xportbuild.models.methods import Call, ExportableMethod, Outcome, follow, greedy_token
+from xportbuild.recipe.spec import STOCK_OPS, ExportSpec, VerifyInputs
 
 
 class Encoder(torch.nn.Module):
@@ -67,7 +67,7 @@ def _decoder_limit(model) -> int | None:
     return getattr(config, "max_target_positions", None) or getattr(config, "max_position_embeddings", None)
 
 
-def exportables(model, max_seq_len: int) -> dict[str, ExportableMethod]:
+def exportables(model, max_seq_len: int, export: ExportSpec = STOCK_OPS) -> dict[str, ExportableMethod]:
     limit = _decoder_limit(model)
     if limit is not None and max_seq_len > limit:
         raise StageError(f"max_seq_len = {max_seq_len} exceeds the decoder's {limit} positions: lower max_seq_len")
@@ -108,19 +108,21 @@ def samples(model_dir: Path, model, verify: VerifyInputs) -> list[dict[str, np.n
             for prompt in verify.prompts]
 
 
-def run(call: Call, sample: dict[str, np.ndarray], facts: dict, max_new_tokens: int) -> Outcome:
-    """Greedy generation as an app chains the methods: encode once, then one decoder call per token."""
+def run(call: Call, sample: dict[str, np.ndarray], facts: dict, max_new_tokens: int,
+        forced: list[int] | None = None) -> Outcome:
+    """Greedy generation as an app chains the methods: encode once, then one decoder call per token. `forced`: fed
+    those tokens instead of its own choices."""
     hidden = call("encoder", (torch.from_numpy(sample["inputs"]),))
     outcome, token = Outcome([]), facts["get_decoder_start_token_id"]
-    for position in range(max_new_tokens):
+    for position in range(max_new_tokens if forced is None else len(forced)):
         logits = call("text_decoder", (torch.tensor([[token]]), hidden, torch.tensor([position])))
-        token = greedy_token(logits, outcome)
-        if token in facts["get_eos_ids"]:
+        token = greedy_token(logits, outcome) if forced is None else follow(logits, outcome, forced)
+        if forced is None and token in facts["get_eos_ids"]:
             break
     return outcome
 
 
-def metadata(model, model_dir: Path, max_seq_len: int) -> dict:
+def metadata(model, model_dir: Path, max_seq_len: int, export: ExportSpec = STOCK_OPS) -> dict:
     config = model.config.get_text_config(decoder=True)
     return {"get_max_seq_len": max_seq_len, "get_vocab_size": config.vocab_size,
             "get_decoder_start_token_id": _start_token(model), "get_eos_ids": eos_ids(model),

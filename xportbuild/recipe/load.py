@@ -9,7 +9,7 @@ import typing
 from pathlib import Path
 
 from xportbuild.errors import RecipeError
-from xportbuild.models.kinds import KINDS
+from xportbuild.models.kinds import KINDS, kinds_with
 from xportbuild.recipe.spec import (
     LowerSpec,
     ModelSpec,
@@ -273,15 +273,16 @@ def _check_shared_table(quantize: QuantSpec, file: Path, problems: _Problems) ->
                      f"embedding {embedding}")
 
 
-def _causal_lm_only_problems(model: ModelSpec, recipe: RecipeSpec) -> list[str]:
-    """Knobs only the causal-LM wrapper implements: on another kind they would do nothing, so they are refused."""
-    if model.task == "causal-lm":
+def _custom_attention_problems(model: ModelSpec, recipe: RecipeSpec) -> list[str]:
+    """Knobs only some kinds' wrappers implement: on another kind they would do nothing, so they are refused."""
+    if KINDS[model.task].custom_attention:
         return []
     knobs = [f"export.{name} = true" for name in ("custom_sdpa", "custom_kv_cache") if getattr(recipe.export, name)]
     for table, spec in (("quantize", recipe.quantize), *((f"quantize.{m}", s) for m, s in recipe.method_quantize)):
         if spec.tied_table == "shared":
             knobs.append(f'{table}.tied_table = "shared"')
-    return [f"{recipe.file}: {knob}: only a causal-lm model exports it, and model {model.name} ({model.file}) is task "
+    accepting = " or ".join(kinds_with("custom_attention"))
+    return [f"{recipe.file}: {knob}: only a {accepting} model exports it, and model {model.name} ({model.file}) is task "
             f"{model.task!r}; list a recipe without it (e.g. xnnpack-8da8w)" for knob in knobs]
 
 
@@ -296,7 +297,7 @@ def _pair(model: ModelSpec, overrides: dict, recipes: dict[str, RecipeSpec], pro
         if recipe is None:
             problems.add(file, "recipes", f"unknown recipe {name!r} (known: {', '.join(sorted(recipes))})")
             continue
-        problems.extend(_causal_lm_only_problems(model, recipe))
+        problems.extend(_custom_attention_problems(model, recipe))
         methods = KINDS[model.task].methods
         for method, _ in recipe.method_quantize:
             if method not in methods:

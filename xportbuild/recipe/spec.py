@@ -96,7 +96,7 @@ class QuantSpec:
 
 @dataclass(frozen=True)
 class ExportSpec:
-    """How a causal LM's attention is exported: ExecuTorch's custom ops (`llama::custom_sdpa` reading a KV cache
+    """How a decoder's attention is exported: ExecuTorch's custom ops (`llama::custom_sdpa` reading a KV cache
     that `llama::update_cache` writes in [batch, position, head, dim] layout) or the model's own stock ops."""
 
     custom_sdpa: bool = False
@@ -106,6 +106,9 @@ class ExportSpec:
     def custom_ops(self) -> tuple[str, ...]:
         """The llama:: ops the exported program must contain."""
         return (("update_cache",) if self.custom_kv_cache else ()) + (("custom_sdpa",) if self.custom_sdpa else ())
+
+
+STOCK_OPS = ExportSpec()  # the model's own attention and cache ops: what kinds without custom attention export
 
 
 @dataclass(frozen=True)

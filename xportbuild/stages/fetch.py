@@ -10,7 +10,6 @@ from pathlib import Path
 
 from xportbuild import preflight, sources
 from xportbuild.errors import SourceError
-from xportbuild.plan import source_of
 from xportbuild.cache import StatCache
 from xportbuild.recipe.spec import SourceSpec
 
@@ -26,7 +25,7 @@ def fetch(source: SourceSpec, model_file: str, out_dir: Path, scratch_root: Path
     if problem := preflight.remote_code_problem(source, model_file, facts):
         raise SourceError(problem)
     if source.kind == "gguf":
-        if problems := preflight.model_type_problems(source, model_file, facts):
+        if problems := preflight.model_type_problems(source, model_file, facts, preflight.gguf_task()):
             raise SourceError(problems[0])
         _convert_gguf(facts.location, out_dir, model_file)
     else:
@@ -77,4 +76,4 @@ def _drop_gguf_quantizer(model, path: Path) -> None:
 
 
 def run(node, inputs: dict[str, Path], out_dir: Path, workspace) -> dict:
-    return fetch(source_of(node), node.origin, out_dir, workspace.cache_dir / "sources", workspace.store.stats)
+    return fetch(sources.source_of(node), node.origin, out_dir, workspace.cache_dir / "sources", workspace.store.stats)

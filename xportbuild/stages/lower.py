@@ -10,7 +10,7 @@ from pathlib import Path
 from xportbuild import __version__, backends, passes
 from xportbuild.errors import StageError
 from xportbuild.keys import code_digests, digest_value, library_versions
-from xportbuild.plan import code_roots
+from xportbuild.pipeline import code_roots
 from xportbuild.recipe.spec import LowerSpec
 from xportbuild.stages.program import MODEL_FACTS_FILE, load_target_programs, program_inputs
 

@@ -6,17 +6,21 @@ import io
 import json
 import zipfile
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 from xportbuild import pt2
 from xportbuild.cache import reading_entry
 from xportbuild.errors import StageError
+from xportbuild.models.kinds import kind_of
 from xportbuild.recipe.spec import ExportSpec
 from xportbuild.stages.fetch import SOURCE_RECORD
 
 METHODS_FILE = "methods.json"
 # Runner metadata and the source's identity, for the lower stage to write into the .pte.
 MODEL_FACTS_FILE = "model_facts.json"
+# Written by the quantize stage: the quantized eager model's quality, before export and lowering.
+EAGER_QUALITY_FILE = "eager_quality.json"
 
 
 def save_programs(programs: dict, out_dir: Path) -> dict:
@@ -89,50 +93,47 @@ def refuse_unsafe_pickles(path: Path) -> None:
                         check(archive, f"{folder}/{meta['path_name']}")
 
 
-def export_program(model_dir: Path, max_seq_len: int, export: ExportSpec, out_dir: Path, prepare=None) -> dict:
-    """Load the float model, let `prepare` transform it (e.g. quantize), export every method."""
-    from xportbuild.models import causal_lm
+@dataclass(frozen=True)
+class MethodExport:
+    """One method of a model, as a program or quantize node exports it."""
 
-    model = causal_lm.load_model(model_dir)
-    metadata = causal_lm.runner_metadata(model, max_seq_len, export)
-    prepared = prepare(model) if prepare is not None else {}
-    programs = causal_lm.export_methods(causal_lm.exportable(model, max_seq_len, export), max_seq_len, export)
-    missing = set(causal_lm.METHODS) - set(programs)
-    if missing:
-        raise RuntimeError(f"export produced no program for methods {sorted(missing)}")
-    metadata["get_dtype"] = causal_lm.output_dtype(programs["forward"])
-    source = json.loads((model_dir / SOURCE_RECORD).read_text()).get("source")
-    (out_dir / MODEL_FACTS_FILE).write_text(json.dumps({"runner": metadata, "source": source}, indent=1))
-    return {"methods": save_programs(programs, out_dir), "runner_metadata": metadata, **prepared}
+    model_name: str  # for messages
+    task: str
+    method: str
+    max_seq_len: int
+    export: ExportSpec
 
 
-def export_part(model_dir: Path, model_name: str, task: str, method: str, max_seq_len: int, out_dir: Path,
-                prepare=None) -> dict:
-    """Load the float model of a multi-method kind, let `prepare` transform it (e.g. quantize), export one method."""
-    from xportbuild.models.kinds import kind_of
+def load_model(model_dir: Path, part: MethodExport):
+    return kind_of(part.task).wrapper().load_model(model_dir)
+
+
+def export_part(model, model_dir: Path, part: MethodExport, out_dir: Path) -> dict:
+    """Export one method of the (possibly quantized) eager model; write it with the model's facts."""
+    from xportbuild.models.custom_attention import llama_op_counts, missing_ops
     from xportbuild.models.methods import export_method
 
-    wrapper = kind_of(task).wrapper()
-    model = wrapper.load_model(model_dir)
-    metadata = wrapper.metadata(model, model_dir, max_seq_len)
-    prepared = prepare(model) if prepare is not None else {}
-    exportables = wrapper.exportables(model, max_seq_len)
-    if method not in exportables:
-        raise StageError(f"{model_name}: task {task!r} exports method {method}, but this model provides "
+    wrapper = kind_of(part.task).wrapper()
+    metadata = wrapper.metadata(model, model_dir, part.max_seq_len, part.export)
+    exportables = wrapper.exportables(model, part.max_seq_len, part.export)
+    if part.method not in exportables:
+        raise StageError(f"{part.model_name}: task {part.task!r} exports method {part.method}, but this model provides "
                          f"{', '.join(exportables)}: declare the task that matches the model")
-    program = export_method(model_name, method, exportables[method])
+    program = export_method(part.model_name, part.method, exportables[part.method])
+    if missing := missing_ops(llama_op_counts(program), part.export.custom_ops):
+        raise StageError(f"export: {', '.join(missing)} requested by the recipe but absent from method {part.method}: "
+                         f"this model's attention does not go through transformers' attention interface")
     source = json.loads((model_dir / SOURCE_RECORD).read_text()).get("source")
     (out_dir / MODEL_FACTS_FILE).write_text(json.dumps({"runner": metadata, "source": source}, indent=1))
-    return {"methods": save_programs({method: program}, out_dir), "metadata": metadata, **prepared}
+    return {"methods": save_programs({part.method: program}, out_dir), "runner_metadata": metadata}
 
 
-def model_name(node) -> str:
-    """The model a per-method node belongs to, for messages."""
-    return node.subject.removesuffix(f".{node.part}")
+def method_export(node) -> MethodExport:
+    """What a program or quantize node exports; the model it belongs to named for messages."""
+    return MethodExport(node.subject.removesuffix(f".{node.part}"), node.params["task"], node.part,
+                        node.params["max_seq_len"], ExportSpec(**node.params["export"]))
 
 
 def run(node, inputs: dict[str, Path], out_dir: Path, workspace) -> dict:
-    if node.part:
-        return export_part(inputs["fetch"], model_name(node), node.params["task"], node.part,
-                           node.params["max_seq_len"], out_dir)
-    return export_program(inputs["fetch"], node.params["max_seq_len"], ExportSpec(**node.params["export"]), out_dir)
+    part = method_export(node)
+    return export_part(load_model(inputs["fetch"], part), inputs["fetch"], part, out_dir)

@@ -11,8 +11,9 @@ from collections import Counter
 from pathlib import Path
 
 from xportbuild.errors import StageError
-from xportbuild.recipe.spec import ExportSpec, QuantSpec
-from xportbuild.stages.program import export_program
+from xportbuild.models.kinds import kind_of
+from xportbuild.recipe.spec import QuantSpec
+from xportbuild.stages.program import EAGER_QUALITY_FILE, MethodExport, export_part, load_model, method_export
 
 log = logging.getLogger(__name__)
 
@@ -84,15 +85,15 @@ def quantization_plan(model, spec: QuantSpec, used: set[str] | None = None) -> P
 
     `used`: the modules one method runs. Only they are quantized, and a part the method does not have (a vision
     encoder has no token table) is left out of its plan: the quantize stage reports it as absent."""
-    parts = module_parts(model)
-    if used is not None:
-        parts = {part: {name: width for name, width in names.items() if name in used} for part, names in parts.items()}
+    whole = module_parts(model)
+    parts = whole if used is None else {part: {name: width for name, width in names.items() if name in used}
+                                        for part, names in whole.items()}
     plan: Plan = {}
     for part, scheme, group_size in requested_parts(spec):
-        if not parts[part]:
-            if part == "head" and spec.head == "same" or used is not None:
-                continue  # nothing of that part here: a model without an output projection, or another method's
+        if not whole[part] and part == "linear":
             raise StageError(f"quantize.{part} = {scheme!r} but the model has no {part} layers")
+        if not parts[part]:
+            continue  # a model without a token table or output projection, or another method's part: reported absent
         for name, size in _plan_groups(parts[part], group_size, spec.per_axis_fallback, part).items():
             plan[name] = (part, scheme, size)
     return plan
@@ -194,52 +195,36 @@ def _check_shared_table(model, tied_in_float: bool) -> dict:
     return {"tied_in_float": True, "shared_table": list(codes[0].shape)}
 
 
-def quantize_part(node, inputs: dict[str, Path], out_dir: Path) -> dict:
-    """One method of a multi-method kind: quantize the model as the recipe says for that method, measure the
+def eager_quality(model, part: MethodExport, samples: list) -> dict:
+    """The eager `model`'s method replayed on the reference's recorded calls, against the float outputs there."""
+    from xportbuild.models.methods import module_call, replay
+    from xportbuild.quality import method_quality, one_thread, sample_quality
+
+    kind = kind_of(part.task)
+    # A wrapper of its own, with the model's stock attention ops: running it fills a decoder's cache buffers,
+    # and the export that follows builds fresh ones.
+    exportable = kind.wrapper().exportables(model, part.max_seq_len)[part.method]
+    call = module_call({part.method: exportable.module})
+    with one_thread():
+        return method_quality([sample_quality(replay(call, sample, {part.method}), sample.outputs, sample.methods,
+                                              kind.logit_methods) for sample in samples])
+
+
+def quantize(model_dir: Path, reference_dir: Path, part: MethodExport, spec: QuantSpec, group_scale_dtype: str,
+             out_dir: Path) -> dict:
+    """Quantize the float model as the recipe says for this method (only the modules the method runs), measure the
     quantized eager method on the reference's recorded calls, export it."""
-    from xportbuild.models.kinds import kind_of
-    from xportbuild.models.methods import load_samples, module_call, modules_called, replay
-    from xportbuild.quality import method_quality, one_thread
-    from xportbuild.stages.program import export_part, model_name
-    from xportbuild.stages.verify import EAGER_QUALITY_FILE
+    from xportbuild.models.methods import load_samples, modules_called
 
-    kind, method = kind_of(node.params["task"]), node.part
-    spec, max_seq_len = QuantSpec(**node.params["quantize"]), node.params["max_seq_len"]
-
-    def prepare(model) -> dict:
-        # Wrappers of its own: running them fills a decoder's cache buffers, and export_part exports fresh ones.
-        exportable = kind.wrapper().exportables(model, max_seq_len)[method]
-        used = modules_called(model, exportable)
-        report = quantize_model(model, spec, node.params["group_scale_dtype"], used)
-        samples = load_samples(inputs["reference"])
-        with one_thread():
-            outputs = replay(module_call({method: exportable.module}), samples, {method})
-        recorded = [[(name, output) for name, _, output in sample.calls] for sample in samples]
-        numbers = method_quality(outputs, recorded, kind.logit_methods)
-        (out_dir / EAGER_QUALITY_FILE).write_text(json.dumps(numbers, indent=1))
-        return {"quantized": report, "eager_quality": numbers}
-
-    return export_part(inputs["fetch"], model_name(node), kind.task, method, max_seq_len, out_dir, prepare)
+    kind = kind_of(part.task)
+    model = load_model(model_dir, part)
+    used = modules_called(model, kind.wrapper().exportables(model, part.max_seq_len)[part.method])
+    report = quantize_model(model, spec, group_scale_dtype, used)
+    numbers = eager_quality(model, part, load_samples(reference_dir))
+    (out_dir / EAGER_QUALITY_FILE).write_text(json.dumps(numbers, indent=1))
+    return {**export_part(model, model_dir, part, out_dir), "quantized": report, "eager_quality": numbers}
 
 
 def run(node, inputs: dict[str, Path], out_dir: Path, workspace) -> dict:
-    if node.part:
-        return quantize_part(node, inputs, out_dir)
-    from xportbuild.quality import quality
-    from xportbuild.stages.reference import load_reference
-    from xportbuild.stages.verify import EAGER_QUALITY_FILE
-
-    spec = QuantSpec(**node.params["quantize"])
-    max_seq_len = node.params["max_seq_len"]
-    references = load_reference(inputs["reference"])
-
-    def measure_eager(model) -> dict:
-        from xportbuild.models import causal_lm
-
-        numbers = quality(causal_lm.module_step(causal_lm.exportable(model, max_seq_len)), references)
-        (out_dir / EAGER_QUALITY_FILE).write_text(json.dumps(numbers, indent=1))
-        return {"eager_quality": numbers}
-
-    return export_program(inputs["fetch"], max_seq_len, ExportSpec(**node.params["export"]), out_dir,
-                          prepare=lambda model: {"quantized": quantize_model(model, spec, node.params["group_scale_dtype"]),
-                                                 **measure_eager(model)})
+    return quantize(inputs["fetch"], inputs["reference"], method_export(node), QuantSpec(**node.params["quantize"]),
+                    node.params["group_scale_dtype"], out_dir)

@@ -8,7 +8,8 @@ import re
 from pathlib import Path
 
 from xportbuild.recipe.spec import QuantSpec
-from xportbuild.stages.quantize import WEIGHT_BITS, Plan, apply_plan, quantization_plan
+from xportbuild.stages.program import MethodExport, load_model, method_export
+from xportbuild.stages.quantize import WEIGHT_BITS, Plan, apply_plan, eager_quality, quantization_plan
 
 _BLOCK = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 
@@ -63,24 +64,22 @@ def weight_bytes(model, plan: Plan, scale_bytes: int) -> int:
     return total
 
 
-def sensitivity(model_dir: Path, reference_dir: Path, spec: QuantSpec, group_scale_dtype: str, max_seq_len: int,
+def sensitivity(model_dir: Path, reference_dir: Path, part: MethodExport, spec: QuantSpec, group_scale_dtype: str,
                 out_dir: Path) -> dict:
-    from xportbuild.models import causal_lm
-    from xportbuild.quality import quality
+    from xportbuild.models.methods import load_samples
     from xportbuild.report import sensitivity_rows
-    from xportbuild.stages.reference import load_reference
 
-    references = load_reference(reference_dir)
-    model = causal_lm.load_model(model_dir)
+    samples = load_samples(reference_dir)
+    model = load_model(model_dir, part)
     names = [name for name, _ in model.named_modules()]
     base = quantization_plan(model, spec)
     scale_bytes = 2 if group_scale_dtype == "bfloat16" else 4
     rows = {}
     for label, plan in variants(base, names).items():
-        model = causal_lm.load_model(model_dir)
+        model = load_model(model_dir, part)
         size = weight_bytes(model, plan, scale_bytes)
         apply_plan(model, plan, group_scale_dtype, spec.qparams)
-        numbers = quality(causal_lm.module_step(causal_lm.exportable(model, max_seq_len)), references)
+        numbers = eager_quality(model, part, samples)[part.method]
         rows[label] = {**numbers, "weight_bytes": size, "quantized_modules": len(plan)}
     (out_dir / "sensitivity.json").write_text(json.dumps(rows, indent=1))
     (out_dir / "sensitivity.md").write_text("\n".join(sensitivity_rows(rows)) + "\n")
@@ -88,5 +87,5 @@ def sensitivity(model_dir: Path, reference_dir: Path, spec: QuantSpec, group_sca
 
 
 def run(node, inputs: dict[str, Path], out_dir: Path, workspace) -> dict:
-    return sensitivity(inputs["fetch"], inputs["reference"], QuantSpec(**node.params["quantize"]),
-                       node.params["group_scale_dtype"], node.params["max_seq_len"], out_dir)
+    return sensitivity(inputs["fetch"], inputs["reference"], method_export(node), QuantSpec(**node.params["quantize"]),
+                       node.params["group_scale_dtype"], out_dir)
