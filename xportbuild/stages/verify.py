@@ -79,13 +79,13 @@ def measure(pte_runs: list[PteRun], program_results: list[tuple[list, object]], 
             compared[name].append(sample_quality(actual, expected, sample.methods, kind.logit_methods))
         outcomes.append(outcome_row(run.tokens, forced, sample.outcome.tokens))
     per_method = {name: method_quality(numbers) for name, numbers in compared.items()}
-    stages = {"program": pooled(per_method["program_vs_reference"], kind.logit_methods),
-              ".pte": {**pooled(per_method["vs_reference"], kind.logit_methods),
+    overall = {name: pooled(numbers, kind.logit_methods) for name, numbers in per_method.items()}
+    stages = {"program": overall["program_vs_reference"],
+              ".pte": {**overall["vs_reference"],
                        "greedy_departs_at": [outcome["diverges_from_reference_at"] for outcome in outcomes]}}
     seconds, tokens = sum(run.seconds for run in pte_runs), sum(len(run.tokens) for run in pte_runs)
     return {"methods": {method: {name: per_method[name][method] for name in compared} for method in per_method["vs_reference"]},
-            "vs_reference": pooled(per_method["vs_reference"], kind.logit_methods),
-            "vs_program": pooled(per_method["vs_program"], kind.logit_methods),
+            "vs_reference": overall["vs_reference"], "vs_program": overall["vs_program"],
             "greedy": outcomes, "quality_by_stage": stages, "seconds_per_sample": seconds / max(len(samples), 1),
             "generate_tokens_per_s": tokens / seconds if seconds else None}
 
