@@ -45,6 +45,15 @@ class Project:
             raise AssertionError(f"doit {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr[-6000:]}")
         return result
 
+    def doit_pulling(self, run_cache: Path, *args: str) -> subprocess.CompletedProcess:
+        """`doit` with the run's shared cache as the remote: what another test built is pulled into this project's
+        own cache (content-checked, as a CI job pulls) instead of built again. Later `doit`s use that cache alone."""
+        self.env["XPORTBUILD_REMOTE_CACHE"] = str(run_cache)
+        try:
+            return self.doit(*args)
+        finally:
+            del self.env["XPORTBUILD_REMOTE_CACHE"]
+
     def events(self) -> list[dict]:
         path = self.root / ".xportbuild" / "events.jsonl"
         return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
@@ -66,12 +75,28 @@ class Project:
         return sorted(e["task"] for e in self.events()[count:] if e["event"] == "built")
 
 
-@pytest.fixture(scope="session")
-def weights(tmp_path_factory) -> Path:
-    """Tiny random-weight models (llama, gemma3 tied, qwen3), a GGUF and an offline HF cache."""
+def _run_folder(tmp_path_factory) -> Path:
+    """A folder every pytest-xdist worker of this run shares (the run's base temp folder), so a build one worker
+    made is a cache hit for the other, as on CI runners sharing a cache."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def made_once(folder: Path, make) -> Path:
+    """`make(folder)` by the first worker that asks; the others wait for it and reuse the folder."""
+    from filelock import FileLock
+
+    with FileLock(f"{folder}.lock"):
+        if not (folder.parent / f"{folder.name}.complete").is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            make(folder)
+            (folder.parent / f"{folder.name}.complete").touch()
+    return folder
+
+
+def _save_weights(root: Path) -> None:
     from tests import tiny
 
-    root = tmp_path_factory.mktemp("weights")
     tiny.save_model(root / "tiny-llama", "llama")
     tiny.save_model(root / "tiny-gemma3", "gemma3", tie=True)
     qwen = tiny.save_model(root / "qwen3-src", "qwen3")
@@ -79,13 +104,25 @@ def weights(tmp_path_factory) -> Path:
     (root / "hub-commit").write_text(commit)
     tiny.save_gguf(root / "tiny-llama.gguf")
     tiny.save_gguf(root / "tiny-llama-spm.gguf", vocabulary="llama")
-    return root
 
 
 @pytest.fixture(scope="session")
-def shared_cache(tmp_path_factory) -> Path:
-    """One content-addressed cache for the session: equal keys are built once, as in CI."""
-    return tmp_path_factory.mktemp("cache")
+def run_folder(tmp_path_factory) -> Path:
+    return _run_folder(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def weights(run_folder) -> Path:
+    """Tiny random-weight models (llama, gemma3 tied, qwen3), a GGUF and an offline HF cache, made once per run."""
+    return made_once(run_folder / "weights", _save_weights)
+
+
+@pytest.fixture(scope="session")
+def shared_cache(run_folder) -> Path:
+    """One content-addressed cache for the run, shared by its workers: equal keys are built once, as in CI."""
+    cache = run_folder / "cache"
+    cache.mkdir(exist_ok=True)
+    return cache
 
 
 @pytest.fixture

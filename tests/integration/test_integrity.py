@@ -43,10 +43,10 @@ def member_offset(archive: Path, pick) -> int:
     return info.header_offset + 30 + name_len + extra_len + info.file_size // 2
 
 
-def _project(project, weights, tmp_path):
+def _project(project, weights, tmp_path, shared_cache):
     project.write_model("tiny-gemma3", model_toml(local(weights / "tiny-gemma3"), ["xnnpack-8da4w"]))
     project.env["XPORTBUILD_CACHE"] = str(tmp_path / "cache")  # its own cache: this test damages entries
-    project.doit(f"export:{TARGET}")
+    project.doit_pulling(shared_cache, f"export:{TARGET}")
     return project
 
 
@@ -59,8 +59,8 @@ def _is_model_json(name: str) -> bool:
 
 
 @pytest.mark.parametrize("pick", [_is_weight, _is_model_json], ids=["tensor", "model.json"])
-def test_bit_rot_in_a_cached_program_is_rebuilt_before_lowering(project, weights, tmp_path, pick):
-    _project(project, weights, tmp_path)
+def test_bit_rot_in_a_cached_program_is_rebuilt_before_lowering(project, weights, tmp_path, shared_cache, pick):
+    _project(project, weights, tmp_path, shared_cache)
     program = project.entry(QUANTIZE).file("forward.pt2")
     intact = program.read_bytes()
     flip_in_place(program, member_offset(program, pick))
@@ -76,10 +76,10 @@ def test_bit_rot_in_a_cached_program_is_rebuilt_before_lowering(project, weights
     assert manifest["stages"]["lower"]["inputs"]["program"] == project.entry(QUANTIZE).digest
 
 
-def test_an_unreadable_archive_with_matching_hashes_is_a_damaged_entry(project, weights, tmp_path):
+def test_an_unreadable_archive_with_matching_hashes_is_a_damaged_entry(project, weights, tmp_path, shared_cache):
     """Hashes say the bytes are what was recorded; the archive still cannot be read (damaged before it was recorded,
     or rewritten together with its record): discarded and rebuilt, never a traceback."""
-    _project(project, weights, tmp_path)
+    _project(project, weights, tmp_path, shared_cache)
     entry = project.entry(QUANTIZE)
     (entry.file("forward.pt2")).write_bytes(b"PK\x03\x04 not a zip archive")
     record = entry.record
@@ -95,8 +95,8 @@ def test_an_unreadable_archive_with_matching_hashes_is_a_damaged_entry(project, 
     assert QUANTIZE in project.built_since(before)
 
 
-def test_a_published_pte_with_bit_rot_is_published_again(project, weights, tmp_path):
-    _project(project, weights, tmp_path)
+def test_a_published_pte_with_bit_rot_is_published_again(project, weights, tmp_path, shared_cache):
+    _project(project, weights, tmp_path, shared_cache)
     pte = project.root / "artifacts" / TARGET / "model.pte"
     intact = pte.read_bytes()
     flip_in_place(pte, len(intact) // 2)
@@ -115,8 +115,9 @@ def _fsck(project) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
-def test_fsck_reads_everything_discards_damaged_entries_and_restores_published_files(project, weights, tmp_path):
-    _project(project, weights, tmp_path)
+def test_fsck_reads_everything_discards_damaged_entries_and_restores_published_files(project, weights, tmp_path,
+                                                                                    shared_cache):
+    _project(project, weights, tmp_path, shared_cache)
     clean = _fsck(project)
     assert clean.returncode == 0 and "nothing damaged" in clean.stdout, clean.stdout + clean.stderr
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests import tiny
+from tests.conftest import made_once
 from tests.integration.models import QUANT_TOLERANCES, local
 
 # task -> (tiny builder, first architecture, second architecture)
@@ -27,15 +28,13 @@ QUANTIZED = "xnnpack-8da8w"
 
 
 @pytest.fixture(scope="session")
-def kind_weights(tmp_path_factory):
-    """Builds a tiny model the first time a test asks for it."""
-    root = tmp_path_factory.mktemp("kind-weights")
+def kind_weights(run_folder):
+    """Builds a tiny model the first time a test of this run asks for it."""
+    root = run_folder / "kind-weights"
+    root.mkdir(exist_ok=True)
 
     def build(task: str, arch: str) -> Path:
-        folder = root / arch
-        if not folder.exists():
-            getattr(tiny, KINDS[task][0])(folder, arch)
-        return folder
+        return made_once(root / arch, lambda folder: getattr(tiny, KINDS[task][0])(folder, arch))
 
     return build
 

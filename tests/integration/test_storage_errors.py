@@ -82,7 +82,7 @@ FULL_DISK_CASES = ["fetch:tiny-gemma3", "reference:tiny-gemma3", "program:tiny-g
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory, weights):
+def built(tmp_path_factory, weights, shared_cache):
     """A project with both targets built and published, its cache and artifacts kept aside to copy from."""
     import os
 
@@ -95,7 +95,7 @@ def built(tmp_path_factory, weights):
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "XPORTBUILD_CACHE": str(root / "saved-cache")}
     project = Project(root / "app", env)
     project.write_model("tiny-gemma3", model_toml(local(weights / "tiny-gemma3"), ["xnnpack-8da4w", "xnnpack-fp32"]))
-    project.doit("export")
+    project.doit_pulling(shared_cache, "export")
     shutil.move(project.root / "artifacts", root / "saved-artifacts")
     return project, root
 

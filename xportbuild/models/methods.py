@@ -166,6 +166,26 @@ def save_samples(samples: list[RecordedSample], out_dir: Path) -> None:
     (out_dir / CALLS_FILE).write_text(json.dumps(index))
 
 
+class NpzWriter:
+    """Writes arrays into an .npz one at a time, as `np.savez` lays them out (same bytes for the same arrays in the
+    same order), so a stage need not hold all of them in memory until the end."""
+
+    def __init__(self, path: Path):
+        import zipfile
+
+        self._zip = zipfile.ZipFile(path, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True)
+
+    def add(self, name: str, value: np.ndarray) -> None:
+        with self._zip.open(f"{name}.npy", "w", force_zip64=True) as member:
+            np.lib.format.write_array(member, np.asanyarray(value), allow_pickle=False)
+
+    def __enter__(self) -> NpzWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._zip.close()
+
+
 def load_samples(entry_dir: Path) -> list[RecordedSample]:
     with reading_entry(entry_dir):
         return _load_samples(entry_dir)

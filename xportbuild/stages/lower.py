@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 from xportbuild import __version__, backends, passes
+from xportbuild.backends.retrace import skip_unchanged_retraces
 from xportbuild.errors import StageError
 from xportbuild.keys import code_digests, digest_value, library_versions
 from xportbuild.pipeline import code_roots
@@ -52,8 +53,9 @@ def lower(program_dirs: list[Path], spec: LowerSpec, pass_files: dict[str, str],
     functions = {"strip_embedding_padding_idx": passes.strip_embedding_padding_idx}
     functions.update({ref: passes.load(ref, file) for ref, file in pass_files.items()})
     table_shapes = _shared_table_shapes(programs) if shared_table else set()
+    retraces: dict[str, int] = {}
     # Lowering a loaded program with autograd on fails on the KV cache's in-place copy_.
-    with torch.no_grad():
+    with torch.no_grad(), skip_unchanged_retraces(retraces):
         for method, program in programs.items():
             for ref, function in functions.items():
                 program = passes.apply(function, program, ref)
@@ -75,7 +77,8 @@ def lower(program_dirs: list[Path], spec: LowerSpec, pass_files: dict[str, str],
     llama_ops = _check_custom_ops(executorch_program, programs, custom_ops)
     path = out_dir / PTE_FILE
     path.write_bytes(executorch_program.buffer)
-    facts = {"pte_bytes": path.stat().st_size, "backend": spec.backend, "delegation": delegation, "llama_ops": llama_ops}
+    facts = {"pte_bytes": path.stat().st_size, "backend": spec.backend, "delegation": delegation, "llama_ops": llama_ops,
+             "xnnpack_pass_retraces": retraces}
     if table_shapes:
         executorch_program.write_tensor_data_to_file(str(out_dir))
         facts["ptd_bytes"] = (out_dir / DATA_FILE).stat().st_size

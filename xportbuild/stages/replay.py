@@ -41,19 +41,21 @@ def program_results(program_dirs: list[Path], samples: list, task: str) -> Itera
 
 
 def replay_programs(program_dirs: list[Path], reference_dir: Path, task: str, out_dir: Path) -> dict:
-    from xportbuild.models.methods import load_samples
+    from xportbuild.models.methods import NpzWriter, load_samples
 
-    samples, arrays = load_samples(reference_dir), {}
-    with one_thread():  # stored, so hashed into verify's key: the same bytes whatever the thread count
+    samples = load_samples(reference_dir)
+    # Written sample by sample: the default target's outputs are 675 MB of float32, not held until the end.
+    with one_thread(), NpzWriter(out_dir / OUTPUTS_FILE) as arrays:  # one thread: stored, so hashed into verify's key
         for i, (outputs, forced) in enumerate(program_results(program_dirs, samples, task)):
-            arrays.update({f"s{i}.c{j}.out": output for j, output in enumerate(outputs) if output is not None})
-            arrays[f"s{i}.forced.tokens"] = np.array(forced.tokens, dtype=np.int64)
+            for j, output in enumerate(outputs):
+                if output is not None:
+                    arrays.add(f"s{i}.c{j}.out", output)
+            arrays.add(f"s{i}.forced.tokens", np.array(forced.tokens, dtype=np.int64))
             scores = np.stack(forced.scores)
             if (j := _holding(outputs, scores)) is None:
-                arrays[f"s{i}.forced.scores"] = scores
+                arrays.add(f"s{i}.forced.scores", scores)
             else:
-                arrays[f"s{i}.forced.in"] = np.array(j)
-    np.savez(out_dir / OUTPUTS_FILE, **arrays)
+                arrays.add(f"s{i}.forced.in", np.array(j))
     return {"samples": len(samples)}
 
 

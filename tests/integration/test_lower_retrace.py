@@ -1,0 +1,76 @@
+"""Skipping XNNPACK's no-op pass retraces (backends/retrace.py) must not change a single byte of the program."""
+
+from __future__ import annotations
+
+from tests.integration.models import local, model_toml
+
+
+def _lower_module_bytes(module, example, patched: bool) -> tuple[bytes, dict]:
+    import torch
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    from xportbuild.backends.retrace import skip_unchanged_retraces
+
+    program = torch.export.export(module, example)
+    counts: dict[str, int] = {}
+    if patched:
+        with skip_unchanged_retraces(counts):
+            edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
+    else:
+        edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
+    return edge.to_executorch().buffer, counts
+
+
+def _rewritten_by_many_passes():
+    """Conv + batch norm (fused), ReLU (fused activation), concatenation (decomposed), channels-last reshapes,
+    linear (converted): a graph where several passes do rewrite and the others find nothing."""
+    import torch
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3)
+            self.norm = torch.nn.BatchNorm2d(8)
+            self.linear = torch.nn.Linear(16, 4)
+
+        def forward(self, image):
+            features = torch.relu(self.norm(self.conv(image)))
+            pooled = torch.cat([features.mean((2, 3)), features.amax((2, 3))], dim=1)
+            return self.linear(pooled)
+
+    torch.manual_seed(0)
+    return Net().eval(), (torch.randn(1, 3, 12, 12),)
+
+
+def test_skipping_no_op_retraces_keeps_a_conv_net_byte_identical():
+    module, example = _rewritten_by_many_passes()
+    stock, _ = _lower_module_bytes(module, example, patched=False)
+    fast, counts = _lower_module_bytes(module, example, patched=True)
+    assert counts["skipped"] > 0 and counts["run"] > 0, counts
+    assert fast == stock
+
+
+def test_the_lower_stage_output_is_byte_identical_without_the_patch(project, weights, tmp_path, monkeypatch):
+    """The real lower stage on a quantized decoder with the shared table and custom ops, patched and not."""
+    from xportbuild.backends import retrace
+    from xportbuild.recipe.spec import LowerSpec
+    from xportbuild.stages.lower import lower
+
+    project.write_model("tiny-gemma3", model_toml(local(weights / "tiny-gemma3"), ["xnnpack-8da4w"]))
+    project.doit("quantize:tiny-gemma3-xnnpack-8da4w")
+    program = project.entry("quantize:tiny-gemma3-xnnpack-8da4w").path
+    spec = LowerSpec(backend="xnnpack", extract_delegate_segments=True, passes=(), per_op_mode=False)
+
+    def lowered(folder: str) -> tuple[bytes, bytes, dict]:
+        out = tmp_path / folder
+        out.mkdir()
+        facts = lower([program], spec, {}, out, True, {}, ("update_cache", "custom_sdpa"))
+        return (out / "model.pte").read_bytes(), (out / "model.ptd").read_bytes(), facts["xnnpack_pass_retraces"]
+
+    *fast, counts = lowered("patched")
+    assert counts["skipped"] > 0, counts
+    monkeypatch.setattr(retrace, "CHECKED_EXECUTORCH", "another version")
+    *stock, stock_counts = lowered("stock")
+    assert stock_counts == {"skipped": 0, "run": 0}
+    assert fast == stock
