@@ -75,13 +75,6 @@ class Project:
         return sorted(e["task"] for e in self.events()[count:] if e["event"] == "built")
 
 
-def _run_folder(tmp_path_factory) -> Path:
-    """A folder every pytest-xdist worker of this run shares (the run's base temp folder), so a build one worker
-    made is a cache hit for the other, as on CI runners sharing a cache."""
-    base = tmp_path_factory.getbasetemp()
-    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-
-
 def made_once(folder: Path, make) -> Path:
     """`make(folder)` by the first worker that asks; the others wait for it and reuse the folder."""
     from filelock import FileLock
@@ -108,7 +101,10 @@ def _save_weights(root: Path) -> None:
 
 @pytest.fixture(scope="session")
 def run_folder(tmp_path_factory) -> Path:
-    return _run_folder(tmp_path_factory)
+    """A folder every pytest-xdist worker of this run shares (the run's base temp folder), so a build one worker
+    made is a cache hit for the other, as on CI runners sharing a cache."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
 @pytest.fixture(scope="session")

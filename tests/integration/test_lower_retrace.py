@@ -13,11 +13,9 @@ def _lower_module_bytes(module, example, patched: bool) -> tuple[bytes, dict]:
     from xportbuild.backends.retrace import skip_unchanged_retraces
 
     program = torch.export.export(module, example)
-    counts: dict[str, int] = {}
-    if patched:
-        with skip_unchanged_retraces(counts):
-            edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
-    else:
+    if not patched:
+        return to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch().buffer, {}
+    with skip_unchanged_retraces() as counts:
         edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
     return edge.to_executorch().buffer, counts
 

@@ -9,7 +9,7 @@ targets, arguments and order unchanged means the retrace would recompute the sam
 inside the retrace (it overrides `call_operator`, as ConstPropPass does) is never skipped, because its `call` is
 ExportPass's own.
 
-The patch is tied to the ExecuTorch version it was checked against (tests/integration/test_lower_speed.py lowers
+The patch is tied to the ExecuTorch version it was checked against (tests/integration/test_lower_retrace.py lowers
 with and without it and compares the .pte bytes); on another version lowering runs unpatched.
 """
 
@@ -30,15 +30,14 @@ def _rewrites_in_own_call(pass_class, export_pass_class) -> bool:
 
 
 @contextmanager
-def skip_unchanged_retraces(counts: dict[str, int] | None = None):
-    """Within the block, XNNPACK's preprocess passes skip their retrace when they changed nothing; `counts`
-    receives how many retraces were skipped and run."""
+def skip_unchanged_retraces():
+    """Within the block, XNNPACK's preprocess passes skip their retrace when they changed nothing; yields the
+    counts of retraces skipped and run."""
     import executorch.exir.pass_base as pass_base
     from executorch.backends.xnnpack._passes import XNNPACKPassManager
     from executorch.version import __version__
 
-    counts = {} if counts is None else counts
-    counts.update(skipped=0, run=0)
+    counts = {"skipped": 0, "run": 0}
     if __version__.split("+")[0] != CHECKED_EXECUTORCH:
         yield counts
         return

@@ -53,9 +53,8 @@ def lower(program_dirs: list[Path], spec: LowerSpec, pass_files: dict[str, str],
     functions = {"strip_embedding_padding_idx": passes.strip_embedding_padding_idx}
     functions.update({ref: passes.load(ref, file) for ref, file in pass_files.items()})
     table_shapes = _shared_table_shapes(programs) if shared_table else set()
-    retraces: dict[str, int] = {}
     # Lowering a loaded program with autograd on fails on the KV cache's in-place copy_.
-    with torch.no_grad(), skip_unchanged_retraces(retraces):
+    with torch.no_grad(), skip_unchanged_retraces() as retraces:
         for method, program in programs.items():
             for ref, function in functions.items():
                 program = passes.apply(function, program, ref)
