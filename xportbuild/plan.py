@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from xportbuild import passes
+from xportbuild.keys import hash_file
 from xportbuild.models.kinds import kind_of
-from xportbuild.recipe.spec import Target, as_dict
+from xportbuild.recipe.spec import QuantSpec, Target, as_dict, resolve_relative
 
 
 @dataclass(frozen=True)
@@ -104,14 +105,25 @@ def _method_nodes(target: Target, fetch_task: str, reference_task: str) -> dict[
                   "export": as_dict(target.recipe.export)}
         quantize = target.recipe.quantize_for(method)
         if quantize.enabled:
-            params = {**params, "quantize": as_dict(quantize), "group_scale_dtype": _group_scale_dtype(target)}
+            keyed, locator = _calibration(quantize, target.recipe.file)
+            params = {**params, "quantize": keyed, "group_scale_dtype": _group_scale_dtype(target)}
             node = StageNode("quantize", f"{target.name}{suffix}", params,
-                             {"fetch": fetch_task, "reference": reference_task}, target.recipe.file)
+                             {"fetch": fetch_task, "reference": reference_task}, target.recipe.file, locator)
         else:
             node = StageNode("program", f"{_program_subject(target)}{suffix}", params, {"fetch": fetch_task},
                              target.model.file)
         nodes[f"program{suffix}"] = node
     return nodes
+
+
+def _calibration(quantize: QuantSpec, recipe_file: str) -> tuple[dict, dict]:
+    """The quantization as keyed, with the calibration text by content (moved or renamed, it is the same text),
+    and where the stage finds that text."""
+    keyed = as_dict(quantize)
+    if quantize.algorithm == "none":
+        return keyed, {}
+    path = resolve_relative(recipe_file, quantize.calibration)
+    return {**keyed, "calibration": hash_file(path)}, {"calibration": str(path)}
 
 
 def _verify_params(target: Target) -> dict:

@@ -130,6 +130,9 @@ def render_report(manifest: dict) -> str:
             lines += [f"## Quantization{f' of {method}' if method else ''}",
                       *(f"- {part}: {q['scheme']} {q['layers']}" for part, q in parts.items())]
             lines += _tied_rows(quantized.get("tied_embedding"))
+            if rounding := quantized.get("rounding"):
+                lines.append(f"- rounding: {rounding['algorithm']} on the recipe's calibration text, "
+                             f"{rounding['layers']} layers, damping {rounding['damping']:g}; the rest to nearest")
             lines.append("")
     lines += ["## Stages", *_stage_rows(stages), ""]
     lines += ["## Tools", *(f"- {name} {version}" for name, version in manifest["libraries"].items()), ""]

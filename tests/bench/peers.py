@@ -1,7 +1,7 @@
 """Benchmark: xportbuild against optimum-executorch (`optimum-cli export executorch`) on the same weights, options
 and machine, in one run. Prints one table with ratios (xportbuild / optimum).
 
-    python tests/bench/peers.py [--target gemma3-xnnpack-8da4w] [--work DIR] [--skip-peer]
+    python tests/bench/peers.py [--target gemma3-xnnpack-8da8w-shared] [--work DIR] [--skip-peer]
 
 xportbuild, in a scratch copy of this repo's recipes/ with an empty cache (a truly cold build, fetch included):
 cold build, no-op rebuild, a lowering-only change (`extract_delegate_segments` flipped), a quantization-only change
@@ -176,7 +176,7 @@ def _row(name: str, ours, theirs, unit: str = "", fmt: str = ".1f") -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--target", default="gemma3-xnnpack-8da4w")
+    parser.add_argument("--target", default="gemma3-xnnpack-8da8w-shared")
     parser.add_argument("--work", default=str(REPO / ".xportbuild" / "bench"))
     parser.add_argument("--skip-peer", action="store_true", help="only xportbuild's rows")
     args = parser.parse_args()

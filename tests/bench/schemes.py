@@ -32,7 +32,7 @@ SCHEMES = {
     "lin4-head8-emb4": 'linear = "8da4w"\nlinear_group_size = 32\nhead = "8da8w"\nembedding = "4w"\n'
                        'embedding_group_size = 32',
     "all8": 'linear = "8da8w"\nlinear_group_size = 0\nembedding = "8w"',
-    # recipes/recipes/xnnpack-8da4w-plain-ops.toml
+    # recipes/recipes/xnnpack-8da8w-shared-plain-ops.toml
     "all8-shared": 'linear = "8da8w"\nlinear_group_size = 0\nembedding = "8w"\ntied_table = "shared"',
 }
 # the shipped default: all8-shared with ExecuTorch's custom SDPA and KV-cache ops

@@ -1,6 +1,6 @@
 """Benchmark: how much verification numbers move without any defect, to set tolerances from a measured spread.
 
-    python tests/bench/spread.py gemma3-xnnpack-8da4w [--cache DIR] [--kernels default avx2 avx512] [--threads 1 2]
+    python tests/bench/spread.py gemma3-xnnpack-8da8w-shared [--cache DIR] [--kernels default avx2 avx512] [--threads 1 2]
                                  [--emulate Haswell Nehalem]
 
 For a target whose program and .pte are built (cache: this repo's .xportbuild/cache), every configuration

@@ -33,7 +33,7 @@ def model_toml(source: str, recipes: list[str], prompts: tuple[str, ...] = ("the
     """A model file; `source` is the body of its [source] table."""
     quoted = ", ".join(f'"{r}"' for r in recipes)
     prompt_list = ", ".join(f'"{p}"' for p in prompts)
-    overrides = "".join(QUANT_TOLERANCES.format(recipe=r) for r in recipes if r.startswith("xnnpack-8da4w"))
+    overrides = "".join(QUANT_TOLERANCES.format(recipe=r) for r in recipes if r.startswith("xnnpack-8da8w-shared"))
     return (f'doc = "tiny test model"\ntask = "causal-lm"\nmax_seq_len = {max_seq_len}\nrecipes = [{quoted}]\n\n'
             f"[source]\n{source}\n\n[verify]\nprompts = [{prompt_list}]\nmax_new_tokens = {max_new_tokens}\n"
             f"{overrides}")

@@ -13,9 +13,9 @@ def _published(project, target: str) -> dict:
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
-def test_tiny_decoders_build_and_verify_fp32_and_8da4w(project, weights, arch):
-    project.write_model(f"tiny-{arch}", model_toml(local(weights / f"tiny-{arch}"), ["xnnpack-fp32", "xnnpack-8da4w"]))
-    for recipe in ("xnnpack-fp32", "xnnpack-8da4w"):
+def test_tiny_decoders_build_and_verify_fp32_and_8da8w_shared(project, weights, arch):
+    project.write_model(f"tiny-{arch}", model_toml(local(weights / f"tiny-{arch}"), ["xnnpack-fp32", "xnnpack-8da8w-shared"]))
+    for recipe in ("xnnpack-fp32", "xnnpack-8da8w-shared"):
         project.doit(f"export:tiny-{arch}-{recipe}")
         manifest = _published(project, f"tiny-{arch}-{recipe}")
         verify = manifest["stages"]["verify"]["result"]
@@ -23,15 +23,15 @@ def test_tiny_decoders_build_and_verify_fp32_and_8da4w(project, weights, arch):
         # Where the .pte's greedy text leaves float's, its program (same context) chose the same token.
         assert all(g["program_margin_at_divergence"] in (None, 0.0) for g in verify["greedy"]), verify["greedy"]
         assert manifest["stages"]["lower"]["result"]["delegation"]["forward"]["delegate_calls"] > 0
-    quantized = _published(project, f"tiny-{arch}-xnnpack-8da4w")["stages"]["quantize"]["result"]["quantized"]
+    quantized = _published(project, f"tiny-{arch}-xnnpack-8da8w-shared")["stages"]["quantize"]["result"]["quantized"]
     assert quantized["linear"]["scheme"] == "8da8w" and sum(quantized["linear"]["layers"].values()) > 0
     assert quantized["head"] == {"scheme": "8da8w", "layers": {"per-channel": 1}}
     assert quantized["embedding"] == {"scheme": "8w", "layers": {"per-channel": 1}}
     # The default recipe shares a tied table (gemma3) and says it does nothing for an untied one (llama).
     tied = arch == "gemma3"
     assert bool(quantized["tied_embedding"]["shared_table"]) == tied
-    assert ("model.ptd" in _published(project, f"tiny-{arch}-xnnpack-8da4w")["files"]) == tied
-    for recipe in ("xnnpack-fp32", "xnnpack-8da4w"):
+    assert ("model.ptd" in _published(project, f"tiny-{arch}-xnnpack-8da8w-shared")["files"]) == tied
+    for recipe in ("xnnpack-fp32", "xnnpack-8da8w-shared"):
         runner = _published(project, f"tiny-{arch}-{recipe}")["stages"]["verify"]["result"]["runner"]
         assert runner["matches_pte_greedy"] and runner["text"], runner
     fp32 = _published(project, f"tiny-{arch}-xnnpack-fp32")["stages"]["verify"]["result"]

@@ -12,7 +12,7 @@ from xportbuild.keys import hash_file
 
 from tests.integration.models import local, model_toml
 
-TARGETS = ("tiny-llama-xnnpack-fp32", "tiny-llama-xnnpack-8da4w")
+TARGETS = ("tiny-llama-xnnpack-fp32", "tiny-llama-xnnpack-8da8w-shared")
 
 
 def _start(project, *args: str) -> subprocess.Popen:
@@ -41,7 +41,7 @@ def _assert_built_once_and_published(project) -> None:
 
 
 def _fresh_project(project, weights, tmp_path):
-    project.write_model("tiny-llama", model_toml(local(weights / "tiny-llama"), ["xnnpack-fp32", "xnnpack-8da4w"]))
+    project.write_model("tiny-llama", model_toml(local(weights / "tiny-llama"), ["xnnpack-fp32", "xnnpack-8da8w-shared"]))
     project.env["XPORTBUILD_CACHE"] = str(tmp_path / "cache")
 
 

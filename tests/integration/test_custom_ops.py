@@ -27,7 +27,7 @@ def _manifest(project, target: str) -> dict:
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_default_recipe_uses_custom_ops_and_plain_ops_variant_does_not(project, weights, arch):
-    recipes = ["xnnpack-8da4w", "xnnpack-8da4w-plain-ops"]
+    recipes = ["xnnpack-8da8w-shared", "xnnpack-8da8w-shared-plain-ops"]
     project.write_model(f"tiny-{arch}", model_toml(local(weights / f"tiny-{arch}"), recipes))
     project.doit(*[f"export:tiny-{arch}-{recipe}" for recipe in recipes])
     custom, plain = (_manifest(project, f"tiny-{arch}-{recipe}") for recipe in recipes)

@@ -7,12 +7,12 @@ import shutil
 
 from tests.integration.models import local, model_toml
 
-TARGET = "tiny-llama-xnnpack-8da4w"
+TARGET = "tiny-llama-xnnpack-8da8w-shared"
 
 
 def test_only_stale_stages_rerun(project, weights, tmp_path):
     project.env["XPORTBUILD_CACHE"] = str(tmp_path / "private-cache")
-    project.write_model("tiny-llama", model_toml(local(weights / "tiny-llama"), ["xnnpack-8da4w"]))
+    project.write_model("tiny-llama", model_toml(local(weights / "tiny-llama"), ["xnnpack-8da8w-shared"]))
 
     project.doit(f"export:{TARGET}")
     assert project.built_since(0) == sorted(
@@ -24,7 +24,7 @@ def test_only_stale_stages_rerun(project, weights, tmp_path):
     assert project.built_since(mark) == []
     assert f"-- export:{TARGET}" in result.stdout
 
-    project.edit_recipe("xnnpack-8da4w", "extract_delegate_segments = true", "extract_delegate_segments = false")
+    project.edit_recipe("xnnpack-8da8w-shared", "extract_delegate_segments = true", "extract_delegate_segments = false")
     info = project.doit("info", f"lower:{TARGET}", check=False)
     # exactly the one real change: no list that merely reads back differently (`passes []→[]`)
     assert f"lower:{TARGET} is stale: params.lower.extract_delegate_segments true→false (args" in info.stdout, info.stdout
@@ -34,12 +34,12 @@ def test_only_stale_stages_rerun(project, weights, tmp_path):
     project.doit(f"export:{TARGET}")
     assert project.built_since(mark) == [f"lower:{TARGET}", f"verify:{TARGET}"]
 
-    project.edit_recipe("xnnpack-8da4w", "max_abs_vs_program = 10.0", "max_abs_vs_program = 10.5")
+    project.edit_recipe("xnnpack-8da8w-shared", "max_abs_vs_program = 10.0", "max_abs_vs_program = 10.5")
     mark = len(project.events())
     project.doit(f"export:{TARGET}")
     assert project.built_since(mark) == [f"verify:{TARGET}"]
 
-    project.edit_recipe("xnnpack-8da4w", 'qparams = "affine"', 'qparams = "hqq"')
+    project.edit_recipe("xnnpack-8da8w-shared", 'qparams = "affine"', 'qparams = "hqq"')
     mark = len(project.events())
     project.doit(f"export:{TARGET}")
     assert project.built_since(mark) == [f"lower:{TARGET}", f"quantize:{TARGET}", f"replay:{TARGET}", f"verify:{TARGET}"]

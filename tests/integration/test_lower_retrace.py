@@ -55,9 +55,9 @@ def test_the_lower_stage_output_is_byte_identical_without_the_patch(project, wei
     from xportbuild.recipe.spec import LowerSpec
     from xportbuild.stages.lower import lower
 
-    project.write_model("tiny-gemma3", model_toml(local(weights / "tiny-gemma3"), ["xnnpack-8da4w"]))
-    project.doit("quantize:tiny-gemma3-xnnpack-8da4w")
-    program = project.entry("quantize:tiny-gemma3-xnnpack-8da4w").path
+    project.write_model("tiny-gemma3", model_toml(local(weights / "tiny-gemma3"), ["xnnpack-8da8w-shared"]))
+    project.doit("quantize:tiny-gemma3-xnnpack-8da8w-shared")
+    program = project.entry("quantize:tiny-gemma3-xnnpack-8da8w-shared").path
     spec = LowerSpec(backend="xnnpack", extract_delegate_segments=True, passes=(), per_op_mode=False)
 
     def lowered(folder: str) -> tuple[bytes, bytes, dict]:

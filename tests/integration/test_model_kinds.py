@@ -144,14 +144,13 @@ def test_changing_one_methods_quantization_reruns_only_that_method(project, kind
                                                                                 "layers": {"group 32": 20}}
     assert stages["quantize.encoder"]["result"]["quantized"]["linear"]["scheme"] == "8da8w"
     before = len(project.events())
-    project.edit_recipe(recipe, "[quantize.text_decoder]\nlinear = \"8da4w\"", "[quantize.text_decoder]\nlinear = \"8da8w\"")
-    project.edit_recipe(recipe, "linear_group_size = 32", "linear_group_size = 0")
+    project.edit_recipe(recipe, "[quantize.text_decoder]\n", "[quantize.text_decoder]\nqparams = \"hqq\"\n")
     project.doit(f"export:tiny-t5-{recipe}")
     assert project.built_since(before) == [f"lower:tiny-t5-{recipe}", f"quantize:tiny-t5-{recipe}.text_decoder",
                                            f"replay:tiny-t5-{recipe}", f"verify:tiny-t5-{recipe}"]
     after = _manifest(project, f"tiny-t5-{recipe}")["stages"]
     assert after["quantize.encoder"]["key"] == stages["quantize.encoder"]["key"]
-    assert after["quantize.text_decoder"]["result"]["quantized"]["linear"]["scheme"] == "8da8w"
+    assert after["quantize.text_decoder"]["params"]["quantize"]["qparams"] == "hqq"
 
 
 def test_a_recipe_naming_a_method_the_model_lacks_is_refused(project, kind_weights):

@@ -7,7 +7,7 @@ import json
 
 from tests.integration.models import local, model_toml
 
-BASE = "xnnpack-8da4w"
+BASE = "xnnpack-8da8w-shared"
 RECIPE = '''doc = "{doc}"
 backend = "xnnpack"
 [quantize]

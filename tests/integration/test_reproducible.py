@@ -9,7 +9,7 @@ import shutil
 from tests.conftest import DODO, REPO, Project
 from tests.integration.models import local, model_toml
 
-TARGET = "tiny-gemma3-xnnpack-8da4w"  # the default recipe: quantized, shared tied table, custom SDPA + KV cache
+TARGET = "tiny-gemma3-xnnpack-8da8w-shared"  # the default recipe: quantized, shared tied table, custom SDPA + KV cache
 STAGES = (f"quantize:{TARGET}", f"replay:{TARGET}", f"lower:{TARGET}")
 
 
@@ -22,7 +22,7 @@ def _cold_project(tmp_path, weights, name: str, threads: int) -> Project:
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads),
            "XPORTBUILD_CACHE": str(tmp_path / f"{name}-cache")}
     project = Project(root, env)
-    project.write_model("tiny-gemma3", model_toml(local(weights / "tiny-gemma3"), ["xnnpack-8da4w"]))
+    project.write_model("tiny-gemma3", model_toml(local(weights / "tiny-gemma3"), ["xnnpack-8da8w-shared"]))
     return project
 
 

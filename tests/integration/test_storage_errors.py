@@ -73,7 +73,7 @@ if [ -n "$XPORTBUILD_REMOTE_CACHE" ]; then
 fi
 exec "$PYTHON" -m doit "$TASK"
 """
-QUANTIZED = "tiny-gemma3-xnnpack-8da4w"
+QUANTIZED = "tiny-gemma3-xnnpack-8da8w-shared"
 FLOAT = "tiny-gemma3-xnnpack-fp32"
 # Every stage that writes, on a real full file system: a private tmpfs (a user and mount namespace of the test's
 # own) holding the cache and artifacts folders, filled up before the stage runs.
@@ -94,7 +94,7 @@ def built(tmp_path_factory, weights, shared_cache):
     (root / "app" / "dodo.py").write_text(DODO)
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "XPORTBUILD_CACHE": str(root / "saved-cache")}
     project = Project(root / "app", env)
-    project.write_model("tiny-gemma3", model_toml(local(weights / "tiny-gemma3"), ["xnnpack-8da4w", "xnnpack-fp32"]))
+    project.write_model("tiny-gemma3", model_toml(local(weights / "tiny-gemma3"), ["xnnpack-8da8w-shared", "xnnpack-fp32"]))
     project.doit_pulling(shared_cache, "export")
     shutil.move(project.root / "artifacts", root / "saved-artifacts")
     return project, root

@@ -10,7 +10,7 @@ import pytest
 from tests.conftest import REPO
 from tests.integration.models import SCALE_LOGITS, local, model_toml
 
-DEFAULT = (REPO / "recipes" / "recipes" / "xnnpack-8da4w.toml").read_text()
+DEFAULT = (REPO / "recipes" / "recipes" / "xnnpack-8da8w-shared.toml").read_text()
 # Each defect is the default recipe with a few edits: (old text, new text).
 DEFECTS = {
     "scaled-logits": [("passes = []", 'passes = ["app_passes:scale_logits"]')],

@@ -1,4 +1,4 @@
-"""The real target: Gemma 3 270M (GGUF from PyPI) -> gemma3-xnnpack-8da4w, built in this repo."""
+"""The real target: Gemma 3 270M (GGUF from PyPI) -> gemma3-xnnpack-8da8w-shared, built in this repo."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-TARGET = "gemma3-xnnpack-8da4w"
+TARGET = "gemma3-xnnpack-8da8w-shared"
 pytestmark = pytest.mark.slow
 
 

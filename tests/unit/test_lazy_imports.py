@@ -23,5 +23,5 @@ def test_doit_list_imports_no_heavy_library():
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert "export:gemma3-xnnpack-8da4w" in result.stdout
+    assert "export:gemma3-xnnpack-8da8w-shared" in result.stdout
     assert "HEAVY []" in result.stdout

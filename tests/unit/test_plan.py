@@ -20,13 +20,13 @@ def test_model_stages_are_shared_between_recipes():
     assert [n for n in plan.nodes if n.startswith(("fetch:gemma3", "reference:gemma3"))] == ["fetch:gemma3",
                                                                                                 "reference:gemma3"]
     assert plan.targets["gemma3-xnnpack-fp32"].program == plan.targets["gemma3-portable-fp32"].program == "program:gemma3"
-    assert plan.targets["gemma3-xnnpack-8da4w"].program == "quantize:gemma3-xnnpack-8da4w"
+    assert plan.targets["gemma3-xnnpack-8da8w-shared"].program == "quantize:gemma3-xnnpack-8da8w-shared"
 
 
 def test_ancestors_lists_dependencies_first():
-    order = _plan().ancestors("verify:gemma3-xnnpack-8da4w")
-    assert order.index("fetch:gemma3") < order.index("quantize:gemma3-xnnpack-8da4w") < order.index(
-        "lower:gemma3-xnnpack-8da4w") < order.index("verify:gemma3-xnnpack-8da4w")
+    order = _plan().ancestors("verify:gemma3-xnnpack-8da8w-shared")
+    assert order.index("fetch:gemma3") < order.index("quantize:gemma3-xnnpack-8da8w-shared") < order.index(
+        "lower:gemma3-xnnpack-8da8w-shared") < order.index("verify:gemma3-xnnpack-8da8w-shared")
 
 
 def test_a_tolerance_change_touches_only_verify_params():

@@ -18,7 +18,7 @@ SHIPPED_RECIPES = sorted((REPO / "recipes" / "recipes").glob("*.toml"))
 def test_shipped_targets_load():
     targets = load_project(REPO / "recipes")
     names = {t.name for t in targets}
-    assert "gemma3-xnnpack-8da4w" in names and "gemma3-xnnpack-8da4w-plain-ops" in names
+    assert "gemma3-xnnpack-8da8w-shared" in names and "gemma3-xnnpack-8da8w-shared-plain-ops" in names
     # Every task kind has a shipped model with an fp32 and a quantized recipe.
     from xportbuild.models.kinds import KINDS
 
@@ -74,7 +74,8 @@ def test_knobs_that_would_do_nothing_are_rejected(tmp_path):
 
 
 def test_unknown_recipe_name_lists_known(tmp_path):
-    with pytest.raises(RecipeError, match=r"unknown recipe 'nope' \(known: portable-fp32, xnnpack-8da4w"):
+    known = ", ".join(sorted(recipe.stem for recipe in SHIPPED_RECIPES))
+    with pytest.raises(RecipeError, match=re.escape(f"unknown recipe 'nope' (known: {known})")):
         load_project(_project(tmp_path, GOOD_MODEL.replace('"xnnpack-fp32"', '"nope"')))
 
 
@@ -87,8 +88,8 @@ def test_source_fields_must_match_kind(tmp_path):
 
 
 def test_tolerance_override_of_unlisted_recipe(tmp_path):
-    model = GOOD_MODEL + '[tolerances.xnnpack-8da4w]\nmin_top1 = 0.5\n'
-    with pytest.raises(RecipeError, match="tolerances.xnnpack-8da4w: overrides a recipe this model does not list"):
+    model = GOOD_MODEL + '[tolerances.xnnpack-8da8w-shared]\nmin_top1 = 0.5\n'
+    with pytest.raises(RecipeError, match="tolerances.xnnpack-8da8w-shared: overrides a recipe this model does not list"):
         load_project(_project(tmp_path, model))
 
 
@@ -136,6 +137,20 @@ REJECTED_RECIPES = [
      'quantize.tied_table: "shared" needs the head and the embedding both in 8 bits per channel'),
     ('backend = "xnnpack"\n[quantize]\nlinear = "8da8w"\nlinear_group_size = 0\ntied_table = "one"\n',
      "quantize.tied_table: 'one' is not one of 'copies', 'shared'"),
+    ('backend = "xnnpack"\n[quantize]\nlinear = "8da4w"\nalgorithm = "awq"\n',
+     "quantize.algorithm: 'awq' is not one of 'none', 'gptq'"),
+    ('backend = "xnnpack"\n[quantize]\nlinear = "8da4w"\nalgorithm = "gptq"\n',
+     "quantize.calibration: required by algorithm = 'gptq'"),
+    ('backend = "xnnpack"\n[quantize]\nlinear = "8da4w"\nalgorithm = "gptq"\ncalibration = "nope.txt"\n',
+     "quantize.calibration: 'nope.txt': no such file"),
+    ('backend = "xnnpack"\n[quantize]\nlinear = "8da4w"\nalgorithm = "gptq"\ncalibration = "calibration/english.txt"\n'
+     'qparams = "hqq"\n', "quantize.qparams: 'hqq': gptq chooses min-max"),
+    ('backend = "xnnpack"\n[quantize]\nlinear = "8da4w"\nalgorithm = "gptq"\ncalibration = "calibration/english.txt"\n'
+     'damping = 0\n', "quantize.damping: 0: must be in (0, 1]"),
+    ('backend = "xnnpack"\n[quantize]\nlinear = "8da4w"\ndamping = 0.1\n',
+     'quantize.damping: set, but quantize.algorithm is "none": it would do nothing'),
+    ('backend = "xnnpack"\n[quantize]\nembedding = "8w"\nalgorithm = "gptq"\ncalibration = "calibration/english.txt"\n',
+     "quantize.algorithm: 'gptq', but no linear is quantized"),
 ]
 
 
@@ -144,6 +159,33 @@ REJECTED_RECIPES = [
 def test_recipe_rejected_naming_file_key_and_value(tmp_path, body, message):
     with pytest.raises(RecipeError, match=re.escape(f"r.toml: {message}")):
         load_project(_project(tmp_path, GOOD_MODEL.replace('"xnnpack-fp32"', '"r"'), f'doc = "x"\n{body}'))
+
+
+# (recipe name, body after `doc` and `backend`, the message naming file, key, value and the name's token)
+MISNAMED_RECIPES = [
+    ("xnnpack-8da4w", '[quantize]\nlinear = "8da8w"\nlinear_group_size = 0\n',
+     "xnnpack-8da4w.toml: quantize.linear: '8da8w', but the name 'xnnpack-8da4w' (token '8da4w') promises 8da4w "
+     "linears"),
+    ("xnnpack-8da8w-small", '[quantize]\nlinear = "8da4w"\n',
+     "xnnpack-8da8w-small.toml: quantize.linear: '8da4w', but the name 'xnnpack-8da8w-small' (token '8da8w')"),
+    ("xnnpack-4w", "", "xnnpack-4w.toml: quantize.linear: 'none', but the name 'xnnpack-4w' (token '4w')"),
+    ("xnnpack-fp32-tables", '[quantize]\nembedding = "8w"\n',
+     "xnnpack-fp32-tables.toml: quantize.embedding: '8w', but the name 'xnnpack-fp32-tables' (token 'fp32') promises "
+     "float32 weights"),
+    # a per-method recipe: the name's `decoder` names the text_decoder table, whose linears must be 8da4w
+    ("xnnpack-8da4w-decoder", '[quantize]\nlinear = "8da4w"\n[quantize.text_decoder]\nlinear = "8da8w"\n'
+     "linear_group_size = 0\n",
+     "xnnpack-8da4w-decoder.toml: quantize.text_decoder.linear: '8da8w', but the name 'xnnpack-8da4w-decoder' "
+     "(token '8da4w')"),
+]
+
+
+@pytest.mark.parametrize("name, body, message", MISNAMED_RECIPES, ids=[name for name, _, _ in MISNAMED_RECIPES])
+def test_a_recipe_whose_name_states_another_scheme_is_refused(tmp_path, name, body, message):
+    project = _project(tmp_path, GOOD_MODEL.replace('"xnnpack-fp32"', f'"{name}"'))
+    (project / "recipes" / f"{name}.toml").write_text(f'doc = "x"\nbackend = "xnnpack"\n{body}')
+    with pytest.raises(RecipeError, match=re.escape(message)):
+        load_project(project)
 
 
 MASKED_LM = GOOD_MODEL.replace('task = "causal-lm"', 'task = "masked-lm"')
@@ -159,10 +201,12 @@ IMAGE_CLASSIFIER = 'doc = "x"\ntask = "image-classification"\nrecipes = ["r"]\n'
     (GOOD_MODEL, 'backend = "xnnpack"\n[quantize]\nlinear = "8da8w"\nlinear_group_size = 0\n[quantize.text_decoder]\n'
      'linear = "8da4w"\n', "r.toml: quantize.text_decoder: model m (task 'causal-lm'"),
     (MASKED_LM, 'backend = "xnnpack"\n[export]\ncustom_sdpa = true\ncustom_kv_cache = true\n',
-     "r.toml: export.custom_sdpa = true: only a causal-lm model exports it, and model m"),
+     "r.toml: export.custom_sdpa = true: only a causal-lm model supports it, and model m"),
     (MASKED_LM, 'backend = "xnnpack"\n[quantize]\nlinear = "8da8w"\nlinear_group_size = 0\nembedding = "8w"\n'
      '[quantize.forward]\ntied_table = "shared"\n',
-     'r.toml: quantize.forward.tied_table = "shared": only a causal-lm model exports it'),
+     'r.toml: quantize.forward.tied_table = "shared": only a causal-lm model supports it'),
+    (MASKED_LM, 'backend = "xnnpack"\n[quantize]\nlinear = "8da4w"\nalgorithm = "gptq"\n'
+     'calibration = "calibration/english.txt"\n', 'r.toml: quantize.algorithm = "gptq": only a causal-lm model supports it'),
     (IMAGE_CLASSIFIER, 'backend = "xnnpack"\n', "m.toml: verify.samples: 0: task 'image-classification' is verified on "
      "generated inputs"),
     (MASKED_LM.replace('prompts = ["hi"]', "max_new_tokens = 4"), 'backend = "xnnpack"\n',

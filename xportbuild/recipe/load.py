@@ -11,6 +11,7 @@ from pathlib import Path
 from xportbuild.errors import RecipeError
 from xportbuild.models.kinds import KINDS, kinds_with
 from xportbuild.recipe.spec import (
+    LINEAR_SCHEMES,
     LowerSpec,
     ModelSpec,
     ExportSpec,
@@ -20,6 +21,7 @@ from xportbuild.recipe.spec import (
     Target,
     Tolerances,
     VerifyInputs,
+    resolve_relative,
 )
 
 _SOURCE_FIELDS = {"hub": {"repo", "revision"}, "local": {"path"}, "gguf": set()}
@@ -207,7 +209,44 @@ def _load_recipe(file: Path, problems: _Problems) -> RecipeSpec | None:
         return None
     if lower is not None and lower.backend != "xnnpack" and lower.per_op_mode:
         problems.add(file, "lower.per_op_mode", f"true: only the xnnpack backend partitions per op, not {lower.backend}")
+    if recipe is not None:
+        _check_name(recipe, file, problems)
     return recipe if None not in (quantize, lower, tolerances, export) else None
+
+
+def _check_name(recipe: RecipeSpec, file: Path, problems: _Problems) -> None:
+    """A scheme in a recipe's name is a promise about what it builds: `fp32` quantizes nothing, `8da4w` (or any
+    linear scheme) quantizes the linears with it; those of the method a later name token names, if it has a table."""
+    tokens = recipe.name.split("-")
+    for index, token in enumerate(tokens):
+        if token == "fp32":
+            for key, scheme in _quantized_parts(recipe):
+                problems.add(file, key, f"{scheme!r}, but the name {recipe.name!r} (token 'fp32') promises float32 "
+                             "weights")
+        elif token in LINEAR_SCHEMES:
+            method, spec = _named_method(recipe, tokens[index + 1:])
+            if spec.linear != token:
+                key = f"quantize.{method}.linear" if method else "quantize.linear"
+                problems.add(file, key, f"{spec.linear!r}, but the name {recipe.name!r} (token {token!r}) promises "
+                             f"{token} linears: rename the recipe or quantize its linears with {token}")
+
+
+def _quantized_parts(recipe: RecipeSpec) -> list[tuple[str, str]]:
+    """(key, scheme) of every part of every method the recipe quantizes."""
+    parts = []
+    for method, spec in [("", recipe.quantize), *recipe.method_quantize]:
+        prefix = f"quantize.{method}." if method else "quantize."
+        schemes = {"linear": spec.linear, "head": spec.head_scheme, "embedding": spec.embedding}
+        parts += [(prefix + part, scheme) for part, scheme in schemes.items() if scheme != "none"]
+    return parts
+
+
+def _named_method(recipe: RecipeSpec, tokens: list[str]) -> tuple[str, QuantSpec]:
+    """The [quantize.<method>] table a name token names (`decoder` names `text_decoder`), else [quantize]."""
+    for method, spec in recipe.method_quantize:
+        if any(method == token or method.endswith(f"_{token}") for token in tokens):
+            return method, spec
+    return "", recipe.quantize
 
 
 def _split_method_tables(data, file: Path, problems: _Problems) -> tuple[dict, dict[str, dict]]:
@@ -240,6 +279,7 @@ def _check_quantize(data: dict, quantize: QuantSpec | None, lower: LowerSpec | N
     if data.get("head", "same") in ("same", "none") and "head_group_size" in data:
         problems.add(file, "quantize.head_group_size", f"set, but quantize.head is {data.get('head', 'same')!r}: "
                      "it would do nothing (\"same\" uses linear_group_size)")
+    _check_algorithm(data, file, problems)
     if quantize is None or lower is None:
         return
     if "qparams" in data and quantize.linear == "none" and quantize.head_scheme == "none" and quantize.embedding == "none":
@@ -259,6 +299,31 @@ def _check_quantize(data: dict, quantize: QuantSpec | None, lower: LowerSpec | N
                          "(its runtime rejects them); use 0 for per-channel")
     if quantize.tied_table == "shared":
         _check_shared_table(quantize, file, problems)
+
+
+def _check_algorithm(data: dict, file: Path, problems) -> None:
+    """GPTQ needs its calibration text; its knobs do nothing under round-to-nearest, and it picks min-max scales."""
+    algorithm = data.get("algorithm", "none")
+    if algorithm == "none":
+        for key in ("calibration", "damping"):
+            if key in data:
+                problems.add(file, f"quantize.{key}", "set, but quantize.algorithm is \"none\": it would do nothing")
+        return
+    if data.get("linear", "none") == "none" and data.get("head", "same") in ("same", "none"):
+        problems.add(file, "quantize.algorithm", f"{algorithm!r}, but no linear is quantized: it would do nothing")
+    if data.get("qparams", "affine") != "affine":
+        problems.add(file, "quantize.qparams", f"{data['qparams']!r}: {algorithm} chooses min-max (\"affine\") "
+                     "scales as it rounds; it would do nothing")
+    damping = data.get("damping", 0.01)
+    if isinstance(damping, (int, float)) and not 0 < damping <= 1:
+        problems.add(file, "quantize.damping", f"{damping}: must be in (0, 1]")
+    calibration = data.get("calibration", "")
+    if not calibration:
+        problems.add(file, "quantize.calibration", f"required by algorithm = {algorithm!r}: a text file, relative to "
+                     "the recipe file")
+    elif isinstance(calibration, str) and not resolve_relative(str(file), calibration).is_file():
+        problems.add(file, "quantize.calibration", f"{calibration!r}: no such file "
+                     f"({resolve_relative(str(file), calibration)})")
 
 
 def _check_shared_table(quantize: QuantSpec, file: Path, problems: _Problems) -> None:
@@ -281,8 +346,10 @@ def _custom_attention_problems(model: ModelSpec, recipe: RecipeSpec) -> list[str
     for table, spec in (("quantize", recipe.quantize), *((f"quantize.{m}", s) for m, s in recipe.method_quantize)):
         if spec.tied_table == "shared":
             knobs.append(f'{table}.tied_table = "shared"')
+        if spec.algorithm != "none":  # calibrated on text a causal LM reads
+            knobs.append(f'{table}.algorithm = "{spec.algorithm}"')
     accepting = " or ".join(kinds_with("custom_attention"))
-    return [f"{recipe.file}: {knob}: only a {accepting} model exports it, and model {model.name} ({model.file}) is task "
+    return [f"{recipe.file}: {knob}: only a {accepting} model supports it, and model {model.name} ({model.file}) is task "
             f"{model.task!r}; list a recipe without it (e.g. xnnpack-8da8w)" for knob in knobs]
 
 

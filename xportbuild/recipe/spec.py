@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from xportbuild.models.kinds import KINDS
 
@@ -13,9 +13,11 @@ SourceKind = Literal["hub", "local", "gguf"]
 TaskKind = Literal[tuple(KINDS)]  # type: ignore[valid-type]  # the names come from the kinds table
 Backend = Literal["xnnpack", "portable"]
 LinearScheme = Literal["none", "8da4w", "8da8w", "4w", "8w"]
+LINEAR_SCHEMES = frozenset(get_args(LinearScheme)) - {"none"}  # the scheme tokens a recipe name can hold
 EmbeddingScheme = Literal["none", "4w", "8w"]
 HeadScheme = Literal["same", "none", "8da4w", "8da8w", "4w", "8w"]
 QParamsAlgorithm = Literal["affine", "hqq"]
+RoundingAlgorithm = Literal["none", "gptq"]
 TiedTable = Literal["copies", "shared"]
 
 
@@ -69,6 +71,10 @@ class QuantSpec:
     `qparams` chooses weight scales without calibration data: min-max ("affine") or HQQ scale-only ("hqq").
     `tied_table`: when the model ties its embedding and output head, "shared" stores one 8-bit table that both
     read (the embedding lookup and the delegate's matmul), "copies" quantizes each on its own.
+    `algorithm`: how linear weights are rounded onto their grid. "none" rounds each to nearest; "gptq" rounds
+    column by column, moving each rounding error onto the columns not yet rounded, weighted by the layer's inputs
+    on `calibration` (a text file, relative to the recipe file); `damping` is GPTQ's diagonal damping, a fraction
+    of the inputs' mean square.
     """
 
     linear: LinearScheme = "none"
@@ -80,6 +86,9 @@ class QuantSpec:
     qparams: QParamsAlgorithm = "affine"
     per_axis_fallback: bool = True
     tied_table: TiedTable = "copies"
+    algorithm: RoundingAlgorithm = "none"
+    calibration: str = ""
+    damping: float = 0.01
 
     @property
     def head_scheme(self) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from xportbuild.errors import StageError
@@ -20,7 +21,42 @@ log = logging.getLogger(__name__)
 WEIGHT_BITS = {"4w": 4, "8w": 8, "8da4w": 4, "8da8w": 8}
 
 
-def _config(scheme: str, group_size: int, group_scale_dtype: str, qparams: str):
+@dataclass(frozen=True)
+class Rounding:
+    """How weights meet their grid: by nearest with `qparams` scales, except the modules in `moments` (their inputs'
+    second moments on the calibration text), which GPTQ rounds with `damping`."""
+
+    qparams: str = "affine"
+    moments: dict = field(default_factory=dict)
+    damping: float = 0.01
+
+
+@dataclass(frozen=True)
+class CalibrationText:
+    """The text GPTQ measures a model's inputs on, cut by the model's tokenizer into rows of `sequence_length`."""
+
+    model_dir: Path
+    text_file: Path
+    sequence_length: int
+
+
+def rounding_for(model, spec: QuantSpec, plan: "Plan", text: CalibrationText | None) -> Rounding:
+    """The recipe's rounding; for GPTQ, the planned linears' input moments on the calibration text (not the head
+    that shares its 8-bit table with the embedding: the two must keep one set of codes)."""
+    if spec.algorithm == "none":
+        return Rounding(spec.qparams)
+    from xportbuild.calibration import calibration_batches, input_moments
+
+    if text is None:
+        raise StageError(f"quantize.algorithm = {spec.algorithm!r} needs its calibration text")
+    shared_head = spec.tied_table == "shared" and _tied(model)
+    names = {name for name, (part, _, _) in plan.items() if part == "linear" or (part == "head" and not shared_head)}
+    batches = calibration_batches(text.model_dir, text.text_file, text.sequence_length)
+    return Rounding(spec.qparams, input_moments(model, names, batches), spec.damping)
+
+
+def _config(scheme: str, group_size: int, group_scale_dtype: str, qparams: str | None):
+    """torchao's config for a scheme; `qparams` None: the caller gives the scales (GPTQ)."""
     import torch
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig
     from torchao.quantization.granularity import PerAxis, PerGroup
@@ -31,7 +67,8 @@ def _config(scheme: str, group_size: int, group_scale_dtype: str, qparams: str):
     granularity = PerAxis(0) if group_size == 0 else PerGroup(group_size)
     weight_dtype = torch.int4 if WEIGHT_BITS[scheme] == 4 else torch.int8
     scale_dtype = getattr(torch, group_scale_dtype) if group_size else None
-    algorithm = IntxChooseQParamsAlgorithm.HQQ_SCALE_ONLY if qparams == "hqq" else IntxChooseQParamsAlgorithm.AFFINE
+    algorithm = {"hqq": IntxChooseQParamsAlgorithm.HQQ_SCALE_ONLY, "affine": IntxChooseQParamsAlgorithm.AFFINE,
+                 None: None}[qparams]
     if scheme.startswith("8da"):
         return Int8DynamicActivationIntxWeightConfig(weight_dtype=weight_dtype, weight_granularity=granularity,
                                                      weight_scale_dtype=scale_dtype,
@@ -99,7 +136,7 @@ def quantization_plan(model, spec: QuantSpec, used: set[str] | None = None) -> P
     return plan
 
 
-def apply_plan(model, plan: Plan, group_scale_dtype: str, qparams: str) -> dict:
+def apply_plan(model, plan: Plan, group_scale_dtype: str, rounding: Rounding) -> dict:
     """Quantize in place as planned; returns per part the scheme and layer counts read back from the weights."""
     from torchao.quantization import quantize_
 
@@ -109,13 +146,37 @@ def apply_plan(model, plan: Plan, group_scale_dtype: str, qparams: str) -> dict:
         # Group scales in the delegate's storage type apply to linears only: embeddings run on ExecuTorch's
         # own quantized kernels, which read float32 scales.
         scale_dtype = "float32" if part == "embedding" else group_scale_dtype
-        config = _config(scheme, group_size, scale_dtype, qparams)
-        quantize_(model, config, filter_fn=lambda module, fqn, names=names: fqn in names)
+        nearest = names - set(rounding.moments)
+        config = _config(scheme, group_size, scale_dtype, rounding.qparams)
+        quantize_(model, config, filter_fn=lambda module, fqn, names=nearest: fqn in names)
+        for name in sorted(names & set(rounding.moments)):
+            _gptq_quantize(model.get_submodule(name), rounding.moments[name], rounding.damping, scheme, group_size,
+                           scale_dtype)
     report = _read_back(model, plan)
+    if rounding.moments:
+        report["rounding"] = {"algorithm": "gptq", "layers": len(set(plan) & set(rounding.moments)),
+                              "damping": rounding.damping}
     if tied:
         # The output head reuses the embedding table in float; quantized, each keeps its own copy.
         report["tied_embedding"] = {"tied_in_float": True, "quantized_copies": 2 if _tied_parts_quantized(plan) else 1}
     return report
+
+
+def _gptq_quantize(module, moments, damping: float, scheme: str, group_size: int, scale_dtype: str) -> None:
+    """Quantize one linear with the codes and scales GPTQ chose, in the same torchao tensor the nearest path makes."""
+    import torch
+    from torchao.quantization.transform_module import _QUANTIZE_CONFIG_HANDLER
+
+    from xportbuild.calibration import gptq_round
+
+    config = _config(scheme, group_size, scale_dtype, None)
+    codes, scales = gptq_round(module.weight, moments, WEIGHT_BITS[scheme], group_size, getattr(torch, scale_dtype),
+                               damping)
+    group = group_size or codes.shape[1]
+    # The dequantized weights lie on the grid exactly: torchao's own quantize_affine of them gives back `codes`.
+    module.weight = torch.nn.Parameter(codes.float() * scales.repeat_interleave(group, dim=1), requires_grad=False)
+    _QUANTIZE_CONFIG_HANDLER[type(config)](module, config, custom_scale=scales,
+                                           custom_zero_point=torch.zeros_like(scales, dtype=torch.int8))
 
 
 def _output_embeddings(model):
@@ -164,12 +225,13 @@ def _read_back(model, plan: Plan) -> dict:
     return {part: {**entry, "layers": dict(entry["layers"])} for part, entry in report.items()}
 
 
-def quantize_model(model, spec: QuantSpec, group_scale_dtype: str = "float32", used: set[str] | None = None) -> dict:
-    """Quantize in place as the recipe says (only the `used` modules, if given); returns what was quantized, read
-    back from the weights."""
+def quantize_model(model, spec: QuantSpec, group_scale_dtype: str = "float32", used: set[str] | None = None,
+                   text: CalibrationText | None = None) -> dict:
+    """Quantize in place as the recipe says (only the `used` modules, if given; GPTQ measures inputs on `text`);
+    returns what was quantized, read back from the weights."""
     tied_in_float = _tied(model)
     plan = quantization_plan(model, spec, used)
-    report = apply_plan(model, plan, group_scale_dtype, spec.qparams)
+    report = apply_plan(model, plan, group_scale_dtype, rounding_for(model, spec, plan, text))
     if used is not None:
         planned = {part for part, _, _ in plan.values()}
         report["absent_parts"] = [part for part, _, _ in requested_parts(spec) if part not in planned]
@@ -219,12 +281,21 @@ def quantize(model_dir: Path, reference_dir: Path, part: MethodExport, spec: Qua
     kind = kind_of(part.task)
     model = load_model(model_dir, part)
     used = modules_called(model, kind.wrapper().exportables(model, part.max_seq_len)[part.method])
-    report = quantize_model(model, spec, group_scale_dtype, used)
+    report = quantize_model(model, spec, group_scale_dtype, used, calibration_text(model_dir, spec, part))
     numbers = eager_quality(model, part, load_samples(reference_dir))
     (out_dir / EAGER_QUALITY_FILE).write_text(json.dumps(numbers, indent=1))
     return {**export_part(model, model_dir, part, out_dir), "quantized": report, "eager_quality": numbers}
 
 
+def calibration_text(model_dir: Path, spec: QuantSpec, part: MethodExport) -> CalibrationText | None:
+    return CalibrationText(model_dir, Path(spec.calibration), part.max_seq_len) if spec.algorithm != "none" else None
+
+
+def quant_spec(node) -> QuantSpec:
+    """The node's quantization; its key holds the calibration text's digest, its locator the file."""
+    return QuantSpec(**{**node.params["quantize"], "calibration": node.locator.get("calibration", "")})
+
+
 def run(node, inputs: dict[str, Path], out_dir: Path, workspace) -> dict:
-    return quantize(inputs["fetch"], inputs["reference"], method_export(node), QuantSpec(**node.params["quantize"]),
+    return quantize(inputs["fetch"], inputs["reference"], method_export(node), quant_spec(node),
                     node.params["group_scale_dtype"], out_dir)

@@ -9,7 +9,16 @@ from pathlib import Path
 
 from xportbuild.recipe.spec import QuantSpec
 from xportbuild.stages.program import MethodExport, load_model, method_export
-from xportbuild.stages.quantize import WEIGHT_BITS, Plan, apply_plan, eager_quality, quantization_plan
+from xportbuild.stages.quantize import (
+    WEIGHT_BITS,
+    Plan,
+    apply_plan,
+    calibration_text,
+    eager_quality,
+    quant_spec,
+    quantization_plan,
+    rounding_for,
+)
 
 _BLOCK = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 
@@ -73,12 +82,13 @@ def sensitivity(model_dir: Path, reference_dir: Path, part: MethodExport, spec: 
     model = load_model(model_dir, part)
     names = [name for name, _ in model.named_modules()]
     base = quantization_plan(model, spec)
+    rounding = rounding_for(model, spec, base, calibration_text(model_dir, spec, part))  # measured once, in float
     scale_bytes = 2 if group_scale_dtype == "bfloat16" else 4
     rows = {}
     for label, plan in variants(base, names).items():
         model = load_model(model_dir, part)
         size = weight_bytes(model, plan, scale_bytes)
-        apply_plan(model, plan, group_scale_dtype, spec.qparams)
+        apply_plan(model, plan, group_scale_dtype, rounding)
         numbers = eager_quality(model, part, samples)[part.method]
         rows[label] = {**numbers, "weight_bytes": size, "quantized_modules": len(plan)}
     (out_dir / "sensitivity.json").write_text(json.dumps(rows, indent=1))
@@ -87,5 +97,5 @@ def sensitivity(model_dir: Path, reference_dir: Path, part: MethodExport, spec: 
 
 
 def run(node, inputs: dict[str, Path], out_dir: Path, workspace) -> dict:
-    return sensitivity(inputs["fetch"], inputs["reference"], method_export(node), QuantSpec(**node.params["quantize"]),
+    return sensitivity(inputs["fetch"], inputs["reference"], method_export(node), quant_spec(node),
                        node.params["group_scale_dtype"], out_dir)
