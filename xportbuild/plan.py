@@ -165,7 +165,8 @@ def plan_targets(targets: list[Target]) -> Plan:
             nodes[node.task] = node
         program = programs.get("program")
         if program is not None and program.stage == "quantize":  # the layer-group study: kinds of one method
-            sensitivity = StageNode("sensitivity", target.name, program.params, program.inputs, target.recipe.file)
+            sensitivity = StageNode("sensitivity", target.name, program.params, program.inputs, target.recipe.file,
+                                    program.locator)
             nodes[sensitivity.task] = sensitivity
         plans[target.name] = TargetPlan(target, verify.task, program_inputs, lower.task)
     return Plan(nodes, plans)

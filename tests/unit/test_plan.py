@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from xportbuild.keys import hash_file
 from xportbuild.plan import plan_targets
 from xportbuild.recipe import load_project
 
@@ -80,3 +81,11 @@ def test_one_methods_quantization_touches_only_that_method():
     differing = {n for n in before.nodes if before.nodes[n].params != after.nodes[n].params}
     assert "quantize:t5-small-xnnpack-8da4w-decoder.text_decoder" in expected
     assert differing == expected
+
+
+def test_a_calibrated_recipe_keys_its_text_by_content_and_the_layer_study_finds_it():
+    plan = _plan()
+    quantize, study = plan.nodes["quantize:gemma3-xnnpack-8da4w"], plan.nodes["sensitivity:gemma3-xnnpack-8da4w"]
+    text = REPO / "recipes" / "recipes" / "calibration" / "english.txt"
+    assert quantize.params["quantize"]["calibration"] == hash_file(text)
+    assert quantize.locator == study.locator == {"calibration": str(text)}

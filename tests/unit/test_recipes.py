@@ -151,6 +151,8 @@ REJECTED_RECIPES = [
      'quantize.damping: set, but quantize.algorithm is "none": it would do nothing'),
     ('backend = "xnnpack"\n[quantize]\nembedding = "8w"\nalgorithm = "gptq"\ncalibration = "calibration/english.txt"\n',
      "quantize.algorithm: 'gptq', but no linear is quantized"),
+    ('backend = "xnnpack"\n[quantize]\nhead = "8da8w"\nhead_group_size = 0\nembedding = "8w"\ntied_table = "shared"\n'
+     'algorithm = "gptq"\ncalibration = "calibration/english.txt"\n', "quantize.algorithm: 'gptq', but no linear is quantized"),
 ]
 
 

@@ -309,7 +309,9 @@ def _check_algorithm(data: dict, file: Path, problems) -> None:
             if key in data:
                 problems.add(file, f"quantize.{key}", "set, but quantize.algorithm is \"none\": it would do nothing")
         return
-    if data.get("linear", "none") == "none" and data.get("head", "same") in ("same", "none"):
+    # a head sharing its table with the embedding keeps nearest rounding (both must keep one set of codes)
+    head_rounded = data.get("head", "same") not in ("same", "none") and data.get("tied_table") != "shared"
+    if data.get("linear", "none") == "none" and not head_rounded:
         problems.add(file, "quantize.algorithm", f"{algorithm!r}, but no linear is quantized: it would do nothing")
     if data.get("qparams", "affine") != "affine":
         problems.add(file, "quantize.qparams", f"{data['qparams']!r}: {algorithm} chooses min-max (\"affine\") "
@@ -321,9 +323,8 @@ def _check_algorithm(data: dict, file: Path, problems) -> None:
     if not calibration:
         problems.add(file, "quantize.calibration", f"required by algorithm = {algorithm!r}: a text file, relative to "
                      "the recipe file")
-    elif isinstance(calibration, str) and not resolve_relative(str(file), calibration).is_file():
-        problems.add(file, "quantize.calibration", f"{calibration!r}: no such file "
-                     f"({resolve_relative(str(file), calibration)})")
+    elif isinstance(calibration, str) and not (path := resolve_relative(str(file), calibration)).is_file():
+        problems.add(file, "quantize.calibration", f"{calibration!r}: no such file ({path})")
 
 
 def _check_shared_table(quantize: QuantSpec, file: Path, problems: _Problems) -> None:
