@@ -140,15 +140,17 @@ def peer_export(venv: Path, model_dir: Path, recipe: dict, max_seq_len: int, out
     return measured(command, out.parent, env, log)
 
 
-def runner_speeds(pte: Path, tokenizer: Path) -> list[tuple[float | None, float | None]]:
-    """(decode, prefill) tok/s of two rounds in ExecuTorch's C++ LLM runner."""
+def runner_round(pte: Path, tokenizer: Path) -> tuple[float | None, float | None]:
+    """(decode, prefill) tok/s of one generation in ExecuTorch's C++ LLM runner."""
     from xportbuild import llm_runner
 
-    rounds = []
-    for _ in range(2):
-        figures = llm_runner.generate(pte, tokenizer, RUNNER_PROMPT, RUNNER_NEW_TOKENS)
-        rounds.append((figures.decode_tokens_per_s, figures.prefill_tokens_per_s))
-    return rounds
+    figures = llm_runner.generate(pte, tokenizer, RUNNER_PROMPT, RUNNER_NEW_TOKENS)
+    return figures.decode_tokens_per_s, figures.prefill_tokens_per_s
+
+
+def runner_speeds(pte: Path, tokenizer: Path) -> list[tuple[float | None, float | None]]:
+    """(decode, prefill) tok/s of two rounds in ExecuTorch's C++ LLM runner."""
+    return [runner_round(pte, tokenizer) for _ in range(2)]
 
 
 def agreement(pte: Path, reference_dir: Path) -> dict:
