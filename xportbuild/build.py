@@ -10,11 +10,11 @@ import logging
 import os
 import re
 import shutil
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from xportbuild import isolation
 from xportbuild.cache import Entry, Store, write_atomic
 from xportbuild.errors import CacheCorrupt, DamagedEntry, StageError, VerifyFailed
 from xportbuild.keys import SCHEMA, canonical_json, code_digests, digest_value, library_versions
@@ -163,36 +163,6 @@ def _short(value) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-class PeakMemory:
-    """Samples this process's resident memory while a stage runs; `peak_mb` is the highest seen."""
-
-    def __init__(self, interval: float = 0.2):
-        import psutil
-
-        self._process = psutil.Process()
-        self._interval = interval
-        self._stop = threading.Event()
-        self.peak_mb = 0.0
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def _take_sample(self) -> None:
-        self.peak_mb = max(self.peak_mb, self._process.memory_info().rss / 2**20)
-
-    def _sample(self) -> None:
-        while not self._stop.wait(self._interval):
-            self._take_sample()
-
-    def __enter__(self) -> "PeakMemory":
-        self._take_sample()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._take_sample()
-
-
 def _runner(stage: str):
     module_name, _, attr = STAGE_BY_NAME[stage].runner.partition(":")
     return getattr(importlib.import_module(module_name), attr)
@@ -334,16 +304,16 @@ def _run_stage(node: StageNode, resolver: Resolver, workspace: Workspace, doc: d
     log.info("%s: building (key %s)", node.task, key[:12])
     started = time.perf_counter()
     with workspace.store.building(key) as scratch:
-        with PeakMemory() as memory:
-            try:
-                result = _runner(node.stage)(node, inputs, scratch, workspace)
-            except VerifyFailed as failure:
-                _keep_failed(workspace, node, failure)
-                raise
+        isolation.preload()
+        try:
+            run = isolation.run_in_child(_runner(node.stage), node, inputs, scratch, workspace)
+        except VerifyFailed as failure:
+            _keep_failed(workspace, node, failure)
+            raise
         seconds = time.perf_counter() - started
-        record = {"stage": node.stage, "task": node.task, "key_doc": doc, "result": result,
-                  "seconds": round(seconds, 3), "peak_rss_mb": round(memory.peak_mb, 1)}
+        record = {"stage": node.stage, "task": node.task, "key_doc": doc, "result": run.result,
+                  "seconds": round(seconds, 3), "peak_rss_mb": round(run.peak_rss_mb, 1)}
         entry = workspace.store.commit(key, scratch, record)
     workspace.record_event(task=node.task, stage=node.stage, event="built", key=key, seconds=seconds)
-    log.info("%s: built in %.1f s, peak RSS %.0f MB", node.task, seconds, memory.peak_mb)
+    log.info("%s: built in %.1f s, peak RSS %.0f MB", node.task, seconds, run.peak_rss_mb)
     return entry
