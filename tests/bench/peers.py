@@ -36,6 +36,8 @@ PEER_LINEARS = {"8da8w": "8da8w", "8da4w": "8da4w", "4w": "4w", "8w": "8w"}
 RUNNER_PROMPT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
                  "combined movable metal type, oil-based ink and a wooden press adapted from wine making")
 RUNNER_NEW_TOKENS = 64
+# A quantization-only change per rounding algorithm (GPTQ refuses HQQ scales).
+QUANTIZATION_CHANGE = {"none": 'qparams = "hqq"', "gptq": "damping = 0.05"}
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,11 @@ class Scratch:
         end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("[")), len(lines))
         kept = [text for text in lines[start + 1:end] if text.split("=")[0].strip() != key]
         path.write_text("\n".join(lines[:start + 1] + [line] + kept + lines[end:]) + "\n")
+
+    def recipe(self, name: str) -> dict:
+        import tomllib
+
+        return tomllib.loads((self.root / "recipes" / "recipes" / f"{name}.toml").read_text())
 
     def manifest(self, target: str) -> dict:
         return json.loads((self.root / "artifacts" / target / "manifest.json").read_text())
@@ -197,7 +204,7 @@ def main() -> None:
     recipe_name = manifest["recipe"]
     ours.edit_recipe(recipe_name, "lower", "extract_delegate_segments = false")
     lowering = ours.doit(task)
-    ours.edit_recipe(recipe_name, "quantize", 'qparams = "hqq"')
+    ours.edit_recipe(recipe_name, "quantize", QUANTIZATION_CHANGE[ours.recipe(recipe_name)["quantize"].get("algorithm", "none")])
     quantization = ours.doit(task)
     artifact = manifest["stages"]["lower"]["result"]["artifact_bytes"]
     pte = ours.entry(manifest["stages"]["lower"]["key"]) / "model.pte"
