@@ -61,8 +61,7 @@ def run_in_child(function, *args) -> ChildRun:
     # ru_maxrss is in kilobytes on Linux.
     peak_mb = usage.ru_maxrss / 1024
     if not message:
-        raise StageError(f"the stage's process ended without a result ({_ending(status)}); if it was killed for "
-                         "memory, free some or build fewer targets at once")
+        raise StageError(f"the stage's process ended without a result ({_ending(status)})")
     outcome = pickle.loads(message)
     if outcome[0] == "raised":
         _, error, text = outcome
@@ -132,7 +131,9 @@ def _rebuild(cls, args, state):
 
 
 def _ending(status: int) -> str:
-    if os.WIFSIGNALED(status):
-        number = os.WTERMSIG(status)
-        return f"killed by {signal.Signals(number).name}"
-    return f"exit code {os.waitstatus_to_exitcode(status)}"
+    if not os.WIFSIGNALED(status):
+        return f"exit code {os.waitstatus_to_exitcode(status)}"
+    number = os.WTERMSIG(status)
+    # The kernel's out-of-memory killer sends SIGKILL; so does a user, but memory is the usual cause in a build.
+    hint = "; if it was killed for memory, free some or build fewer targets at once" if number == signal.SIGKILL else ""
+    return f"killed by {signal.Signals(number).name}{hint}"

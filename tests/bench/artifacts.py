@@ -2,7 +2,7 @@
 
     python tests/bench/artifacts.py artifacts/gemma3-xnnpack-8da4w OTHER_ARTIFACT_DIR ... [--rounds 3]
 
-Size is `model.pte` + `model.ptd`. Agreement with float is what verify recorded in the manifest (the .pte
+Size is `model.pte` + `model.ptd`, as the lower stage recorded it. Agreement with float is what verify recorded in the manifest (the .pte
 teacher-forced on the verification prompts, 95% bootstrap interval over prompts). Quantize seconds are the
 manifest's (the build that made the entry: read them as measured under that build's load). Decode and prefill
 tok/s come from ExecuTorch's C++ LLM runner on tests/bench/peers.py's 33-token prompt, the artifacts taking
@@ -22,10 +22,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from peers import runner_round  # noqa: E402
-
-
-def _megabytes(folder: Path) -> float:
-    return sum((folder / name).stat().st_size for name in ("model.pte", "model.ptd") if (folder / name).is_file()) / 1e6
 
 
 def _rounding(manifest: dict) -> str:
@@ -84,11 +80,12 @@ def main() -> None:
     print("| target | rounding | MB | top-1 vs float [95%] | mean KL | mean cosine | quantize s | "
           "decode tok/s | prefill tok/s |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for folder, manifest, rounds in zip(args.folders, manifests, speeds):
-        quantize_s = manifest["stages"].get("quantize", {}).get("seconds")
-        print(f"| {manifest['target']} | {_rounding(manifest)} | {_megabytes(folder):.1f} | {_agreement(manifest)} | "
-              f"{quantize_s if quantize_s is None else round(quantize_s)} | {_median([r[0] for r in rounds])} | "
-              f"{_median([r[1] for r in rounds])} |")
+    for manifest, rounds in zip(manifests, speeds):
+        stages = manifest["stages"]
+        megabytes = stages["lower"]["result"]["artifact_bytes"] / 1e6
+        quantize_s = f"{stages['quantize']['seconds']:.0f}" if "quantize" in stages else "-"
+        print(f"| {manifest['target']} | {_rounding(manifest)} | {megabytes:.1f} | {_agreement(manifest)} | "
+              f"{quantize_s} | {_median([r[0] for r in rounds])} | {_median([r[1] for r in rounds])} |")
     print(f"\nrunner rounds per artifact (decode, prefill tok/s): "
           + "; ".join(f"{m['target']}: {[tuple(round(v or 0, 1) for v in r) for r in rounds]}"
                       for m, rounds in zip(manifests, speeds)))

@@ -204,7 +204,8 @@ def main() -> None:
     recipe_name = manifest["recipe"]
     ours.edit_recipe(recipe_name, "lower", "extract_delegate_segments = false")
     lowering = ours.doit(task)
-    ours.edit_recipe(recipe_name, "quantize", QUANTIZATION_CHANGE[ours.recipe(recipe_name)["quantize"].get("algorithm", "none")])
+    algorithm = ours.recipe(recipe_name)["quantize"].get("algorithm", "none")
+    ours.edit_recipe(recipe_name, "quantize", QUANTIZATION_CHANGE[algorithm])
     quantization = ours.doit(task)
     artifact = manifest["stages"]["lower"]["result"]["artifact_bytes"]
     pte = ours.entry(manifest["stages"]["lower"]["key"]) / "model.pte"
