@@ -1,4 +1,5 @@
-"""Skipping XNNPACK's no-op pass retraces (backends/retrace.py) must not change a single byte of the program."""
+"""The lowering shortcuts must not change a single byte of the program: skipping XNNPACK's no-op pass retraces
+(backends/retrace.py) and the decompositions that have nothing to do (backends/decompose.py)."""
 
 from __future__ import annotations
 
@@ -10,14 +11,15 @@ def _lower_module_bytes(module, example, patched: bool) -> tuple[bytes, dict]:
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
+    from xportbuild.backends.decompose import fewer_decompositions
     from xportbuild.backends.retrace import skip_unchanged_retraces
 
     program = torch.export.export(module, example)
     if not patched:
         return to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch().buffer, {}
-    with skip_unchanged_retraces() as counts:
+    with skip_unchanged_retraces() as retraces, fewer_decompositions() as decompositions:
         edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
-    return edge.to_executorch().buffer, counts
+    return edge.to_executorch().buffer, {**retraces, **decompositions}
 
 
 def _rewritten_by_many_passes():
@@ -45,13 +47,38 @@ def test_skipping_no_op_retraces_keeps_a_conv_net_byte_identical():
     module, example = _rewritten_by_many_passes()
     stock, _ = _lower_module_bytes(module, example, patched=False)
     fast, counts = _lower_module_bytes(module, example, patched=True)
-    assert counts["skipped"] > 0 and counts["run"] > 0, counts
+    assert counts["skipped"] > 0 and counts["run"] > 0 and counts["deferred"] == 1, counts
+    assert fast == stock
+
+
+def _refused_by_the_partitioner():
+    """A linear whose weight is computed at run time (XNNPACK keeps only linears with constant weights): the
+    partitioner refuses it, so the last decomposition has work to do and must run."""
+    import torch
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(8, 8)
+
+        def forward(self, x, weight):
+            return torch.nn.functional.linear(self.linear(x), weight * 2.0)
+
+    torch.manual_seed(0)
+    return Net().eval(), (torch.randn(2, 8), torch.randn(4, 8))
+
+
+def test_the_last_decomposition_runs_when_the_partitioner_refused_an_op():
+    module, example = _refused_by_the_partitioner()
+    stock, _ = _lower_module_bytes(module, example, patched=False)
+    fast, counts = _lower_module_bytes(module, example, patched=True)
+    assert counts["deferred"] == 1 and counts["run"] == 2, counts
     assert fast == stock
 
 
 def test_the_lower_stage_output_is_byte_identical_without_the_patch(project, weights, tmp_path, monkeypatch):
     """The real lower stage on a quantized decoder with the shared table and custom ops, patched and not."""
-    from xportbuild.backends import retrace
+    from xportbuild import backends
     from xportbuild.recipe.spec import LowerSpec
     from xportbuild.stages.lower import lower
 
@@ -64,11 +91,13 @@ def test_the_lower_stage_output_is_byte_identical_without_the_patch(project, wei
         out = tmp_path / folder
         out.mkdir()
         facts = lower([program], spec, {}, out, True, {}, ("update_cache", "custom_sdpa"))
-        return (out / "model.pte").read_bytes(), (out / "model.ptd").read_bytes(), facts["xnnpack_pass_retraces"]
+        return (out / "model.pte").read_bytes(), (out / "model.ptd").read_bytes(), \
+            {**facts["xnnpack_pass_retraces"], **{f"decompositions {name}": count
+                                                  for name, count in facts["decompositions"].items()}}
 
     *fast, counts = lowered("patched")
-    assert counts["skipped"] > 0, counts
-    monkeypatch.setattr(retrace, "CHECKED_EXECUTORCH", "another version")
+    assert counts["skipped"] > 0 and counts["decompositions skipped"] == 1, counts
+    monkeypatch.setattr(backends, "CHECKED_EXECUTORCH", "another version")
     *stock, stock_counts = lowered("stock")
-    assert stock_counts == {"skipped": 0, "run": 0}
+    assert set(stock_counts.values()) == {0}, stock_counts
     assert fast == stock

@@ -66,3 +66,36 @@ def test_run_command_generates_the_verified_text(project, weights):
     missing = subprocess.run([sys.executable, "-m", "xportbuild", "run", str(folder / "nope.pte"), "--prompt", "x"],
                              cwd=project.root, env=project.env, capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2 and f"run: program {folder / 'nope.pte'} does not exist" in missing.stderr
+
+
+def _ending_early(weights, folder):
+    """tiny-llama whose end token is the third token its greedy continuation of the first prompt generates: the
+    continuation then ends inside max_new_tokens. Returns (folder, the text before the end token)."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    shutil.copytree(weights / "tiny-llama", folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    prompt = tokenizer("the capital of france is", return_tensors="pt")
+    with torch.no_grad():
+        generated = model.generate(**prompt, max_new_tokens=6, do_sample=False)[0, prompt["input_ids"].shape[1]:]
+    end = next(index for index, token in enumerate(generated.tolist()) if index >= 1 and token not in generated[:index])
+    for name in ("config.json", "generation_config.json"):
+        config = json.loads((folder / name).read_text())
+        config["eos_token_id"] = int(generated[end])
+        (folder / name).write_text(json.dumps(config))
+    return folder, tokenizer.decode(generated[:end])
+
+
+def test_a_continuation_that_reaches_its_end_token_is_what_the_runner_prints(project, weights, tmp_path):
+    """The C++ runner streams the end token's own text before it stops; the .pte's greedy text stops before it."""
+    folder, before_end = _ending_early(weights, tmp_path / "ends-early")
+    project.write_model("ends-early", model_toml(local(folder), ["xnnpack-fp32"]))
+    project.doit("export:ends-early-xnnpack-fp32")
+    runner = json.loads((project.root / "artifacts" / "ends-early-xnnpack-fp32" / "manifest.json").read_text())[
+        "stages"]["verify"]["result"]["runner"]
+    assert runner["matches_pte_greedy"] and runner["expected"] == before_end
+    assert runner["text"].strip() != before_end.strip()  # the end token's text is there, and was not compared

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import importlib
 
+# The ExecuTorch version the lowering shortcuts (retrace.py, decompose.py) were checked against, byte for byte: on
+# another version lowering runs unpatched.
+CHECKED_EXECUTORCH = "1.4.1"
+
 REGISTRY: dict[str, str] = {
     "xnnpack": "xportbuild.backends.xnnpack:partitioners",
     "portable": "xportbuild.backends.portable:partitioners",
@@ -16,3 +20,16 @@ def partitioners(backend: str, per_op_mode: bool) -> list:
         raise KeyError(f"unknown backend {backend!r}: use one of {', '.join(sorted(REGISTRY))}")
     module_name, _, attr = REGISTRY[backend].partition(":")
     return getattr(importlib.import_module(module_name), attr)(per_op_mode)
+
+
+def warm(backend: str) -> None:
+    """The backend's one-time setup, if it has one, done ahead so that every lowering forked afterwards has it."""
+    module_name, _, _ = REGISTRY[backend].partition(":")
+    if setup := getattr(importlib.import_module(module_name), "warm", None):
+        setup()
+
+
+def executorch_is_checked() -> bool:
+    from executorch.version import __version__
+
+    return __version__.split("+")[0] == CHECKED_EXECUTORCH

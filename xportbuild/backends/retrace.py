@@ -9,15 +9,16 @@ targets, arguments and order unchanged means the retrace would recompute the sam
 inside the retrace (it overrides `call_operator`, as ConstPropPass does) is never skipped, because its `call` is
 ExportPass's own.
 
-The patch is tied to the ExecuTorch version it was checked against (tests/integration/test_lower_retrace.py lowers
-with and without it and compares the .pte bytes); on another version lowering runs unpatched.
+The patch is tied to the ExecuTorch version it was checked against (`backends.CHECKED_EXECUTORCH`;
+tests/integration/test_lower_retrace.py lowers with and without it and compares the .pte bytes).
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
 
-CHECKED_EXECUTORCH = "1.4.1"
+from xportbuild.backends import executorch_is_checked
+
 _ENTRY_GRAPH = "_xportbuild_entry_graph"
 
 
@@ -35,10 +36,9 @@ def skip_unchanged_retraces():
     counts of retraces skipped and run."""
     import executorch.exir.pass_base as pass_base
     from executorch.backends.xnnpack._passes import XNNPACKPassManager
-    from executorch.version import __version__
 
     counts = {"skipped": 0, "run": 0}
-    if __version__.split("+")[0] != CHECKED_EXECUTORCH:
+    if not executorch_is_checked():
         yield counts
         return
     skippable = {cls for cls in XNNPACKPassManager(None).passes if _rewrites_in_own_call(cls, pass_base.ExportPass)}

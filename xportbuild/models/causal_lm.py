@@ -149,9 +149,12 @@ def app_check(pte_path: Path, model_dir: Path, prompt: str, pte_tokens: list[int
         error = str(err).strip().splitlines()[0]
         return ({"error": error, "matches_pte_greedy": None},
                 f"ExecuTorch's LLM runner could not run the .pte on prompt 0: {error}")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     ends = [index for index, token in enumerate(pte_tokens) if token in facts["get_eos_ids"]]
-    expected = AutoTokenizer.from_pretrained(model_dir).decode(pte_tokens[: ends[0] if ends else None])
-    matches = figures.text.strip() == expected.strip()
+    expected = tokenizer.decode(pte_tokens[: ends[0] if ends else None])
+    # The runner streams the end token's own text (e.g. "<eos>") before it stops.
+    text = figures.text.removesuffix(tokenizer.decode(pte_tokens[ends[0]])) if ends else figures.text
+    matches = text.strip() == expected.strip()
     result = {**figures.as_dict(), "expected": expected, "matches_pte_greedy": matches}
     return result, "" if matches else (f"ExecuTorch's LLM runner generated {figures.text!r} from prompt 0, not the "
                                        f".pte's greedy {expected!r}")

@@ -47,7 +47,7 @@ class Kind:
 
 
 # Decoder families transformers loads as causal LMs that do not export, found by the family sweep
-# (tests/slow/test_families.py): validate refuses them before any work.
+# (tests/integration/test_families.py): validate refuses them before any work.
 REFUSED_DECODERS = {
     "deepseek_v3": "its multi-head latent attention caches keys qk_nope_head_dim + qk_rope_head_dim wide, and "
                    "transformers' static cache sizes every key by head_dim",

@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 from xportbuild import __version__, backends, passes
+from xportbuild.backends.decompose import fewer_decompositions
 from xportbuild.backends.retrace import skip_unchanged_retraces
 from xportbuild.errors import StageError
 from xportbuild.keys import code_digests, digest_value, library_versions
@@ -54,7 +55,7 @@ def lower(program_dirs: list[Path], spec: LowerSpec, pass_files: dict[str, str],
     functions.update({ref: passes.load(ref, file) for ref, file in pass_files.items()})
     table_shapes = _shared_table_shapes(programs) if shared_table else set()
     # Lowering a loaded program with autograd on fails on the KV cache's in-place copy_.
-    with torch.no_grad(), skip_unchanged_retraces() as retraces:
+    with torch.no_grad(), skip_unchanged_retraces() as retraces, fewer_decompositions() as decompositions:
         for method, program in programs.items():
             for ref, function in functions.items():
                 program = passes.apply(function, program, ref)
@@ -77,7 +78,7 @@ def lower(program_dirs: list[Path], spec: LowerSpec, pass_files: dict[str, str],
     path = out_dir / PTE_FILE
     path.write_bytes(executorch_program.buffer)
     facts = {"pte_bytes": path.stat().st_size, "backend": spec.backend, "delegation": delegation, "llama_ops": llama_ops,
-             "xnnpack_pass_retraces": retraces}
+             "xnnpack_pass_retraces": retraces, "decompositions": decompositions}
     if table_shapes:
         executorch_program.write_tensor_data_to_file(str(out_dir))
         facts["ptd_bytes"] = (out_dir / DATA_FILE).stat().st_size
@@ -142,6 +143,10 @@ def _check_stored_once(shapes: set[tuple[int, ...]], ptd_bytes: int) -> dict:
         raise StageError(f"lower: the shared table was stored twice ({ptd_bytes} bytes for {table_bytes}-byte "
                          "tables): the embedding and head codes differ after lowering")
     return {"shapes": sorted(list(shape) for shape in shapes), "table_bytes": table_bytes}
+
+
+def warm(node) -> None:
+    backends.warm(node.params["lower"]["backend"])
 
 
 def run(node, inputs: dict[str, Path], out_dir: Path, workspace) -> dict:

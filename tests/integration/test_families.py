@@ -1,0 +1,63 @@
+"""The decoder family sweep: a tiny model of each family, made from the family's own config class, either builds and
+verifies with both XNNPACK recipes or is refused by validate, before any work, with the family and the reason."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import DODO, REPO, Project
+from tests.families import SWEEP, save_family_model
+from tests.integration.models import local, model_toml
+from xportbuild.models.kinds import REFUSED_DECODERS
+
+pytestmark = pytest.mark.families
+RECIPES = ("xnnpack-fp32", "xnnpack-8da8w")
+# Families built by one `doit` run: each run pays for importing torch, transformers and ExecuTorch once.
+PER_BUILD = 4
+GROUPS = [SWEEP[start:start + PER_BUILD] for start in range(0, len(SWEEP), PER_BUILD)]
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory) -> Project:
+    root = tmp_path_factory.mktemp("families")
+    (root / "app" / "recipes" / "models").mkdir(parents=True)
+    shutil.copytree(REPO / "recipes" / "recipes", root / "app" / "recipes" / "recipes")
+    (root / "app" / "dodo.py").write_text(DODO)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "XPORTBUILD_CACHE": str(root / "cache")}
+    return Project(root / "app", env)
+
+
+def _add(app: Project, family: str) -> str:
+    name = family.replace("_", "-")
+    folder = save_family_model(app.root.parent / "weights" / family, family)
+    app.write_model(name, model_toml(local(folder), list(RECIPES)))
+    return name
+
+
+def _check_refused(app: Project, families: list[str]) -> None:
+    result = subprocess.run([sys.executable, "-m", "xportbuild", "validate", str(app.root / "recipes")],
+                            cwd=app.root, env=app.env, capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0
+    for family in families:
+        assert f"model_type {family!r} cannot be exported" in result.stderr + result.stdout
+        assert REFUSED_DECODERS[family] in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize("families", GROUPS, ids=["-".join(group) for group in GROUPS])
+def test_decoder_families_build_and_verify_or_are_refused_up_front(app, families):
+    names = {family: _add(app, family) for family in families}
+    refused = [family for family in families if family in REFUSED_DECODERS]
+    if refused:
+        _check_refused(app, refused)
+        for family in refused:  # refused: out of the app's later validates and builds
+            (app.root / "recipes" / "models" / f"{names[family]}.toml").unlink()
+    built = [names[family] for family in families if family not in refused]
+    result = app.doit("--continue", *(f"export:{name}-{recipe}" for name in built for recipe in RECIPES), check=False)
+    missing = [f"{name}-{recipe}" for name in built for recipe in RECIPES
+               if not (app.root / "artifacts" / f"{name}-{recipe}" / "model.pte").is_file()]
+    assert not missing and result.returncode == 0, f"not published: {missing}\n{(result.stdout + result.stderr)[-3000:]}"
