@@ -168,11 +168,6 @@ def _runner(stage: str):
     return getattr(importlib.import_module(module_name), attr)
 
 
-def _warmer(stage: str):
-    """The stage module's optional `warm(node)`: one-time setup every run of the stage in this build shares."""
-    return getattr(importlib.import_module(STAGE_BY_NAME[stage].module), "warm", None)
-
-
 # Disk full, quota, read-only or unwritable cache, file size limit: the user fixes the machine, not the recipe.
 _STORAGE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG)
 # Libraries written in Rust (safetensors, tokenizers) report an OS error inside their own exception's text.
@@ -310,8 +305,6 @@ def _run_stage(node: StageNode, resolver: Resolver, workspace: Workspace, doc: d
     started = time.perf_counter()
     with workspace.store.building(key) as scratch:
         isolation.preload()
-        if warm := _warmer(node.stage):
-            isolation.warm(warm, node)
         try:
             run = isolation.run_in_child(_runner(node.stage), node, inputs, scratch, workspace)
         except VerifyFailed as failure:

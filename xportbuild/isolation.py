@@ -41,19 +41,6 @@ def preload() -> None:
         importlib.import_module(name)
 
 
-def warm(function, *args) -> None:
-    """`function(*args)` here, before children fork, so that each child inherits what it sets up (what a stage builds
-    once per process). It runs single-threaded: a thread pool it started would not exist in a forked child."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        function(*args)
-    finally:
-        torch.set_num_threads(threads)
-
-
 def run_in_child(function, *args) -> ChildRun:
     """`function(*args)` in a forked child: its result and the child's peak resident memory, or its exception."""
     read_end, write_end = os.pipe()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from xportbuild.errors import DamagedEntry, StageError, VerifyFailed
-from xportbuild.isolation import ChildTraceback, run_in_child, warm
+from xportbuild.isolation import ChildTraceback, run_in_child
 
 REPO = Path(__file__).resolve().parents[2]
 _MB = 2**20
@@ -121,27 +121,3 @@ def _alive(pid: int) -> bool:
             return stat.read().split()[2] != "Z"  # a zombie has ended; only its parent (init) has not reaped it
     except FileNotFoundError:
         return False
-
-
-_WARMED: dict[str, int] = {}
-
-
-def _set_up_once() -> None:
-    import torch
-
-    _WARMED["threads while warming"] = torch.get_num_threads()
-    _WARMED["process"] = os.getpid()
-
-
-def _what_the_child_inherited() -> dict[str, int]:
-    return dict(_WARMED)
-
-
-def test_what_is_warmed_in_the_build_is_inherited_by_each_child_and_made_without_a_thread_pool():
-    import torch
-
-    torch.set_num_threads(2)
-    warm(_set_up_once)
-    assert torch.get_num_threads() == 2  # restored for the build and the children it forks
-    inherited = run_in_child(_what_the_child_inherited).result
-    assert inherited == {"threads while warming": 1, "process": os.getpid()}

@@ -22,13 +22,6 @@ def partitioners(backend: str, per_op_mode: bool) -> list:
     return getattr(importlib.import_module(module_name), attr)(per_op_mode)
 
 
-def warm(backend: str) -> None:
-    """The backend's one-time setup, if it has one, done ahead so that every lowering forked afterwards has it."""
-    module_name, _, _ = REGISTRY[backend].partition(":")
-    if setup := getattr(importlib.import_module(module_name), "warm", None):
-        setup()
-
-
 def executorch_is_checked() -> bool:
     from executorch.version import __version__
 

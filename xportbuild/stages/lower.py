@@ -145,10 +145,6 @@ def _check_stored_once(shapes: set[tuple[int, ...]], ptd_bytes: int) -> dict:
     return {"shapes": sorted(list(shape) for shape in shapes), "table_bytes": table_bytes}
 
 
-def warm(node) -> None:
-    backends.warm(node.params["lower"]["backend"])
-
-
 def run(node, inputs: dict[str, Path], out_dir: Path, workspace) -> dict:
     lower_params = dict(node.params["lower"])
     spec = LowerSpec(**{**lower_params, "passes": tuple(lower_params["passes"])})
