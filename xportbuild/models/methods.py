@@ -51,6 +51,8 @@ class Outcome:
 def export_method(model_name: str, method: str, exportable: ExportableMethod) -> torch.export.ExportedProgram:
     try:
         with torch.no_grad():
+            # Strict (TorchDynamo): ExecuTorch 1.4.1 cannot decompose what non-strict export makes of these
+            # modules ("expected compiled_fn to be GraphModule" in lower), though non-strict would export faster.
             return torch.export.export(exportable.module, exportable.example, dynamic_shapes=exportable.dynamic_shapes,
                                        strict=True)
     except Exception as err:  # torch.export raises many unrelated types; the user needs model, method and reason
