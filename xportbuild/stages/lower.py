@@ -55,18 +55,21 @@ def lower(program_dirs: list[Path], spec: LowerSpec, pass_files: dict[str, str],
     functions.update({ref: passes.load(ref, file) for ref, file in pass_files.items()})
     table_shapes = _shared_table_shapes(programs) if shared_table else set()
     # Lowering a loaded program with autograd on fails on the KV cache's in-place copy_.
-    with torch.no_grad(), skip_unchanged_retraces() as retraces, fewer_decompositions() as decompositions:
+    with torch.no_grad(), skip_unchanged_retraces() as retraces:
         for method, program in programs.items():
             for ref, function in functions.items():
                 program = passes.apply(function, program, ref)
             programs[method] = program
-        edge = to_edge_transform_and_lower(
-            programs,
-            constant_methods=constant_methods(program_dirs[0], provenance or {}),
-            transform_passes=[_tag_tables(table_shapes)] if table_shapes else None,
-            partitioner=backends.partitioners(spec.backend, spec.per_op_mode),
-            compile_config=EdgeCompileConfig(_check_ir_validity=False),
-        )
+        # Only around ExecuTorch's own call sequence, which the shortcut was checked against: an app's pass may call
+        # run_decompositions({}) and use the functional program it returns.
+        with fewer_decompositions() as decompositions:
+            edge = to_edge_transform_and_lower(
+                programs,
+                constant_methods=constant_methods(program_dirs[0], provenance or {}),
+                transform_passes=[_tag_tables(table_shapes)] if table_shapes else None,
+                partitioner=backends.partitioners(spec.backend, spec.per_op_mode),
+                compile_config=EdgeCompileConfig(_check_ir_validity=False),
+            )
         delegation = _delegation(edge, programs)
         executorch_program = edge.to_executorch(
             ExecutorchBackendConfig(
