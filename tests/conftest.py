@@ -15,13 +15,15 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from tests.forked_doit import run_doit  # noqa: E402  (after the repo is on sys.path)
+
 DODO = 'from pathlib import Path\nfrom xportbuild.tasks import DOIT_CONFIG, make_tasks\n' \
        'globals().update(make_tasks(Path(__file__).parent / "recipes"))\n'
 
 
 @dataclass
 class Project:
-    """A user's repo: dodo.py + recipes/, built with real `doit` subprocesses."""
+    """A user's repo: dodo.py + recipes/, built with `doit` runs (tests/forked_doit.py)."""
 
     root: Path
     env: dict
@@ -39,8 +41,7 @@ class Project:
         path.write_text(text.replace(old, new))
 
     def doit(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        result = subprocess.run([sys.executable, "-m", "doit", *args], cwd=self.root, env=self.env,
-                                capture_output=True, text=True, timeout=1800)
+        result = run_doit(list(args), self.root, self.env, timeout=1800)
         if check and result.returncode != 0:
             raise AssertionError(f"doit {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr[-6000:]}")
         return result

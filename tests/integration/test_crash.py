@@ -22,7 +22,7 @@ from xportbuild.pipeline import STAGES
 from tests.integration.models import local, model_toml
 
 TARGETS = ("tiny-gguf-xnnpack-fp32", "tiny-gguf-xnnpack-8da8w-shared")
-MIN_KILLS = 24  # each round kills once inside every stage of both targets (12 stages); rounds repeat until here
+MIN_KILLS = 12  # a round kills once inside every stage of both targets (12 stages); a round that missed one repeats
 ALL_STAGES = {stage.name for stage in STAGES if stage.name != "sensitivity"} | {"publish"}  # what export runs
 
 

@@ -1,5 +1,6 @@
 """The lowering shortcuts must not change a single byte of the program: skipping XNNPACK's no-op pass retraces
-(backends/retrace.py) and the decompositions that have nothing to do (backends/decompose.py)."""
+(backends/retrace.py), the decompositions that have nothing to do (backends/decompose.py) and the pattern graphs no
+partition could match (backends/patterns.py)."""
 
 from __future__ import annotations
 
@@ -12,14 +13,17 @@ def _lower_module_bytes(module, example, patched: bool) -> tuple[bytes, dict]:
     from executorch.exir import to_edge_transform_and_lower
 
     from xportbuild.backends.decompose import fewer_decompositions
+    from xportbuild.backends.patterns import patterns_only_where_they_could_match
     from xportbuild.backends.retrace import skip_unchanged_retraces
 
     program = torch.export.export(module, example)
     if not patched:
         return to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch().buffer, {}
-    with skip_unchanged_retraces() as retraces, fewer_decompositions() as decompositions:
-        edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
-    return edge.to_executorch().buffer, {**retraces, **decompositions}
+    with skip_unchanged_retraces() as retraces, patterns_only_where_they_could_match() as patterns:
+        with fewer_decompositions() as decompositions:
+            edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
+        buffer = edge.to_executorch().buffer
+    return buffer, {**retraces, **decompositions, **{f"patterns {name}": count for name, count in patterns.items()}}
 
 
 def _rewritten_by_many_passes():
@@ -48,7 +52,45 @@ def test_skipping_no_op_retraces_keeps_a_conv_net_byte_identical():
     stock, _ = _lower_module_bytes(module, example, patched=False)
     fast, counts = _lower_module_bytes(module, example, patched=True)
     assert counts["skipped"] > 0 and counts["run"] > 0 and counts["deferred"] == 1, counts
+    assert counts["patterns skipped"] > 0 and counts["patterns searched"] == 0, counts
     assert fast == stock
+
+
+def _matched_by_both_patterns():
+    """Attention with a float mask (which XNNPACK's SDPA pattern recovers from its decomposition) and bilinear
+    upsampling: partitions where both pattern passes search, and find."""
+    import torch
+
+    class Net(torch.nn.Module):
+        def forward(self, q, k, v, mask, image):
+            attention = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            return attention, torch.nn.functional.interpolate(image, scale_factor=2, mode="bilinear")
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 8, 16) for _ in range(3))
+    return Net().eval(), (q, k, v, torch.zeros(8, 8), torch.randn(1, 3, 4, 4))
+
+
+def test_pattern_passes_still_search_the_partitions_that_hold_their_ops():
+    module, example = _matched_by_both_patterns()
+    stock, _ = _lower_module_bytes(module, example, patched=False)
+    fast, counts = _lower_module_bytes(module, example, patched=True)
+    assert counts["patterns searched"] > 0, counts
+    assert fast == stock
+
+
+def test_every_pattern_holds_the_ops_that_gate_its_search():
+    """The premise of backends/patterns.py, on the pattern graphs the installed ExecuTorch makes."""
+    import importlib
+
+    from xportbuild.backends.patterns import PATTERN_PASSES, edge_op
+
+    for spec in PATTERN_PASSES:
+        patterns = getattr(importlib.import_module(spec.pattern_module), spec.function)()
+        assert len(patterns) > 0, spec
+        for pattern in patterns:
+            targets = {node.target for node in pattern.graph.nodes if node.op == "call_function"}
+            assert {edge_op(name) for name in spec.ops} <= targets, (spec.pass_class, pattern.graph)
 
 
 def _refused_by_the_partitioner():
@@ -93,10 +135,11 @@ def test_the_lower_stage_output_is_byte_identical_without_the_patch(project, wei
         facts = lower([program], spec, {}, out, True, {}, ("update_cache", "custom_sdpa"))
         return (out / "model.pte").read_bytes(), (out / "model.ptd").read_bytes(), \
             {**facts["xnnpack_pass_retraces"], **{f"decompositions {name}": count
-                                                  for name, count in facts["decompositions"].items()}}
+                                                  for name, count in facts["decompositions"].items()},
+             **{f"patterns {name}": count for name, count in facts["xnnpack_pattern_searches"].items()}}
 
     *fast, counts = lowered("patched")
-    assert counts["skipped"] > 0 and counts["decompositions skipped"] == 1, counts
+    assert counts["skipped"] > 0 and counts["decompositions skipped"] == 1 and counts["patterns skipped"] > 0, counts
     monkeypatch.setattr(backends, "CHECKED_EXECUTORCH", "another version")
     *stock, stock_counts = lowered("stock")
     assert set(stock_counts.values()) == {0}, stock_counts

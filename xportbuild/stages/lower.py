@@ -9,6 +9,7 @@ from pathlib import Path
 
 from xportbuild import __version__, backends, passes
 from xportbuild.backends.decompose import fewer_decompositions
+from xportbuild.backends.patterns import patterns_only_where_they_could_match
 from xportbuild.backends.retrace import skip_unchanged_retraces
 from xportbuild.errors import StageError
 from xportbuild.keys import code_digests, digest_value, library_versions
@@ -55,7 +56,7 @@ def lower(program_dirs: list[Path], spec: LowerSpec, pass_files: dict[str, str],
     functions.update({ref: passes.load(ref, file) for ref, file in pass_files.items()})
     table_shapes = _shared_table_shapes(programs) if shared_table else set()
     # Lowering a loaded program with autograd on fails on the KV cache's in-place copy_.
-    with torch.no_grad(), skip_unchanged_retraces() as retraces:
+    with torch.no_grad(), skip_unchanged_retraces() as retraces, patterns_only_where_they_could_match() as patterns:
         for method, program in programs.items():
             for ref, function in functions.items():
                 program = passes.apply(function, program, ref)
@@ -81,7 +82,8 @@ def lower(program_dirs: list[Path], spec: LowerSpec, pass_files: dict[str, str],
     path = out_dir / PTE_FILE
     path.write_bytes(executorch_program.buffer)
     facts = {"pte_bytes": path.stat().st_size, "backend": spec.backend, "delegation": delegation, "llama_ops": llama_ops,
-             "xnnpack_pass_retraces": retraces, "decompositions": decompositions}
+             "xnnpack_pass_retraces": retraces, "xnnpack_pattern_searches": patterns,
+             "decompositions": decompositions}
     if table_shapes:
         executorch_program.write_tensor_data_to_file(str(out_dir))
         facts["ptd_bytes"] = (out_dir / DATA_FILE).stat().st_size
