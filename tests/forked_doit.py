@@ -18,9 +18,11 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 # Read when they are used, not when a library is imported: they may differ between the runs of one zygote.
@@ -50,9 +52,6 @@ def run_doit(args: list[str], cwd: Path, env: dict, timeout: float) -> subproces
 
 def _wait(zygote: subprocess.Popen, child: int, timeout: float) -> int:
     """The run's exit code; the run is killed after `timeout` seconds, as subprocess.run would kill it."""
-    import signal
-    import threading
-
     killed = []
 
     def kill() -> None:

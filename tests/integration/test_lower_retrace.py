@@ -23,7 +23,11 @@ def _lower_module_bytes(module, example, patched: bool) -> tuple[bytes, dict]:
         with fewer_decompositions() as decompositions:
             edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
         buffer = edge.to_executorch().buffer
-    return buffer, {**retraces, **decompositions, **{f"patterns {name}": count for name, count in patterns.items()}}
+    return buffer, {**retraces, **decompositions, **_prefixed("patterns", patterns)}
+
+
+def _prefixed(prefix: str, counts: dict) -> dict:
+    return {f"{prefix} {name}": count for name, count in counts.items()}
 
 
 def _rewritten_by_many_passes():
@@ -47,13 +51,36 @@ def _rewritten_by_many_passes():
     return Net().eval(), (torch.randn(1, 3, 12, 12),)
 
 
-def test_skipping_no_op_retraces_keeps_a_conv_net_byte_identical():
+def test_skipping_no_op_retraces_keeps_a_conv_net_byte_identical(monkeypatch):
     module, example = _rewritten_by_many_passes()
     stock, _ = _lower_module_bytes(module, example, patched=False)
+    calls = _count_pattern_calls(monkeypatch)
     fast, counts = _lower_module_bytes(module, example, patched=True)
     assert counts["skipped"] > 0 and counts["run"] > 0 and counts["deferred"] == 1, counts
     assert counts["patterns skipped"] > 0 and counts["patterns searched"] == 0, counts
+    assert calls == [], calls  # ExecuTorch's pattern functions were never asked: no pattern graph was built
     assert fast == stock
+
+
+def _count_pattern_calls(monkeypatch) -> list[str]:
+    """The names of ExecuTorch's pattern functions, each time one of them is called from now on."""
+    import importlib
+
+    from xportbuild.backends.patterns import PATTERN_PASSES
+
+    calls = []
+
+    def counted(function, name: str):
+        def call():
+            calls.append(name)
+            return function()
+
+        return call
+
+    for spec in PATTERN_PASSES:
+        module = importlib.import_module(spec.pattern_module)
+        monkeypatch.setattr(module, spec.function, counted(getattr(module, spec.function), spec.function))
+    return calls
 
 
 def _matched_by_both_patterns():
@@ -134,9 +161,8 @@ def test_the_lower_stage_output_is_byte_identical_without_the_patch(project, wei
         out.mkdir()
         facts = lower([program], spec, {}, out, True, {}, ("update_cache", "custom_sdpa"))
         return (out / "model.pte").read_bytes(), (out / "model.ptd").read_bytes(), \
-            {**facts["xnnpack_pass_retraces"], **{f"decompositions {name}": count
-                                                  for name, count in facts["decompositions"].items()},
-             **{f"patterns {name}": count for name, count in facts["xnnpack_pattern_searches"].items()}}
+            {**facts["xnnpack_pass_retraces"], **_prefixed("decompositions", facts["decompositions"]),
+             **_prefixed("patterns", facts["xnnpack_pattern_searches"])}
 
     *fast, counts = lowered("patched")
     assert counts["skipped"] > 0 and counts["decompositions skipped"] == 1 and counts["patterns skipped"] > 0, counts

@@ -24,16 +24,16 @@ class PatternPass:
     pass_class: str  # "module:class" of the XNNPACK pass that searches for the patterns
     pattern_module: str  # the module whose function the pass calls for its patterns
     function: str
-    empty: object  # what the function returns when no pattern could match
+    empty: type  # list or dict: its empty value is what the function returns when no pattern could match
     ops: tuple[str, ...]  # edge ops every pattern of the pass holds
 
 
 PATTERN_PASSES = (
     PatternPass("executorch.backends.xnnpack._passes.convert_to_sdpa:ConvertToSDPAPass",
-                "executorch.backends.xnnpack.partition.graphs.sdpa", "get_graphs", [],
+                "executorch.backends.xnnpack.partition.graphs.sdpa", "get_graphs", list,
                 ("aten._softmax.default", "aten.any.dim")),
     PatternPass("executorch.backends.xnnpack._passes.convert_to_upsample_bilinear2d:ConvertToUpsampleBilinear2d",
-                "executorch.backends.xnnpack.partition.graphs.bilinear_2d", "get_graphs_dict", {},
+                "executorch.backends.xnnpack.partition.graphs.bilinear_2d", "get_graphs_dict", dict,
                 ("aten.upsample_bilinear2d.vec",)),
 )
 
@@ -88,7 +88,7 @@ def _gated(call, module, spec: PatternPass, ops: tuple, counts: dict):
             return call(self, graph_module)
         counts["skipped"] += 1
         patterns = getattr(module, spec.function)
-        setattr(module, spec.function, lambda: type(spec.empty)())
+        setattr(module, spec.function, spec.empty)
         try:
             return call(self, graph_module)
         finally:
