@@ -59,13 +59,17 @@ class Project:
         path = self.root / ".xportbuild" / "events.jsonl"
         return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
-    def entry(self, task: str):
-        """The cache entry of a stage task, found the way doit's up-to-date check finds it."""
-        from xportbuild.build import Resolver, Workspace
+    def plan(self):
         from xportbuild.plan import plan_targets
         from xportbuild.recipe import load_project
 
-        plan = plan_targets(load_project(self.root / "recipes"))
+        return plan_targets(load_project(self.root / "recipes"))
+
+    def entry(self, task: str):
+        """The cache entry of a stage task, found the way doit's up-to-date check finds it."""
+        from xportbuild.build import Resolver, Workspace
+
+        plan = self.plan()
         workspace = Workspace(Path(self.env["XPORTBUILD_CACHE"]), self.root / "artifacts", self.root / ".xportbuild")
         entry = Resolver(plan, workspace).entry(task)
         assert entry is not None, f"{task} is not built"
@@ -93,6 +97,7 @@ def _save_weights(root: Path) -> None:
 
     tiny.save_model(root / "tiny-llama", "llama")
     tiny.save_model(root / "tiny-gemma3", "gemma3", tie=True)
+    tiny.save_model(root / "tiny-llama-tied", "llama", tie=True)
     qwen = tiny.save_model(root / "qwen3-src", "qwen3")
     commit = tiny.populate_hub_cache(qwen, root / "hf-cache", "tiny-org/tiny-qwen3")
     (root / "hub-commit").write_text(commit)
@@ -110,7 +115,7 @@ def run_folder(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def weights(run_folder) -> Path:
-    """Tiny random-weight models (llama, gemma3 tied, qwen3), a GGUF and an offline HF cache, made once per run."""
+    """Tiny random-weight models (llama, llama tied, gemma3 tied, qwen3), a GGUF and an offline HF cache, made once per run."""
     return made_once(run_folder / "weights", _save_weights)
 
 

@@ -17,7 +17,7 @@ from xportbuild.keys import hash_file, tree_digest
 
 from tests.integration.models import local, model_toml
 
-TARGET = "tiny-gemma3-xnnpack-8da8w-shared"  # the default recipe on a tied model: quantize -> lower -> verify
+TARGET = "tiny-llama-tied-xnnpack-8da8w-shared"  # the default recipe on a tied model: quantize -> lower -> verify
 QUANTIZE, LOWER = f"quantize:{TARGET}", f"lower:{TARGET}"
 LOWERING_ONLY_CHANGE = ("extract_delegate_segments = true", "extract_delegate_segments = false")
 
@@ -44,7 +44,7 @@ def member_offset(archive: Path, pick) -> int:
 
 
 def _project(project, weights, tmp_path, shared_cache):
-    project.write_model("tiny-gemma3", model_toml(local(weights / "tiny-gemma3"), ["xnnpack-8da8w-shared"]))
+    project.write_model("tiny-llama-tied", model_toml(local(weights / "tiny-llama-tied"), ["xnnpack-8da8w-shared"]))
     project.env["XPORTBUILD_CACHE"] = str(tmp_path / "cache")  # its own cache: this test damages entries
     project.doit_pulling(shared_cache, f"export:{TARGET}")
     return project

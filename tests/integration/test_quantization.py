@@ -39,9 +39,9 @@ def test_head_and_embedding_schemes_change_sizes_and_ops_on_a_tied_model(project
     """Variants of a plain scheme (linears and head 8da4w group 32, embeddings 8w), one knob each."""
     for name, extra in VARIANTS.items():
         project.write_recipe(name, RECIPE.format(doc=name, extra=extra))
-    project.write_model("tiny-gemma3", model_toml(local(weights / "tiny-gemma3"), list(VARIANTS)))
-    project.doit(*[f"export:tiny-gemma3-{r}" for r in VARIANTS])
-    manifests = {r: _manifest(project, f"tiny-gemma3-{r}") for r in VARIANTS}
+    project.write_model("tiny-llama-tied", model_toml(local(weights / "tiny-llama-tied"), list(VARIANTS)))
+    project.doit(*[f"export:tiny-llama-tied-{r}" for r in VARIANTS])
+    manifests = {r: _manifest(project, f"tiny-llama-tied-{r}") for r in VARIANTS}
     pte = {r: m["stages"]["lower"]["result"]["pte_bytes"] for r, m in manifests.items()}
     quantized = {r: m["stages"]["quantize"]["result"]["quantized"] for r, m in manifests.items()}
     quant_ops = {r: m["stages"]["quantize"]["result"]["methods"]["forward"]["quant_ops"] for r, m in manifests.items()}
@@ -60,7 +60,7 @@ def test_head_and_embedding_schemes_change_sizes_and_ops_on_a_tied_model(project
         assert set(stages) == {"quantized eager", "program", ".pte"}
         assert all(0.0 <= s["kl_mean"] and 0.0 <= s["top1"] <= 1.0 for s in stages.values())
     _assert_one_shared_table(project, manifests["shared"], manifests["head-8bit"])
-    report = (project.root / "artifacts" / "tiny-gemma3-plain" / "report.md").read_text()
+    report = (project.root / "artifacts" / "tiny-llama-tied-plain" / "report.md").read_text()
     assert "## Quality by stage" in report and "| quantized eager |" in report and "| .pte |" in report
 
 

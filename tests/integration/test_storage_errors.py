@@ -73,11 +73,11 @@ if [ -n "$XPORTBUILD_REMOTE_CACHE" ]; then
 fi
 exec "$PYTHON" -m doit "$TASK"
 """
-QUANTIZED = "tiny-gemma3-xnnpack-8da8w-shared"
-FLOAT = "tiny-gemma3-xnnpack-fp32"
+QUANTIZED = "tiny-llama-tied-xnnpack-8da8w-shared"
+FLOAT = "tiny-llama-tied-xnnpack-fp32"
 # Every stage that writes, on a real full file system: a private tmpfs (a user and mount namespace of the test's
 # own) holding the cache and artifacts folders, filled up before the stage runs.
-FULL_DISK_CASES = ["fetch:tiny-gemma3", "reference:tiny-gemma3", "program:tiny-gemma3", f"quantize:{QUANTIZED}",
+FULL_DISK_CASES = ["fetch:tiny-llama-tied", "reference:tiny-llama-tied", "program:tiny-llama-tied", f"quantize:{QUANTIZED}",
                    f"lower:{QUANTIZED}", f"verify:{QUANTIZED}", f"export:{FLOAT}"]
 
 
@@ -94,7 +94,7 @@ def built(tmp_path_factory, weights, shared_cache):
     (root / "app" / "dodo.py").write_text(DODO)
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "XPORTBUILD_CACHE": str(root / "saved-cache")}
     project = Project(root / "app", env)
-    project.write_model("tiny-gemma3", model_toml(local(weights / "tiny-gemma3"), ["xnnpack-8da8w-shared", "xnnpack-fp32"]))
+    project.write_model("tiny-llama-tied", model_toml(local(weights / "tiny-llama-tied"), ["xnnpack-8da8w-shared", "xnnpack-fp32"]))
     project.doit_pulling(shared_cache, "export")
     shutil.move(project.root / "artifacts", root / "saved-artifacts")
     return project, root
@@ -131,7 +131,7 @@ def test_a_full_remote_cache_is_a_warning_and_the_build_goes_on(built, tmp_path)
     project, root = built
     remote = tmp_path / "remote"
     remote.mkdir()
-    returncode, output = _run_on_full_disk(project, root, "program:tiny-gemma3", XPORTBUILD_REMOTE_CACHE=str(remote),
+    returncode, output = _run_on_full_disk(project, root, "program:tiny-llama-tied", XPORTBUILD_REMOTE_CACHE=str(remote),
                                            LOCAL_ROOM="yes")
     assert returncode == 0, output[-3000:]
     assert "could not push" in output and "No space left on device" in output, output[-3000:]

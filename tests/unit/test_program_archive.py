@@ -58,3 +58,22 @@ def test_archive_with_code_in_a_pickle_is_refused_without_running_it(tmp_path):
     with pytest.raises(StageError):
         load_programs(tmp_path)
     assert not marker.exists()
+
+
+def test_loading_with_type_hints_looked_up_once_is_the_same_program(tmp_path):
+    """pt2.load (schema type hints asked once per class) against torch.export.load: saved again, the same bytes."""
+    import typing
+
+    from xportbuild import pt2
+
+    class Dynamic(torch.nn.Module):
+        def forward(self, x, positions):
+            return torch.nn.functional.silu(x) * positions.unsqueeze(-1), x.shape[0] * 2
+
+    batch = torch.export.Dim("batch", max=16)
+    program = torch.export.export(Dynamic(), (torch.ones(3, 4), torch.ones(3)), dynamic_shapes=({0: batch}, {0: batch}))
+    pt2.save(program, tmp_path / "original.pt2")
+    pt2.save(torch.export.load(tmp_path / "original.pt2"), tmp_path / "stock.pt2")
+    pt2.save(pt2.load(tmp_path / "original.pt2"), tmp_path / "fast.pt2")
+    assert (tmp_path / "fast.pt2").read_bytes() == (tmp_path / "stock.pt2").read_bytes()
+    assert typing.get_type_hints.__module__ == "typing"  # restored

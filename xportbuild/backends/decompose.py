@@ -1,15 +1,14 @@
-"""Two of the three full-graph decompositions ExecuTorch runs before partitioning do no work of their own.
+"""The last of the three full-graph decompositions ExecuTorch runs before partitioning often has nothing to do.
 
 For a method with a partitioner that filters ops (XNNPACK does), `to_edge_transform_and_lower` retraces the whole
 program three times: `run_decompositions({})` to functionalize it, `run_decompositions(table without the
 partitioner's ops)`, then, after swapping the ops the partitioner accepts for placeholders, `run_decompositions(
 default table)` for the ops it refused. Each retrace runs every node on fake tensors with symbolic shapes (about
-1.5 s for a two-layer toy decoder, half a minute for Gemma 3 270M).
+1.5 s for a two-layer toy decoder, half a minute for Gemma 3 270M). The third has nothing to do when the second
+left no op it would decompose (the partitioner accepted every op it asked to keep): then it is skipped.
 
-- The first only functionalizes, and the second functionalizes too: the first is deferred into the second. (The
-  partitioner's op list, asked for in between, does not depend on the graph.)
-- The third has nothing to do when the second left no op it would decompose (the partitioner accepted every op it
-  asked to keep): then it is skipped.
+(Folding the first into the second, which functionalizes too, was tried and dropped: it changes the .pte bytes of
+multi-method models and of a method lowered without a partitioner.)
 
 Tied to the ExecuTorch version it was checked against (`backends.CHECKED_EXECUTORCH`), as `retrace.py` is;
 tests/integration/test_lower_retrace.py lowers with and without it and compares the .pte bytes.
@@ -30,30 +29,25 @@ _FUNCTIONAL_WRAPPERS = ("auto_functionalized", "auto_functionalized_v2")
 
 @contextmanager
 def fewer_decompositions():
-    """Within the block, a functionalize-only decomposition is deferred into the next one, and a decomposition of
-    an already decomposed program that holds nothing to decompose is skipped; yields the counts."""
+    """Within the block, a decomposition of a program decomposed in the block that holds nothing to decompose is
+    skipped; yields the counts."""
     from torch.export import ExportedProgram
 
-    counts = {"deferred": 0, "skipped": 0, "run": 0}
+    counts = {"skipped": 0, "run": 0}
     if not executorch_is_checked():
         yield counts
         return
     stock = ExportedProgram.run_decompositions
-    deferred: list = []  # programs returned undecomposed by a deferral
-    decomposed: list = []  # programs a decomposition in this block produced: functional, core ATen
+    decomposed: list = []  # programs a decomposition with a table produced in this block: functional, core ATen
 
     def run_decompositions(self, decomp_table=None, decompose_custom_triton_ops=False):
-        if decomp_table is not None and not decomp_table:
-            counts["deferred"] += 1
-            deferred.append(self)
-            return self
-        if decomp_table is not None and not _in(self, deferred) and _in(self, decomposed) \
-                and not _holds_decomposable(self, decomp_table):
+        if decomp_table is not None and _in(self, decomposed) and not _holds_decomposable(self, decomp_table):
             counts["skipped"] += 1
             return self
         counts["run"] += 1
         result = stock(self, decomp_table, decompose_custom_triton_ops)
-        decomposed.append(result)
+        if decomp_table:
+            decomposed.append(result)
         return result
 
     ExportedProgram.run_decompositions = run_decompositions

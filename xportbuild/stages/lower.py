@@ -9,6 +9,8 @@ from pathlib import Path
 
 from xportbuild import __version__, backends, passes
 from xportbuild.backends.decompose import fewer_decompositions
+from xportbuild.backends.fake_values import reuse_fake_values
+from xportbuild.backends.lazy_code import code_generated_when_run
 from xportbuild.backends.patterns import patterns_only_where_they_could_match
 from xportbuild.backends.retrace import skip_unchanged_retraces
 from xportbuild.errors import StageError
@@ -56,34 +58,36 @@ def lower(program_dirs: list[Path], spec: LowerSpec, pass_files: dict[str, str],
     functions.update({ref: passes.load(ref, file) for ref, file in pass_files.items()})
     table_shapes = _shared_table_shapes(programs) if shared_table else set()
     # Lowering a loaded program with autograd on fails on the KV cache's in-place copy_.
-    with torch.no_grad(), skip_unchanged_retraces() as retraces, patterns_only_where_they_could_match() as patterns:
+    with torch.no_grad(), skip_unchanged_retraces() as retraces, patterns_only_where_they_could_match() as patterns, \
+            reuse_fake_values() as fake_values:
         for method, program in programs.items():
             for ref, function in functions.items():
                 program = passes.apply(function, program, ref)
             programs[method] = program
-        # Only around ExecuTorch's own call sequence, which the shortcut was checked against: an app's pass may call
-        # run_decompositions({}) and use the functional program it returns.
-        with fewer_decompositions() as decompositions:
-            edge = to_edge_transform_and_lower(
-                programs,
-                constant_methods=constant_methods(program_dirs[0], provenance or {}),
-                transform_passes=[_tag_tables(table_shapes)] if table_shapes else None,
-                partitioner=backends.partitioners(spec.backend, spec.per_op_mode),
-                compile_config=EdgeCompileConfig(_check_ir_validity=False),
+        # These two only around ExecuTorch's own call sequence, which they were checked against: an app's pass may
+        # call run_decompositions({}) and use the functional program it returns, or read a module's code specs.
+        with code_generated_when_run() as lazy_code:
+            with fewer_decompositions() as decompositions:
+                edge = to_edge_transform_and_lower(
+                    programs,
+                    constant_methods=constant_methods(program_dirs[0], provenance or {}),
+                    transform_passes=[_tag_tables(table_shapes)] if table_shapes else None,
+                    partitioner=backends.partitioners(spec.backend, spec.per_op_mode),
+                    compile_config=EdgeCompileConfig(_check_ir_validity=False),
+                )
+            delegation = _delegation(edge, programs)
+            executorch_program = edge.to_executorch(
+                ExecutorchBackendConfig(
+                    extract_delegate_segments=spec.extract_delegate_segments, do_quant_fusion_and_const_prop=True,
+                    external_constants=_external_tag if table_shapes else False,
+                )
             )
-        delegation = _delegation(edge, programs)
-        executorch_program = edge.to_executorch(
-            ExecutorchBackendConfig(
-                extract_delegate_segments=spec.extract_delegate_segments, do_quant_fusion_and_const_prop=True,
-                external_constants=_external_tag if table_shapes else False,
-            )
-        )
     llama_ops = _check_custom_ops(executorch_program, programs, custom_ops)
     path = out_dir / PTE_FILE
     path.write_bytes(executorch_program.buffer)
     facts = {"pte_bytes": path.stat().st_size, "backend": spec.backend, "delegation": delegation, "llama_ops": llama_ops,
-             "xnnpack_pass_retraces": retraces, "xnnpack_pattern_searches": patterns,
-             "decompositions": decompositions}
+             "xnnpack_pass_retraces": retraces, "xnnpack_pattern_searches": patterns, "fake_values": dict(fake_values),
+             "lazy_code": lazy_code, "decompositions": decompositions}
     if table_shapes:
         executorch_program.write_tensor_data_to_file(str(out_dir))
         facts["ptd_bytes"] = (out_dir / DATA_FILE).stat().st_size

@@ -52,7 +52,7 @@ def load_programs(entry_dir: Path) -> dict:
         programs = {}
         for method, fact in facts.items():
             refuse_unsafe_pickles(entry_dir / fact["file"])
-            programs[method] = torch.export.load(entry_dir / fact["file"])
+            programs[method] = pt2.load(entry_dir / fact["file"])
     return programs
 
 
