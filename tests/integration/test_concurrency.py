@@ -3,26 +3,28 @@ lose no records and publish verified artifacts."""
 
 from __future__ import annotations
 
+import itertools
 import json
-import subprocess
-import sys
 from collections import Counter
 
 from xportbuild.keys import hash_file
 
+from tests.forked_doit import ForkedRun, start_doit
 from tests.integration.models import local, model_toml
 
 TARGETS = ("tiny-llama-xnnpack-fp32", "tiny-llama-xnnpack-8da8w-shared")
+_RUNS = itertools.count()
 
 
-def _start(project, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "doit", *args], cwd=project.root, env=project.env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def _start(project, *args: str) -> ForkedRun:
+    """A `doit` process of its own (tests/forked_doit.py), not waited for."""
+    return start_doit(list(args), project.root, project.env, project.root.parent / f"run-{next(_RUNS)}", merged=True)
 
 
-def _finish(process: subprocess.Popen) -> str:
-    output, _ = process.communicate(timeout=1200)
-    assert process.returncode == 0, output[-6000:]
+def _finish(run: ForkedRun) -> str:
+    code = run.wait(timeout=1200)
+    output = run.stdout.read_text()
+    assert code == 0, output[-6000:]
     return output
 
 

@@ -3,13 +3,11 @@ partial output is ever taken as built and every stage finished before a kill is 
 
 from __future__ import annotations
 
+import itertools
 import json
-import os
 import random
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -19,26 +17,23 @@ from xportbuild.cache import ENTRY_FILE, Store
 from xportbuild.keys import hash_file
 from xportbuild.pipeline import STAGES
 
+from tests.forked_doit import start_doit
 from tests.integration.models import local, model_toml
+
+_RUNS = itertools.count()
 
 TARGETS = ("tiny-gguf-xnnpack-fp32", "tiny-gguf-xnnpack-8da8w-shared")
 MIN_KILLS = 12  # a round kills once inside every stage of both targets (12 stages); a round that missed one repeats
 ALL_STAGES = {stage.name for stage in STAGES if stage.name != "sensitivity"} | {"publish"}  # what export runs
 
 
-def _interruptible() -> None:
-    """A shell starting pytest in the background ignores SIGINT, and children inherit that (Python then installs no
-    KeyboardInterrupt handler): give the build a user's terminal default, as Ctrl-C would find it."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 class WatchedBuild:
-    """A `doit` process whose log is followed line by line, to kill it while a chosen stage runs."""
+    """A `doit` run (its own process group, as from a terminal: tests/forked_doit.py) whose log is followed line by
+    line, to kill it while a chosen stage runs."""
 
     def __init__(self, project, args: list[str]):
-        self.process = subprocess.Popen([sys.executable, "-m", "doit", *args], cwd=project.root, env=project.env,
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                        start_new_session=True, preexec_fn=_interruptible)
+        self.run = start_doit(args, project.root, project.env, project.root.parent / f"watched-{next(_RUNS)}",
+                              merged=True)
         self.running: str | None = None  # the stage task currently between "building" and "built"
         self.started: list[str] = []
         self.seconds: dict[str, float] = {}  # each stage this build finished: its own "built in" time
@@ -47,20 +42,37 @@ class WatchedBuild:
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
+    @property
+    def returncode(self) -> int | None:
+        return self.run.poll()
+
     def _read(self) -> None:
-        for line in self.process.stdout:
-            self.lines.append(line)
-            words = line.split()
-            if len(words) >= 3 and words[0] == "INFO" and words[2] in ("building", "publishing"):
-                with self._new_stage:
-                    self.running = words[1].rstrip(":")
-                    self.started.append(self.running)
-                    self._new_stage.notify_all()
-            elif len(words) >= 5 and words[0] == "INFO" and words[2] == "built":
-                self.seconds[words[1].rstrip(":")] = float(words[4])
-                self.running = None
-            elif words[:1] == ["published"]:
-                self.running = None
+        while not self.run.stdout.exists():
+            time.sleep(0.01)
+        with self.run.stdout.open() as log:
+            while True:
+                ended = self.run.poll() is not None  # read before the line: a run that ended has written it all
+                line = log.readline()
+                if line:
+                    self._take(line)
+                elif ended:
+                    return
+                else:
+                    time.sleep(0.01)
+
+    def _take(self, line: str) -> None:
+        self.lines.append(line)
+        words = line.split()
+        if len(words) >= 3 and words[0] == "INFO" and words[2] in ("building", "publishing"):
+            with self._new_stage:
+                self.running = words[1].rstrip(":")
+                self.started.append(self.running)
+                self._new_stage.notify_all()
+        elif len(words) >= 5 and words[0] == "INFO" and words[2] == "built":
+            self.seconds[words[1].rstrip(":")] = float(words[4])
+            self.running = None
+        elif words[:1] == ["published"]:
+            self.running = None
 
     def wait_for_stage(self, skip: set[str], only: set[str] | None = None, timeout: float = 300) -> str | None:
         """The first stage that starts, is not in `skip` and is of a kind in `only`; None if the build ends first."""
@@ -71,21 +83,21 @@ class WatchedBuild:
                          if task not in skip and (only is None or _stage_of(task) in only)]
                 if fresh:
                     return fresh[0]
-                if self.process.poll() is not None:
+                if self.run.poll() is not None:
                     return None
                 self._new_stage.wait(0.05)
         raise AssertionError("no stage started in time:\n" + "".join(self.lines[-30:]))
 
     def finish(self) -> int:
-        self.process.wait()
+        code = self.run.wait(timeout=1200)
         self._reader.join(timeout=10)
-        return self.process.returncode
+        return code
 
     def signal(self, signum: int) -> str | None:
         """Send `signum` to the whole process group; returns the stage that was running."""
         running = self.running
-        os.killpg(self.process.pid, signum)
-        self.process.wait(timeout=120)
+        self.run.kill(signum)
+        self.run.wait(timeout=120)
         self._reader.join(timeout=10)
         return running
 
@@ -159,11 +171,11 @@ def test_kill_9_in_every_stage_never_corrupts_and_reuses_finished_work(project, 
             enough = sum(kills.values()) >= MIN_KILLS
             stage = build.wait_for_stage(skip=killed_in, only=ALL_STAGES - set(kills) if enough else None)
             if stage is None:
-                assert build.process.returncode == 0, "".join(build.lines[-40:])
+                assert build.returncode == 0, "".join(build.lines[-40:])
                 break
             killed_in.add(stage)
-            # Fresh processes also pay the imports, so a delay within the calibrated time lands inside the stage;
-            # publishing takes milliseconds, so it is hit right after it starts.
+            # A delay within the stage's shortest calibrated time lands inside it; publishing takes milliseconds, so
+            # it is hit right after it starts.
             time.sleep(rng.uniform(0.0, 0.8 * shortest[stage]) if stage in shortest else rng.uniform(0.0, 0.02))
             running = build.signal(signal.SIGKILL)
             for task, seconds in build.seconds.items():
@@ -193,7 +205,7 @@ def test_ctrl_c_names_the_interrupted_stage_and_keeps_finished_ones(project, wei
     time.sleep(1.0)
     build.signal(signal.SIGINT)
     output = "".join(build.lines)
-    assert build.process.returncode != 0
+    assert build.returncode != 0
     assert "lower:tiny-llama-xnnpack-fp32: interrupted; nothing of it was cached, finished stages are kept" in output
     events_before = len(project.events())
     project.doit("export:tiny-llama-xnnpack-fp32")

@@ -1,7 +1,8 @@
 """The lowering shortcuts must not change a single byte of the program: skipping XNNPACK's no-op pass retraces
 (backends/retrace.py), the decompositions that have nothing to do (backends/decompose.py), the pattern graphs no
-partition could match (backends/patterns.py), the fake values a retrace computes again (backends/fake_values.py)
-and the code of graph modules nothing runs (backends/lazy_code.py)."""
+partition could match (backends/patterns.py), the fake values a retrace computes again (backends/fake_values.py),
+the code of graph modules nothing runs (backends/lazy_code.py) and the copies of provenance records
+(backends/provenance.py), all entered as the lower stage enters them (backends/shortcuts.py)."""
 
 from __future__ import annotations
 
@@ -18,26 +19,27 @@ def _lower_programs_bytes(programs, patched: bool, backend: str = "xnnpack") -> 
     from executorch.exir import to_edge_transform_and_lower
 
     from xportbuild.backends import partitioners
-
-    from xportbuild.backends.decompose import fewer_decompositions
-    from xportbuild.backends.fake_values import reuse_fake_values
-    from xportbuild.backends.lazy_code import code_generated_when_run
-    from xportbuild.backends.patterns import patterns_only_where_they_could_match
-    from xportbuild.backends.retrace import skip_unchanged_retraces
+    from xportbuild.backends.shortcuts import LoweringShortcuts
 
     if not patched:
         return to_edge_transform_and_lower(programs, partitioner=partitioners(backend, False)).to_executorch().buffer, {}
-    with skip_unchanged_retraces() as retraces, patterns_only_where_they_could_match() as patterns, \
-            reuse_fake_values() as fake_values, code_generated_when_run() as lazy_code:
-        with fewer_decompositions() as decompositions:
+    shortcuts = LoweringShortcuts()
+    with shortcuts.lowering(), shortcuts.executorch():
+        with shortcuts.edge_conversion():
             edge = to_edge_transform_and_lower(programs, partitioner=partitioners(backend, False))
         buffer = edge.to_executorch().buffer
-    return buffer, {**retraces, **lazy_code, **_prefixed("decompositions", decompositions),
-                    **_prefixed("patterns", patterns), **_prefixed("fake_values", fake_values)}
+    return buffer, _flat(shortcuts.facts())
 
 
-def _prefixed(prefix: str, counts: dict) -> dict:
-    return {f"{prefix} {name}": count for name, count in counts.items()}
+def _flat(facts: dict) -> dict:
+    """The shortcuts' counts in one dict: the retrace and lazy-code counts by their own names, the others prefixed
+    ("decompositions skipped", "patterns searched", "fake_values reused", "provenance shared_records")."""
+    return {**facts["xnnpack_pass_retraces"], **facts["lazy_code"],
+            **{f"{prefix} {name}": count for key, prefix in _PREFIXES.items() for name, count in facts[key].items()}}
+
+
+_PREFIXES = {"decompositions": "decompositions", "xnnpack_pattern_searches": "patterns", "fake_values": "fake_values",
+             "provenance": "provenance"}
 
 
 def _rewritten_by_many_passes():
@@ -70,7 +72,7 @@ def test_skipping_no_op_retraces_keeps_a_conv_net_byte_identical(monkeypatch):
     assert counts["patterns skipped"] > 0 and counts["patterns searched"] == 0, counts
     assert calls == [], calls  # ExecuTorch's pattern functions were never asked: no pattern graph was built
     assert counts["fake_values reused"] > 0 and counts["fake_values computed"] > 0, counts
-    assert counts["lazy_modules"] > 0, counts
+    assert counts["lazy_modules"] > 0 and counts["provenance shared_records"] > 0, counts
     assert fast == stock
 
 
@@ -217,10 +219,7 @@ def _lower_stage_twice(project, tmp_path, monkeypatch, model: str, recipe: str) 
         out = tmp_path / folder
         out.mkdir()
         facts = lower(programs, spec, {}, out, node.params["shared_table"], {}, tuple(node.params["custom_ops"]))
-        return [path.read_bytes() for path in sorted(out.iterdir())], \
-            {**facts["xnnpack_pass_retraces"], **_prefixed("decompositions", facts["decompositions"]),
-             **_prefixed("patterns", facts["xnnpack_pattern_searches"]),
-             **_prefixed("fake_values", facts["fake_values"]), **facts["lazy_code"]}
+        return [path.read_bytes() for path in sorted(out.iterdir())], _flat(facts)
 
     fast, counts = lowered("patched")
     monkeypatch.setattr(backends, "CHECKED_EXECUTORCH", "another version")
@@ -235,6 +234,7 @@ def test_the_lower_stage_output_is_byte_identical_without_the_patch(project, wei
     fast, stock, counts = _lower_stage_twice(project, tmp_path, monkeypatch, "tiny-gemma3", "xnnpack-8da8w-shared")
     assert counts["skipped"] > 0 and counts["decompositions skipped"] == 1 and counts["patterns skipped"] > 0, counts
     assert counts["fake_values reused"] > 0 and counts["lazy_modules"] > 0, counts
+    assert counts["provenance shared_records"] > 0, counts
     assert len(fast) == 2 and fast == stock  # .pte and .ptd
 
 
@@ -244,6 +244,7 @@ def test_the_lower_stage_without_a_partitioner_is_byte_identical(project, weight
     project.write_model("tiny-llama", model_toml(local(weights / "tiny-llama"), ["portable-fp32"]))
     fast, stock, counts = _lower_stage_twice(project, tmp_path, monkeypatch, "tiny-llama", "portable-fp32")
     assert counts["fake_values reused"] > 0 and counts["lazy_modules"] > 0, counts
+    assert counts["provenance shared_records"] > 0, counts
     assert len(fast) == 1 and fast == stock
 
 

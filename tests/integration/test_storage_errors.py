@@ -4,29 +4,19 @@ is left behind and what was already published survives."""
 from __future__ import annotations
 
 import json
-import resource
 import shutil
 
 import pytest
 
 from xportbuild.keys import hash_file
 
+from tests.forked_doit import Confinement, start_doit
 from tests.integration.models import local, model_toml
 
 TARGET = "tiny-llama-xnnpack-fp32"
 
 
-def _limit_file_size(limit: int):
-    def apply() -> None:  # Python ignores SIGXFSZ, so an oversized write fails with EFBIG like a full disk
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-    return apply
-
-
 def test_disk_full_while_lowering_keeps_the_published_artifact(project, weights, tmp_path):
-    import subprocess
-    import sys
-
     project.write_model("tiny-llama", model_toml(local(weights / "tiny-llama"), ["xnnpack-fp32"]))
     project.env["XPORTBUILD_CACHE"] = str(tmp_path / "cache")
     project.doit(f"export:{TARGET}")
@@ -34,10 +24,10 @@ def test_disk_full_while_lowering_keeps_the_published_artifact(project, weights,
     before = {p.name: hash_file(p) for p in published.iterdir()}
     project.edit_recipe("xnnpack-fp32", 'backend = "xnnpack"',
                         'backend = "xnnpack"\n[lower]\nextract_delegate_segments = false')
-    result = subprocess.run([sys.executable, "-m", "doit", f"export:{TARGET}"], cwd=project.root, env=project.env,
-                            capture_output=True, text=True, timeout=900, preexec_fn=_limit_file_size(64 * 1024))
-    output = result.stdout + result.stderr
-    assert result.returncode != 0
+    run = start_doit([f"export:{TARGET}"], project.root, project.env, tmp_path / "run", merged=True,
+                     confinement=Confinement(file_size_limit=64 * 1024))
+    code, output = run.wait(timeout=900), run.stdout.read_text()
+    assert code != 0
     assert f"lower:{TARGET}: cannot write to" in output and "File too large" in output, output[-3000:]
     assert "free disk space or fix permissions, then run again (finished stages are kept)" in output
     assert not list((tmp_path / "cache" / "tmp").iterdir()), "a half-written scratch folder was left behind"
@@ -71,7 +61,6 @@ if [ -n "$XPORTBUILD_REMOTE_CACHE" ]; then
   mount -t tmpfs -o size=1m tmpfs "$XPORTBUILD_REMOTE_CACHE"
   dd if=/dev/zero of="$XPORTBUILD_REMOTE_CACHE/filler" bs=64k 2>/dev/null || true
 fi
-exec "$PYTHON" -m doit "$TASK"
 """
 QUANTIZED = "tiny-llama-tied-xnnpack-8da8w-shared"
 FLOAT = "tiny-llama-tied-xnnpack-fp32"
@@ -101,20 +90,17 @@ def built(tmp_path_factory, weights, shared_cache):
 
 
 def _run_on_full_disk(project, root, task: str, **extra_env: str):
-    import subprocess
-    import sys
-
     cache, artifacts = project.root / "full-cache", project.root / "artifacts"
     cache.mkdir(exist_ok=True)
     artifacts.mkdir(exist_ok=True)
     drop = "" if task.startswith("export:") else project.entry(task).path.relative_to(root / "saved-cache")
     env = {**project.env, "XPORTBUILD_CACHE": str(cache), "SAVED_CACHE": str(root / "saved-cache"), "CACHE": str(cache),
            "SAVED_ARTIFACTS": str(root / "saved-artifacts"), "ARTIFACTS": str(artifacts), "DROP": str(drop),
-           "UNPUBLISH": task.removeprefix("export:") if task.startswith("export:") else "", "TASK": task,
-           "PYTHON": sys.executable, "XPORTBUILD_REMOTE_CACHE": "", "LOCAL_ROOM": "", **extra_env}
-    result = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", FULL_DISK], cwd=project.root,
-                            env=env, capture_output=True, text=True, timeout=900)
-    return result.returncode, result.stdout + result.stderr
+           "UNPUBLISH": task.removeprefix("export:") if task.startswith("export:") else "",
+           "XPORTBUILD_REMOTE_CACHE": "", "LOCAL_ROOM": "", **extra_env}
+    run = start_doit([task], project.root, env, root / f"run-{task.replace(':', '-')}", merged=True,
+                     confinement=Confinement(private_mounts=FULL_DISK))
+    return run.wait(timeout=900), run.stdout.read_text()
 
 
 @pytest.mark.parametrize("task", FULL_DISK_CASES)

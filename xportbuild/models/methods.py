@@ -26,6 +26,7 @@ import torch
 
 from xportbuild.cache import reading_entry
 from xportbuild.errors import StageError
+from xportbuild.models.export_shortcuts import unused_export_work_skipped
 
 Call = Callable[[str, tuple], torch.Tensor]  # (method, positional tensors) -> its one output
 
@@ -50,7 +51,7 @@ class Outcome:
 
 def export_method(model_name: str, method: str, exportable: ExportableMethod) -> torch.export.ExportedProgram:
     try:
-        with torch.no_grad():
+        with torch.no_grad(), unused_export_work_skipped():
             # Strict (TorchDynamo): ExecuTorch 1.4.1 cannot decompose what non-strict export makes of these
             # modules ("expected compiled_fn to be GraphModule" in lower), though non-strict would export faster.
             return torch.export.export(exportable.module, exportable.example, dynamic_shapes=exportable.dynamic_shapes,

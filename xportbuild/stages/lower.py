@@ -8,11 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 from xportbuild import __version__, backends, passes
-from xportbuild.backends.decompose import fewer_decompositions
-from xportbuild.backends.fake_values import reuse_fake_values
-from xportbuild.backends.lazy_code import code_generated_when_run
-from xportbuild.backends.patterns import patterns_only_where_they_could_match
-from xportbuild.backends.retrace import skip_unchanged_retraces
+from xportbuild.backends.shortcuts import LoweringShortcuts
 from xportbuild.errors import StageError
 from xportbuild.keys import code_digests, digest_value, library_versions
 from xportbuild.pipeline import code_roots
@@ -57,17 +53,15 @@ def lower(program_dirs: list[Path], spec: LowerSpec, pass_files: dict[str, str],
     functions = {"strip_embedding_padding_idx": passes.strip_embedding_padding_idx}
     functions.update({ref: passes.load(ref, file) for ref, file in pass_files.items()})
     table_shapes = _shared_table_shapes(programs) if shared_table else set()
+    shortcuts = LoweringShortcuts()
     # Lowering a loaded program with autograd on fails on the KV cache's in-place copy_.
-    with torch.no_grad(), skip_unchanged_retraces() as retraces, patterns_only_where_they_could_match() as patterns, \
-            reuse_fake_values() as fake_values:
+    with torch.no_grad(), shortcuts.lowering():
         for method, program in programs.items():
             for ref, function in functions.items():
                 program = passes.apply(function, program, ref)
             programs[method] = program
-        # These two only around ExecuTorch's own call sequence, which they were checked against: an app's pass may
-        # call run_decompositions({}) and use the functional program it returns, or read a module's code specs.
-        with code_generated_when_run() as lazy_code:
-            with fewer_decompositions() as decompositions:
+        with shortcuts.executorch():
+            with shortcuts.edge_conversion():
                 edge = to_edge_transform_and_lower(
                     programs,
                     constant_methods=constant_methods(program_dirs[0], provenance or {}),
@@ -86,8 +80,7 @@ def lower(program_dirs: list[Path], spec: LowerSpec, pass_files: dict[str, str],
     path = out_dir / PTE_FILE
     path.write_bytes(executorch_program.buffer)
     facts = {"pte_bytes": path.stat().st_size, "backend": spec.backend, "delegation": delegation, "llama_ops": llama_ops,
-             "xnnpack_pass_retraces": retraces, "xnnpack_pattern_searches": patterns, "fake_values": dict(fake_values),
-             "lazy_code": lazy_code, "decompositions": decompositions}
+             **shortcuts.facts()}
     if table_shapes:
         executorch_program.write_tensor_data_to_file(str(out_dir))
         facts["ptd_bytes"] = (out_dir / DATA_FILE).stat().st_size
