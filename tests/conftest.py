@@ -19,9 +19,13 @@ sys.path.insert(0, str(REPO))
 # spinning threads on two cores: a GPTQ quantize took 38 s beside another build instead of 7 s alone. Each worker and
 # the builds it starts get cores / workers threads, unless the environment already says how many (the
 # thread-count reproducibility test gives its two builds 1 and 2).
+def _workers() -> int:
+    """pytest-xdist workers in this run (1 without xdist)."""
+    return int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+
+
 if "PYTEST_XDIST_WORKER" in os.environ:
-    _WORKERS = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers())))
 
 from tests.forked_doit import run_doit  # noqa: E402  (after the repo is on sys.path)
 
@@ -158,6 +162,6 @@ def pytest_collection_modifyitems(config, items) -> None:
     """Heaviest first, dealt in turn to each pytest-xdist worker's share: the workers start with equal shares of
     the long builds and end with short tests, so neither waits for the other's last family group at the end (one did
     for 68 s of a 16-minute run). Within a weight, collection order."""
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    workers = _workers()
     ranked = sorted(items, key=lambda item: -_weight(item))
     items[:] = [item for share in range(workers) for item in ranked[share::workers]]

@@ -87,25 +87,22 @@ class Confinement:
     private_mounts: str | None = None
 
 
-def start_doit(args: list[str], cwd: Path, env: dict, output: Path, merged: bool = False,
+def start_doit(args: list[str], cwd: Path, env: dict, output: Path | None = None, merged: bool = False,
                confinement: Confinement = Confinement()) -> ForkedRun:
     """`python -m doit ARGS` in `cwd` with `env`, forked from a zygote; its output goes to files in the folder
-    `output` (stdout and stderr in one file when `merged`, as `stderr=STDOUT` would)."""
-    output.mkdir(parents=True, exist_ok=True)
-    stdout = output / "stdout"
-    run = ForkedRun(0, args, stdout, stdout if merged else output / "stderr", output / "exit-code")
-    for path in {run.stdout, run.stderr, run.exit_file}:
-        path.unlink(missing_ok=True)
+    `output` (by default a new folder beside `cwd`), stdout and stderr in one file when `merged`, as
+    `stderr=STDOUT` would."""
+    output = output or Path(tempfile.mkdtemp(prefix="doit-run-", dir=Path(cwd).parent))
+    stdout, stderr, exit_file = output / "stdout", output / ("stdout" if merged else "stderr"), output / "exit-code"
+    request = {"args": args, "cwd": str(cwd), "env": env, "stdout": str(stdout), "stderr": str(stderr),
+               "exit": str(exit_file), "confinement": asdict(confinement)}
     zygote = _zygote(env)
-    request = {"args": args, "cwd": str(cwd), "env": env, "stdout": str(run.stdout), "stderr": str(run.stderr),
-               "exit": str(run.exit_file), "confinement": asdict(confinement)}
     zygote.stdin.write(json.dumps(request) + "\n")
     zygote.stdin.flush()
     line = zygote.stdout.readline()
     if not line:
         raise RuntimeError("the doit zygote ended")
-    run.pid = json.loads(line)["pid"]
-    return run
+    return ForkedRun(json.loads(line)["pid"], args, stdout, stderr, exit_file)
 
 
 def run_doit(args: list[str], cwd: Path, env: dict, timeout: float) -> subprocess.CompletedProcess:

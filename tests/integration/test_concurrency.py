@@ -3,7 +3,6 @@ lose no records and publish verified artifacts."""
 
 from __future__ import annotations
 
-import itertools
 import json
 from collections import Counter
 
@@ -13,12 +12,11 @@ from tests.forked_doit import ForkedRun, start_doit
 from tests.integration.models import local, model_toml
 
 TARGETS = ("tiny-llama-xnnpack-fp32", "tiny-llama-xnnpack-8da8w-shared")
-_RUNS = itertools.count()
 
 
 def _start(project, *args: str) -> ForkedRun:
     """A `doit` process of its own (tests/forked_doit.py), not waited for."""
-    return start_doit(list(args), project.root, project.env, project.root.parent / f"run-{next(_RUNS)}", merged=True)
+    return start_doit(list(args), project.root, project.env, merged=True)
 
 
 def _finish(run: ForkedRun) -> str:

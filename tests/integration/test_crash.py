@@ -3,7 +3,6 @@ partial output is ever taken as built and every stage finished before a kill is 
 
 from __future__ import annotations
 
-import itertools
 import json
 import random
 import shutil
@@ -20,8 +19,6 @@ from xportbuild.pipeline import STAGES
 from tests.forked_doit import start_doit
 from tests.integration.models import local, model_toml
 
-_RUNS = itertools.count()
-
 TARGETS = ("tiny-gguf-xnnpack-fp32", "tiny-gguf-xnnpack-8da8w-shared")
 MIN_KILLS = 12  # a round kills once inside every stage of both targets (12 stages); a round that missed one repeats
 ALL_STAGES = {stage.name for stage in STAGES if stage.name != "sensitivity"} | {"publish"}  # what export runs
@@ -32,8 +29,7 @@ class WatchedBuild:
     line, to kill it while a chosen stage runs."""
 
     def __init__(self, project, args: list[str]):
-        self.run = start_doit(args, project.root, project.env, project.root.parent / f"watched-{next(_RUNS)}",
-                              merged=True)
+        self.run = start_doit(args, project.root, project.env, merged=True)
         self.running: str | None = None  # the stage task currently between "building" and "built"
         self.started: list[str] = []
         self.seconds: dict[str, float] = {}  # each stage this build finished: its own "built in" time

@@ -24,7 +24,7 @@ def test_disk_full_while_lowering_keeps_the_published_artifact(project, weights,
     before = {p.name: hash_file(p) for p in published.iterdir()}
     project.edit_recipe("xnnpack-fp32", 'backend = "xnnpack"',
                         'backend = "xnnpack"\n[lower]\nextract_delegate_segments = false')
-    run = start_doit([f"export:{TARGET}"], project.root, project.env, tmp_path / "run", merged=True,
+    run = start_doit([f"export:{TARGET}"], project.root, project.env, merged=True,
                      confinement=Confinement(file_size_limit=64 * 1024))
     code, output = run.wait(timeout=900), run.stdout.read_text()
     assert code != 0
@@ -98,8 +98,7 @@ def _run_on_full_disk(project, root, task: str, **extra_env: str):
            "SAVED_ARTIFACTS": str(root / "saved-artifacts"), "ARTIFACTS": str(artifacts), "DROP": str(drop),
            "UNPUBLISH": task.removeprefix("export:") if task.startswith("export:") else "",
            "XPORTBUILD_REMOTE_CACHE": "", "LOCAL_ROOM": "", **extra_env}
-    run = start_doit([task], project.root, env, root / f"run-{task.replace(':', '-')}", merged=True,
-                     confinement=Confinement(private_mounts=FULL_DISK))
+    run = start_doit([task], project.root, env, merged=True, confinement=Confinement(private_mounts=FULL_DISK))
     return run.wait(timeout=900), run.stdout.read_text()
 
 
