@@ -8,6 +8,7 @@ the build (a killed build leaves no stage running), and what it raises is raised
 
 from __future__ import annotations
 
+import gc
 import os
 import pickle
 import signal
@@ -74,6 +75,7 @@ def _child(parent: int, write_end: int, function, args) -> None:
     code = 0
     try:
         _die_with(parent)
+        _leave_inherited_objects_to_the_build()
         try:
             outcome = ("returned", function(*args))
         except BaseException as err:  # noqa: BLE001  every outcome goes back to the build, which decides
@@ -86,6 +88,13 @@ def _child(parent: int, write_end: int, function, args) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+
+
+def _leave_inherited_objects_to_the_build() -> None:
+    """The build's objects (half a million, from the imports) out of this child's garbage collections: they live as
+    long as the child does, so tracing them finds nothing, and it took a tenth to a fifth of a tiny model's stage (0.4
+    of its 1.9 s export). Touching their headers would also copy the pages the child shares with the build."""
+    gc.freeze()
 
 
 def _die_with(parent: int) -> None:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))  # this checkout's xportbuild, also where another is installed
 PEER_PACKAGES = ("torch==2.13.0", "executorch==1.4.1", "torchao==0.18.0", "optimum-executorch==1.1.0")
 # The 4-bit/8-bit options optimum names the same way the recipes do.
 PEER_LINEARS = {"8da8w": "8da8w", "8da4w": "8da4w", "4w": "4w", "8w": "8w"}

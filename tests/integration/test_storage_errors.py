@@ -4,22 +4,25 @@ is left behind and what was already published survives."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 
 from xportbuild.keys import hash_file
 
+from tests.conftest import DODO, REPO, Project, made_once
 from tests.forked_doit import Confinement, start_doit
 from tests.integration.models import local, model_toml
 
 TARGET = "tiny-llama-xnnpack-fp32"
 
 
-def test_disk_full_while_lowering_keeps_the_published_artifact(project, weights, tmp_path):
+def test_disk_full_while_lowering_keeps_the_published_artifact(project, weights, tmp_path, shared_cache):
     project.write_model("tiny-llama", model_toml(local(weights / "tiny-llama"), ["xnnpack-fp32"]))
     project.env["XPORTBUILD_CACHE"] = str(tmp_path / "cache")
-    project.doit(f"export:{TARGET}")
+    project.doit_pulling(shared_cache, f"export:{TARGET}")
     published = project.root / "artifacts" / TARGET
     before = {p.name: hash_file(p) for p in published.iterdir()}
     project.edit_recipe("xnnpack-fp32", 'backend = "xnnpack"',
@@ -70,23 +73,28 @@ FULL_DISK_CASES = ["fetch:tiny-llama-tied", "reference:tiny-llama-tied", "progra
                    f"lower:{QUANTIZED}", f"verify:{QUANTIZED}", f"export:{FLOAT}"]
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory, weights, shared_cache):
-    """A project with both targets built and published, its cache and artifacts kept aside to copy from."""
-    import os
-
-    from tests.conftest import DODO, REPO, Project
-
-    root = tmp_path_factory.mktemp("full-disk")
+def _build_and_keep_aside(root: Path, weights: Path, shared_cache: Path) -> None:
+    """An app with both targets built and published, its cache and artifacts moved aside to copy from."""
     (root / "app" / "recipes" / "models").mkdir(parents=True)
     shutil.copytree(REPO / "recipes" / "recipes", root / "app" / "recipes" / "recipes")
     (root / "app" / "dodo.py").write_text(DODO)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "XPORTBUILD_CACHE": str(root / "saved-cache")}
-    project = Project(root / "app", env)
+    project = Project(root / "app", _env(root / "saved-cache"))
     project.write_model("tiny-llama-tied", model_toml(local(weights / "tiny-llama-tied"), ["xnnpack-8da8w-shared", "xnnpack-fp32"]))
     project.doit_pulling(shared_cache, "export")
     shutil.move(project.root / "artifacts", root / "saved-artifacts")
-    return project, root
+
+
+def _env(cache: Path) -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "XPORTBUILD_CACHE": str(cache)}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, run_folder, weights, shared_cache):
+    """Built once per run, however many workers use it; each worker runs a copy of the app (its own doit state)."""
+    saved = made_once(run_folder / "full-disk", lambda root: _build_and_keep_aside(root, weights, shared_cache))
+    root = tmp_path_factory.mktemp("full-disk")
+    shutil.copytree(saved / "app", root / "app")
+    return Project(root / "app", _env(saved / "saved-cache")), saved
 
 
 def _run_on_full_disk(project, root, task: str, **extra_env: str):

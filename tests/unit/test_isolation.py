@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import gc
 import os
 import signal
 import subprocess
@@ -53,6 +54,19 @@ def _fail_unreadable():
 
 def _fail_disk_full():
     raise OSError(errno.ENOSPC, "No space left on device", "/cache/tmp/forward.pt2")
+
+
+def _collector_view() -> tuple[int, set[int]]:
+    """What the child's collector would trace: the number frozen, the ids of every object it still traces."""
+    return gc.get_freeze_count(), {id(obj) for obj in gc.get_objects()}
+
+
+def test_the_childs_collections_leave_the_builds_objects_alone():
+    build_objects = [[number] for number in range(50_000)]
+    frozen, traced = run_in_child(_collector_view).result
+    assert frozen >= len(build_objects)
+    assert not traced & {id(obj) for obj in build_objects}
+    assert gc.get_freeze_count() == 0  # the build's own collector is as it was
 
 
 def test_errors_keep_their_type_fields_and_the_childs_traceback():
