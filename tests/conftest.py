@@ -17,14 +17,16 @@ sys.path.insert(0, str(REPO))
 
 # Two pytest-xdist workers on two cores, each running a build on as many OpenMP threads as there are cores, keep four
 # spinning threads on two cores: a GPTQ quantize took 38 s beside another build instead of 7 s alone. Each worker and
-# the builds it starts get cores / workers threads, unless the environment already says how many; said either way,
-# so that the thread-count reproducibility test knows which count the run's shared builds had and uses another.
+# the builds it starts get cores / workers threads, unless the environment already says how many. (Set in the
+# workers only: set in the xdist controller, whose environment the workers inherit, it would give each worker all
+# the cores.)
 def _workers() -> int:
     """pytest-xdist workers in this run (1 without xdist)."""
     return int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 
 
-os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers())))
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers())))
 
 from tests.forked_doit import run_doit  # noqa: E402  (after the repo is on sys.path)
 

@@ -3,6 +3,8 @@
     python -m xportbuild validate [recipes_dir]      every problem of every target, before any work starts
     python -m xportbuild run ARTIFACT --prompt TEXT  generate with a published .pte, as an app would
     python -m xportbuild fsck [recipes_dir]          read the whole cache and artifacts/ against their hashes
+    python -m xportbuild targets [recipes_dir] [--model M] [--recipe R]
+                                                     the targets as JSON, for a CI job matrix
 """
 
 from __future__ import annotations
@@ -38,6 +40,27 @@ def _fsck(args: argparse.Namespace) -> int:
     return 1 if findings else 0
 
 
+def _targets(args: argparse.Namespace) -> int:
+    import json
+
+    from xportbuild.plan import plan_targets
+    from xportbuild.recipe import load_project
+
+    targets = [plan.target for plan in plan_targets(load_project(Path(args.recipes))).targets.values()]
+    for option, wanted, known in (("--model", args.model, {t.model.name for t in targets}),
+                                  ("--recipe", args.recipe, {t.recipe.name for t in targets})):
+        if unknown := sorted(set(wanted or ()) - known):
+            print(f"targets: {option} {', '.join(unknown)}: no target has it (known: {', '.join(sorted(known))})",
+                  file=sys.stderr)
+            return 2
+    chosen = [t for t in targets if (not args.model or t.model.name in args.model)
+              and (not args.recipe or t.recipe.name in args.recipe)]
+    # GitHub Actions' matrix form: `strategy.matrix: ${{ fromJSON(needs.<job>.outputs.<name>) }}`
+    print(json.dumps({"include": [{"target": t.name, "model": t.model.name, "recipe": t.recipe.name}
+                                  for t in chosen]}))
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     from xportbuild.llm_runner import generate
 
@@ -65,6 +88,12 @@ def main(argv: list[str] | None = None) -> int:
                                             "discard damaged entries, restore damaged published files")
     fsck.add_argument("recipes", nargs="?", default="recipes", help="the recipes folder (default: ./recipes)")
     fsck.set_defaults(handler=_fsck)
+    targets = commands.add_parser("targets", help="print the targets (or those of some models or recipes) as JSON, "
+                                                  "one CI job each")
+    targets.add_argument("recipes", nargs="?", default="recipes", help="the recipes folder (default: ./recipes)")
+    targets.add_argument("--model", action="append", help="only this model's targets (repeatable)")
+    targets.add_argument("--recipe", action="append", help="only this recipe's targets (repeatable)")
+    targets.set_defaults(handler=_targets)
     run = commands.add_parser("run", help="generate text with a published causal-LM .pte (ExecuTorch's LLM runner)")
     run.add_argument("artifact", help="artifacts/<target> folder, or a .pte file (a .ptd beside it is used)")
     run.add_argument("--prompt", required=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from xportbuild import isolation
 from xportbuild.cache import Entry, Store, write_atomic
+from xportbuild.remote import RemoteCache
 from xportbuild.errors import CacheCorrupt, DamagedEntry, StageError, VerifyFailed
 from xportbuild.keys import SCHEMA, canonical_json, code_digests, digest_value, library_versions
 from xportbuild.pipeline import STAGE_BY_NAME, code_roots
@@ -31,26 +32,26 @@ class Workspace:
     cache_dir: Path
     artifacts_dir: Path
     state_dir: Path
-    remote_cache_dir: Path | None = None
+    remote: RemoteCache | None = None  # one per build: it remembers that the remote failed, and warns once
 
     @classmethod
     def for_project(cls, recipes_dir: Path, cache_dir: Path | None = None,
                     artifacts_dir: Path | None = None) -> "Workspace":
         """Defaults: cache in <project>/.xportbuild/cache (XPORTBUILD_CACHE overrides), artifacts in
-        <project>/artifacts; XPORTBUILD_REMOTE_CACHE names a folder shared between machines."""
+        <project>/artifacts; XPORTBUILD_REMOTE_CACHE names a store shared between machines (remote.py)."""
         project = Path(recipes_dir).resolve().parent
         state_dir = project / ".xportbuild"
-        remote = os.environ.get("XPORTBUILD_REMOTE_CACHE")
+        cache = Path(cache_dir or os.environ.get("XPORTBUILD_CACHE") or state_dir / "cache").resolve()
         return cls(
-            cache_dir=Path(cache_dir or os.environ.get("XPORTBUILD_CACHE") or state_dir / "cache").resolve(),
+            cache_dir=cache,
             artifacts_dir=Path(artifacts_dir or project / "artifacts").resolve(),
             state_dir=state_dir,
-            remote_cache_dir=Path(remote) if remote else None,
+            remote=RemoteCache.from_environment(cache),
         )
 
     @property
     def store(self) -> Store:
-        return Store(self.cache_dir, remote=self.remote_cache_dir)
+        return Store(self.cache_dir, remote=self.remote)
 
     def record_event(self, **event) -> None:
         """Append one line to the build log; O_APPEND keeps concurrent writers' lines whole."""
@@ -243,6 +244,7 @@ def _reuse_or_build(plan: Plan, workspace: Workspace, task: str) -> tuple[Entry 
         entry = store.lookup(key)
         if entry is not None:
             workspace.record_event(task=task, stage=node.stage, event="hit", key=key)
+            store.push(entry)  # a cache restored without doit's state (CI) shares what it holds, unless the remote has it
         else:
             if damaged := _discard_damaged_input(node, resolver, store):
                 return None, damaged

@@ -139,12 +139,12 @@ class Entry:
 class Store:
     """Entries live at <root>/v1/xxh3_128/<ab>/<key>/; temporary builds under <root>/tmp.
 
-    With a `remote` (a folder shared by CI jobs, e.g. a mounted or restored directory), a local miss is
-    pulled from it after checking every file against its content hash, and new entries are pushed to it."""
+    With a `remote` (remote.py: a store shared by machines and CI jobs), a local miss is pulled from it after
+    checking every file against its content hash, and new entries are pushed to it."""
 
-    def __init__(self, root: Path, remote: Path | None = None):
+    def __init__(self, root: Path, remote=None):  # a remote.RemoteCache: not imported, so stage keys leave it out
         self.root = Path(root)
-        self.remote = Path(remote) if remote else None
+        self.remote = remote
         self.stats = StatCache(self.root / "stat")
 
     def entry_path(self, key: str) -> Path:
@@ -249,56 +249,37 @@ class Store:
 
     def _pull(self, key: str) -> Entry | None:
         """Copy the remote entry for `key` into the local store, trusting nothing it has not hashed."""
-        remote = self.remote / SCHEMA / ALGORITHM / key[:2] / key
-        if not (remote / ENTRY_FILE).is_file():
-            return None
         with self.building(key) as scratch:
+            if self.remote.fetch(key, scratch) is None:
+                return None
             try:
-                record = json.loads((remote / ENTRY_FILE).read_text())
-                names = list(record["files"])
-                if not all(safe_relative_name(name) for name in names):
-                    raise CacheCorrupt(f"remote cache entry {remote}: a file name leaves the entry folder")
-                for name in [*names, ENTRY_FILE]:
-                    (scratch / name).parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(remote / name, scratch / name)
                 record = self._validated_record(scratch, key, hash_file)
-            except (OSError, ValueError, KeyError, TypeError, AttributeError, CacheCorrupt) as err:
+            except CacheCorrupt as err:
                 log.warning("remote cache entry %s rejected (%s); building it locally", key, err)
+                self.remote.note_damaged(key)
                 return None
             log.info("pulled %s from the remote cache", key)
             return self._place(key, scratch, record)
 
-    def _remote_entry_intact(self, path: Path, key: str) -> bool:
-        try:
-            self._validated_record(path, key, hash_file)
-        except CacheCorrupt:
-            return False
-        return True
-
     def push(self, entry: Entry) -> None:
-        """Copy a local entry to the remote store (atomically); a remote that cannot be written is skipped."""
+        """Copy a local entry to the remote (a remote that cannot be written is a warning), then whatever earlier
+        builds could not push."""
         if self.remote is None:
             return
-        key = entry.record["key"]
-        final = self.remote / SCHEMA / ALGORITHM / key[:2] / key
-        if (final / ENTRY_FILE).is_file() and self._remote_entry_intact(final, key):
+        self.remote.push(entry.record["key"], entry.path, entry.record)
+        self.push_pending()
+
+    def push_pending(self) -> None:
+        """Push the entries an earlier build could not (the remote was down or full), if still intact here."""
+        if self.remote is None or self.remote.read_only:
             return
-        try:
-            final.parent.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{key[:12]}-"))
+        for key in self.remote.pending():
+            path = self.entry_path(key)
             try:
-                shutil.copytree(entry.path, staging, dirs_exist_ok=True)
-                damaged = None
-                if final.exists():  # a damaged entry: move it out of the way, then let the good one in
-                    damaged = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{key[:12]}-bad-"))
-                    os.rename(final, damaged / key)
-                os.rename(staging, final)
-                if damaged is not None:
-                    shutil.rmtree(damaged, ignore_errors=True)
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
-        except OSError as err:
-            log.warning("could not push %s to the remote cache %s: %s", key, self.remote, err)
+                record = self._validated_record(path, key, self.stats.digest)
+            except CacheCorrupt:
+                continue
+            self.remote.push(key, path, record)
 
     def commit(self, key: str, scratch: Path, record: dict) -> Entry:
         """Record the files in `scratch` and move it into place as the entry for `key`."""

@@ -165,3 +165,33 @@ def _swap_into_place(staging: Path, final: Path) -> None:
     os.replace(staging, final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def copies_of(destination: Path, published: dict) -> dict[str, Path]:
+    """Where each published program file goes when an app names `destination` for the .pte: the .ptd (weights
+    kept apart) beside it, with the same stem."""
+    return {name: destination.with_suffix(Path(name).suffix) for name in (PTE_FILE, DATA_FILE)
+            if name in published.get("files", {})}
+
+
+def copy_state(workspace: Workspace, target: str, destination: Path) -> tuple[bool, str]:
+    """(fresh, reason): fresh when the app's copies hold exactly the published bytes."""
+    try:
+        published = json.loads((workspace.artifacts_dir / target / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False, f"copy:{target} is stale: export:{target} has not published yet"
+    for name, copy in copies_of(destination, published).items():
+        if not copy.is_file() or hash_file(copy) != published["files"][name]:
+            return False, f"copy:{target} is stale: {copy} is missing or differs from the published {name}"
+    return True, f"copy:{target} is up to date"
+
+
+def copy_published(workspace: Workspace, target: str, destination: Path) -> Path:
+    """Copy the published program (and its .ptd) to where the app's own build reads it, atomically."""
+    folder = workspace.artifacts_dir / target
+    published = json.loads((folder / MANIFEST).read_text())
+    for name, copy in copies_of(destination, published).items():
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(folder / name, copy.parent / f".{copy.name}.tmp")
+        os.replace(copy.parent / f".{copy.name}.tmp", copy)
+    return destination

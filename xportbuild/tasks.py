@@ -46,6 +46,8 @@ class PublishedFresh(StageFresh):
     def check(self) -> tuple[bool, str]:
         from xportbuild.publish import published_state
 
+        # A build with nothing to do still completes the pushes an earlier one could not make.
+        self.workspace.store.push_pending()
         return published_state(self.plan, self.workspace, self.task)
 
 
@@ -112,6 +114,27 @@ def run_publish(plan: Plan, workspace: Workspace, target: str):
     return _guarded(f"export:{target}", workspace, publish_target)
 
 
+def run_copy(workspace: Workspace, target: str, destination: Path):
+    from xportbuild.publish import copy_published
+
+    def copy() -> str:
+        with storage_errors(f"copy:{target}", destination.parent):
+            return f"copied to {copy_published(workspace, target, destination)}"
+
+    return _guarded(f"copy:{target}", workspace, copy)
+
+
+class CopyFresh(StageFresh):
+    def __init__(self, plan: Plan, workspace: Workspace, task: str, destination: Path):
+        super().__init__(plan, workspace, task)
+        self.destination = destination
+
+    def check(self) -> tuple[bool, str]:
+        from xportbuild.publish import copy_state
+
+        return copy_state(self.workspace, self.task.removeprefix("copy:"), self.destination)
+
+
 def run_fsck(workspace: Workspace):
     from xportbuild.publish import fsck
 
@@ -151,7 +174,7 @@ def _export_group(plan: Plan, workspace: Workspace):
             target = target_plan.target
             yield {
                 "basename": f"export:{name}",
-                "doc": f"{target.model.doc} | {target.recipe.doc}",
+                "doc": f"{target.model.doc} | {target.recipe.doc} | {_recipe_origin(target.recipe.file)}",
                 "actions": [(run_publish, [plan, workspace, name])],
                 "task_dep": [target_plan.verify],
                 "uptodate": [PublishedFresh(plan, workspace, name)],
@@ -161,23 +184,64 @@ def _export_group(plan: Plan, workspace: Workspace):
     return task_export
 
 
-def make_tasks(recipes_dir: Path, cache_dir: Path | None = None, artifacts_dir: Path | None = None) -> dict:
+def _recipe_origin(recipe_file: str) -> str:
+    from xportbuild.recipe.load import SHIPPED_RECIPES
+
+    file = Path(recipe_file)
+    return "shipped recipe" if file.parent == SHIPPED_RECIPES else f"own recipe recipes/recipes/{file.name}"
+
+
+def _copy_group(plan: Plan, workspace: Workspace, copies: dict[str, Path]):
+    """`copy:<target>`: the published .pte (and .ptd) copied to a path of the app's; a doit target, so the app's
+    own tasks can name that path as a file_dep."""
+    def task_copy():
+        for target, destination in copies.items():
+            yield {
+                "basename": f"copy:{target}",
+                "doc": f"copy the published {target} program to {destination}",
+                "actions": [(run_copy, [workspace, target, destination])],
+                "task_dep": [f"export:{target}"],
+                "targets": [str(destination)],
+                "uptodate": [CopyFresh(plan, workspace, f"copy:{target}", destination)],
+                "verbosity": 2,
+            }
+
+    return task_copy
+
+
+def _planned(recipes_dir: Path, shipped_recipes: bool, copies: dict[str, Path]) -> Plan:
+    """The plan, or a list of every problem and exit 2: a traceback from inside dodo loading would bury it."""
+    try:
+        plan = plan_targets(load_project(Path(recipes_dir), shipped_recipes))
+        if unknown := sorted(set(copies) - set(plan.targets)):
+            raise RecipeError([f"make_tasks: copies: {name!r} is not a target (targets: "
+                               f"{', '.join(sorted(plan.targets))})" for name in unknown])
+    except RecipeError as err:
+        print(err, file=sys.stderr)
+        raise SystemExit(2) from err
+    return plan
+
+
+def make_tasks(recipes_dir: Path, cache_dir: Path | None = None, artifacts_dir: Path | None = None,
+               shipped_recipes: bool = True, copies: dict[str, str | Path] | None = None) -> dict:
     """doit task creators for every target under `recipes_dir`, to merge into a dodo.py's globals.
 
     Defaults: cache in <project>/.xportbuild/cache (XPORTBUILD_CACHE overrides), artifacts in <project>/artifacts.
-    XPORTBUILD_REMOTE_CACHE names a folder shared between machines (CI): entries are pulled from it after a
-    content-hash check, and pushed to it when built.
+    XPORTBUILD_REMOTE_CACHE names a store shared between machines (CI), as an fsspec URL (remote.py): entries are
+    pulled from it after a content-hash check, and pushed to it when built.
+    Models may name the recipes xportbuild ships as well as the project's own (its own win); `shipped_recipes=False`
+    leaves only the project's. `copies` maps a target to a path of the app's (relative to the project) that
+    `copy:<target>` keeps equal to the published .pte.
     """
     workspace = Workspace.for_project(recipes_dir, cache_dir, artifacts_dir)
     workspace.state_dir.mkdir(exist_ok=True)  # doit opens its dep file here before any task runs
-    try:
-        plan = plan_targets(load_project(Path(recipes_dir)))
-    except RecipeError as err:
-        # A traceback from inside dodo loading would bury the list of problems.
-        print(err, file=sys.stderr)
-        raise SystemExit(2) from err
+    project = Path(recipes_dir).resolve().parent
+    destinations = {target: project / path for target, path in (copies or {}).items()}
+    plan = _planned(recipes_dir, shipped_recipes, destinations)
     creators = {f"task_{stage.name}": _stage_group(plan, workspace, stage.name) for stage in STAGES}
     creators["task_export"] = _export_group(plan, workspace)
+    if destinations:
+        creators["task_copy"] = _copy_group(plan, workspace, destinations)
 
     def task_validate():
         return {"doc": "check every target's recipes and sources (no build): `python -m xportbuild validate`",

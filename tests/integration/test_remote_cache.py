@@ -7,6 +7,7 @@ import json
 import shutil
 
 from xportbuild.cache import ENTRY_FILE, Store
+from xportbuild.remote import RemoteCache
 
 from tests.integration.models import local, model_toml
 
@@ -45,7 +46,7 @@ def test_pull_verify_and_push(project, weights, shared_cache, tmp_path):
     assert f"lower:{TARGET}" in project.built_since(mark)
     assert "fetch:tiny-llama" not in project.built_since(mark)
     repaired = _entry_of(remote, "lower")  # the rebuilt entry replaced the damaged one in the remote
-    assert Store(tmp_path / "fresh-4", remote=remote).lookup(repaired.name) is not None
+    assert Store(tmp_path / "fresh-4", remote=RemoteCache(str(remote), False, tmp_path / "notes-4")).lookup(repaired.name) is not None
 
     pushed_to = tmp_path / "remote-2"
     project.env["XPORTBUILD_REMOTE_CACHE"] = str(pushed_to)
@@ -54,4 +55,4 @@ def test_pull_verify_and_push(project, weights, shared_cache, tmp_path):
     project.doit(f"export:{TARGET}")
     assert project.built_since(mark) == [f"verify:{TARGET}"]
     pushed = _entry_of(pushed_to, "verify")
-    assert Store(tmp_path / "fresh-3", remote=pushed_to).lookup(pushed.name) is not None
+    assert Store(tmp_path / "fresh-3", remote=RemoteCache(str(pushed_to), False, tmp_path / "notes-3")).lookup(pushed.name) is not None

@@ -18,8 +18,11 @@ STAGES = (f"quantize:{TARGET}", f"replay:{TARGET}", f"lower:{TARGET}")
 
 
 def _threads_of_the_run() -> int:
-    """The threads torch and ExecuTorch get in this run's builds (tests/conftest.py sets it when unset)."""
-    return int(os.environ["OMP_NUM_THREADS"])
+    """The threads torch and ExecuTorch get in this run's builds: OMP_NUM_THREADS (tests/conftest.py sets it in
+    pytest-xdist workers), else torch's default on this machine."""
+    import torch
+
+    return int(os.environ.get("OMP_NUM_THREADS") or torch.get_num_threads())
 
 
 def _cold_project(tmp_path, weights, name: str, threads: int) -> Project:

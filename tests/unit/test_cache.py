@@ -13,6 +13,7 @@ import pytest
 
 from xportbuild.cache import ENTRY_FILE, Store
 from xportbuild.keys import digest_value
+from xportbuild.remote import RemoteCache
 
 KEY_DOC = {"stage": "program", "params": {"max_seq_len": 32}}
 KEY = digest_value(KEY_DOC)
@@ -93,6 +94,10 @@ def test_scratch_of_a_killed_process_is_pruned(tmp_path):
     assert store.lookup(KEY).file("forward.pt2").read_bytes() == b"program bytes"
 
 
+def _remote(folder, notes) -> RemoteCache:
+    return RemoteCache(str(folder), read_only=False, notes_dir=notes)
+
+
 def _remote_with_entry(tmp_path):
     remote = Store(tmp_path / "remote")
     _commit(remote)
@@ -101,13 +106,13 @@ def _remote_with_entry(tmp_path):
 
 def test_remote_entry_is_pulled_and_pushed(tmp_path):
     remote = _remote_with_entry(tmp_path)
-    local = Store(tmp_path / "local", remote=remote)
+    local = Store(tmp_path / "local", remote=_remote(remote, tmp_path / "notes"))
     entry = local.lookup(KEY)
     assert entry is not None and entry.path.is_relative_to(tmp_path / "local")
     assert entry.file("forward.pt2").read_bytes() == b"program bytes"
-    fresh_remote = Store(tmp_path / "local", remote=tmp_path / "remote2")
+    fresh_remote = Store(tmp_path / "local", remote=_remote(tmp_path / "remote2", tmp_path / "notes"))
     fresh_remote.push(entry)
-    assert Store(tmp_path / "other", remote=tmp_path / "remote2").lookup(KEY) is not None
+    assert Store(tmp_path / "other", remote=_remote(tmp_path / "remote2", tmp_path / "n2")).lookup(KEY) is not None
 
 
 @pytest.mark.parametrize("tamper", ["same-size", "record-key", "escaping-name"])
@@ -124,7 +129,7 @@ def test_tampered_remote_entry_is_rejected(tmp_path, caplog, tamper):
         record["files"] = {"../../../../../outside": {"size": 6, "digest": "x"}}
     (remote_entry / ENTRY_FILE).write_text(json.dumps(record))
     with caplog.at_level(logging.WARNING):
-        assert Store(tmp_path / "local", remote=remote).lookup(KEY) is None
+        assert Store(tmp_path / "local", remote=_remote(remote, tmp_path / "notes")).lookup(KEY) is None
     assert "rejected" in caplog.text
     assert not Store(tmp_path / "local").entry_path(KEY).exists()
 
@@ -185,3 +190,52 @@ def test_fsck_discards_damaged_entries_and_keeps_intact_ones(tmp_path):
     assert len(findings) == 1 and KEY in findings[0] and "does not match its content hash" in findings[0]
     assert not store.entry_path(KEY).exists() and store.lookup(other) is not None
     assert Store(tmp_path).fsck() == (1, [])
+
+
+def test_a_read_only_remote_is_pulled_from_and_never_written(tmp_path):
+    remote = _remote_with_entry(tmp_path)
+    reader = Store(tmp_path / "local", remote=RemoteCache(str(remote), read_only=True, notes_dir=tmp_path / "notes"))
+    entry = reader.lookup(KEY)
+    assert entry is not None
+    elsewhere = tmp_path / "remote2"
+    Store(tmp_path / "local", remote=RemoteCache(str(elsewhere), read_only=True, notes_dir=tmp_path / "notes")).push(entry)
+    assert not elsewhere.exists()
+
+
+def test_a_remote_that_cannot_be_written_warns_once_and_a_later_build_pushes_what_it_missed(tmp_path, caplog):
+    local = Store(tmp_path / "local")
+    _commit(local)
+    other_key = digest_value({**KEY_DOC, "params": {"max_seq_len": 64}})
+    with local.building(other_key) as scratch:
+        (scratch / "forward.pt2").write_bytes(b"other program")
+        local.commit(other_key, scratch, {"stage": "program", "key_doc": {**KEY_DOC, "params": {"max_seq_len": 64}},
+                                          "result": {}})
+    unwritable = RemoteCache("/sys/xportbuild-remote", read_only=False, notes_dir=tmp_path / "notes")
+    down = Store(tmp_path / "local", remote=unwritable)
+    with caplog.at_level(logging.WARNING):
+        for key in (KEY, other_key):
+            down.push(local.lookup(key))
+    assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1 and len(caplog.records) == 1
+    assert "could not push" in caplog.text and "a later build pushes what is missing" in caplog.text
+    assert unwritable.pending() == sorted([KEY, other_key])
+
+    back = RemoteCache(str(tmp_path / "remote"), read_only=False, notes_dir=tmp_path / "notes")
+    Store(tmp_path / "local", remote=back).push_pending()
+    assert back.pending() == []
+    for key in (KEY, other_key):
+        assert Store(tmp_path / "fresh", remote=_remote(tmp_path / "remote", tmp_path / "n3")).lookup(key) is not None
+
+
+def test_concurrent_pushes_of_one_key_leave_one_whole_entry(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    local = Store(tmp_path / "local")
+    _commit(local, payload=b"program bytes" * 100_000)
+    entry = local.lookup(KEY)
+    pushers = [RemoteCache(str(tmp_path / "remote"), read_only=False, notes_dir=tmp_path / f"notes{i}") for i in range(8)]
+    # Started together, pushers that find the key missing write every file and the record over each other.
+    with ThreadPoolExecutor(len(pushers)) as pool:
+        list(pool.map(lambda remote: remote.push(KEY, entry.path, entry.record), pushers))
+    pulled = Store(tmp_path / "fresh", remote=_remote(tmp_path / "remote", tmp_path / "n")).lookup(KEY)
+    assert pulled is not None and pulled.file("forward.pt2").read_bytes() == b"program bytes" * 100_000
+    assert not list((tmp_path / "remote" / "incoming").iterdir())

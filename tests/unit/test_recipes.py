@@ -73,6 +73,23 @@ def test_knobs_that_would_do_nothing_are_rejected(tmp_path):
     assert "lower.per_op_mode: true: only the xnnpack backend partitions per op" in str(caught.value)
 
 
+def test_an_app_names_shipped_recipes_without_copying_them_and_its_own_win(tmp_path):
+    (tmp_path / "recipes" / "models").mkdir(parents=True)
+    (tmp_path / "recipes" / "models" / "m.toml").write_text(GOOD_MODEL.replace('"xnnpack-fp32"', '"xnnpack-fp32", "xnnpack-8da8w"'))
+    shipped = {t.recipe.name: t.recipe for t in load_project(tmp_path / "recipes")}
+    assert Path(shipped["xnnpack-fp32"].file) == REPO / "recipes" / "recipes" / "xnnpack-fp32.toml"
+
+    (tmp_path / "recipes" / "recipes").mkdir()
+    own = tmp_path / "recipes" / "recipes" / "xnnpack-fp32.toml"
+    own.write_text('doc = "the app\'s float recipe"\nbackend = "portable"\n')
+    mixed = {t.recipe.name: t.recipe for t in load_project(tmp_path / "recipes")}
+    assert mixed["xnnpack-fp32"].doc == "the app's float recipe" and Path(mixed["xnnpack-fp32"].file) == own
+    assert mixed["xnnpack-8da8w"] == shipped["xnnpack-8da8w"]
+
+    with pytest.raises(RecipeError, match=re.escape("unknown recipe 'xnnpack-8da8w' (known: xnnpack-fp32)")):
+        load_project(tmp_path / "recipes", shipped_recipes=False)
+
+
 def test_unknown_recipe_name_lists_known(tmp_path):
     known = ", ".join(sorted(recipe.stem for recipe in SHIPPED_RECIPES))
     with pytest.raises(RecipeError, match=re.escape(f"unknown recipe 'nope' (known: {known})")):

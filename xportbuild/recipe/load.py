@@ -25,6 +25,8 @@ from xportbuild.recipe.spec import (
 )
 
 _SOURCE_FIELDS = {"hub": {"repo", "revision"}, "local": {"path"}, "gguf": set()}
+# The recipes this checkout ships, which any project's models may name.
+SHIPPED_RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "recipes"
 # Names become task names and folder names under artifacts/ and the state dir: keep them plain.
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*(\.[a-z0-9_-]+)*$")
 
@@ -378,27 +380,35 @@ def _pair(model: ModelSpec, overrides: dict, recipes: dict[str, RecipeSpec], pro
     return targets
 
 
-def load_project(recipes_dir: Path) -> list[Target]:
-    """Every target declared under `recipes_dir`; raises RecipeError listing all problems at once."""
-    targets, problems = load_what_loads(recipes_dir)
+def load_project(recipes_dir: Path, shipped_recipes: bool = True) -> list[Target]:
+    """Every target declared under `recipes_dir`; raises RecipeError listing all problems at once. A model may
+    name the recipes xportbuild ships (SHIPPED_RECIPES) unless `shipped_recipes` is False; a recipe of the
+    project's own with the same name wins."""
+    targets, problems = load_what_loads(recipes_dir, shipped_recipes)
     if problems:
         raise RecipeError(problems)
     return targets
 
 
-def load_what_loads(recipes_dir: Path) -> tuple[list[Target], list[str]]:
+def recipe_files(recipes_dir: Path, shipped_recipes: bool = True) -> dict[str, Path]:
+    """The recipe file each recipe name resolves to: the project's own, else the shipped one."""
+    shipped = sorted(SHIPPED_RECIPES.glob("*.toml")) if shipped_recipes else []
+    return {file.stem: file for file in [*shipped, *sorted((Path(recipes_dir) / "recipes").glob("*.toml"))]}
+
+
+def load_what_loads(recipes_dir: Path, shipped_recipes: bool = True) -> tuple[list[Target], list[str]]:
     """(targets that loaded, problems found): lets a validator check the good targets' sources too."""
     recipes_dir = Path(recipes_dir)
     problems = _Problems()
     model_files = sorted((recipes_dir / "models").glob("*.toml"))
-    recipe_files = sorted((recipes_dir / "recipes").glob("*.toml"))
+    named = recipe_files(recipes_dir, shipped_recipes)
     if not model_files:
         problems.add(recipes_dir / "models", "(folder)", "no model files (*.toml) found")
-    for file in [*model_files, *recipe_files]:
+    for file in [*model_files, *named.values()]:
         if not _NAME.match(file.stem):
             problems.add(file, "(file name)", f"{file.stem!r}: use lowercase letters, digits, '-', '_' and '.' "
                          "(it names tasks and folders under artifacts/)")
-    recipes = {f.stem: r for f in recipe_files if (r := _load_recipe(f, problems)) is not None}
+    recipes = {name: r for name, f in named.items() if (r := _load_recipe(f, problems)) is not None}
     targets: list[Target] = []
     for file in model_files:
         model, overrides = _load_model(file, problems)
