@@ -77,9 +77,12 @@ def package_module_file(module: str, package_dir: Path = PACKAGE_DIR) -> Path | 
     return None
 
 
-def _imported_names(module: str, tree: ast.AST) -> set[str]:
-    """Every module an import statement anywhere in `tree` may name (function-level imports included: stages import
-    lazily), with `from a import b` also offering `a.b` in case b is a submodule."""
+@functools.lru_cache(maxsize=None)
+def _imported_names(module: str, source: bytes) -> frozenset[str]:
+    """Every module an import statement anywhere in `source` may name (function-level imports included: stages
+    import lazily), with `from a import b` also offering `a.b` in case b is a submodule. Kept per source text: the
+    keys of one build's stages share most of their modules, and parsing them again was half a no-op rebuild."""
+    tree = ast.parse(source, module)
     names: set[str] = set()
     package = module if module == PACKAGE else module.rpartition(".")[0]
     for node in ast.walk(tree):
@@ -92,7 +95,7 @@ def _imported_names(module: str, tree: ast.AST) -> set[str]:
                 base = ".".join(anchor + ([base] if base else []))
             names.add(base)
             names.update(f"{base}.{alias.name}" for alias in node.names)
-    return names
+    return frozenset(names)
 
 
 @functools.lru_cache(maxsize=None)
@@ -109,7 +112,7 @@ def import_closure(roots: tuple[str, ...], package_dir: Path = PACKAGE_DIR) -> t
         seen.add(module)
         parents = [".".join(module.split(".")[:n]) for n in range(1, module.count(".") + 1)]
         pending.extend(parents)
-        pending.extend(_imported_names(module, ast.parse(file.read_bytes(), str(file))))
+        pending.extend(_imported_names(module, file.read_bytes()))
     return tuple(sorted(seen))
 
 
@@ -121,10 +124,16 @@ def code_digests(roots: tuple[str, ...], package_dir: Path = PACKAGE_DIR) -> dic
 
 def library_versions(names: tuple[str, ...] = LIBRARIES) -> dict[str, str]:
     """Installed versions, read from package metadata (no import of the libraries)."""
+    return dict(_installed_versions(names))
+
+
+@functools.lru_cache(maxsize=None)
+def _installed_versions(names: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    """Read once per process: a build does not install packages while it runs."""
     versions = {}
     for name in names:
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             versions[name] = "absent"
-    return versions
+    return tuple(versions.items())

@@ -33,13 +33,14 @@ def _lower_programs_bytes(programs, patched: bool, backend: str = "xnnpack") -> 
 
 def _flat(facts: dict) -> dict:
     """The shortcuts' counts in one dict: the retrace and lazy-code counts by their own names, the others prefixed
-    ("decompositions skipped", "patterns searched", "fake_values reused", "provenance shared_records")."""
+    ("decompositions skipped", "patterns searched", "fake_values reused", "provenance shared_records", "cia_ops
+    skipped")."""
     return {**facts["xnnpack_pass_retraces"], **facts["lazy_code"],
             **{f"{prefix} {name}": count for key, prefix in _PREFIXES.items() for name, count in facts[key].items()}}
 
 
 _PREFIXES = {"decompositions": "decompositions", "xnnpack_pattern_searches": "patterns", "fake_values": "fake_values",
-             "provenance": "provenance"}
+             "provenance": "provenance", "cia_ops": "cia_ops"}
 
 
 def _rewritten_by_many_passes():
@@ -73,6 +74,7 @@ def test_skipping_no_op_retraces_keeps_a_conv_net_byte_identical(monkeypatch):
     assert calls == [], calls  # ExecuTorch's pattern functions were never asked: no pattern graph was built
     assert counts["fake_values reused"] > 0 and counts["fake_values computed"] > 0, counts
     assert counts["lazy_modules"] > 0 and counts["provenance shared_records"] > 0, counts
+    assert counts["cia_ops skipped"] > 0 and counts["cia_ops run"] > 0, counts
     assert fast == stock
 
 
@@ -234,7 +236,7 @@ def test_the_lower_stage_output_is_byte_identical_without_the_patch(project, wei
     fast, stock, counts = _lower_stage_twice(project, tmp_path, monkeypatch, "tiny-gemma3", "xnnpack-8da8w-shared")
     assert counts["skipped"] > 0 and counts["decompositions skipped"] == 1 and counts["patterns skipped"] > 0, counts
     assert counts["fake_values reused"] > 0 and counts["lazy_modules"] > 0, counts
-    assert counts["provenance shared_records"] > 0, counts
+    assert counts["provenance shared_records"] > 0 and counts["cia_ops skipped"] > 0, counts
     assert len(fast) == 2 and fast == stock  # .pte and .ptd
 
 
@@ -244,7 +246,7 @@ def test_the_lower_stage_without_a_partitioner_is_byte_identical(project, weight
     project.write_model("tiny-llama", model_toml(local(weights / "tiny-llama"), ["portable-fp32"]))
     fast, stock, counts = _lower_stage_twice(project, tmp_path, monkeypatch, "tiny-llama", "portable-fp32")
     assert counts["fake_values reused"] > 0 and counts["lazy_modules"] > 0, counts
-    assert counts["provenance shared_records"] > 0, counts
+    assert counts["provenance shared_records"] > 0 and counts["cia_ops skipped"] > 0, counts
     assert len(fast) == 1 and fast == stock
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 
 # The ExecuTorch version the lowering shortcuts (shortcuts.py: retrace.py, decompose.py, patterns.py, fake_values.py,
-# lazy_code.py, provenance.py) were checked against, byte for byte: on another version lowering runs unpatched.
+# lazy_code.py, provenance.py, cia_ops.py) were checked against, byte for byte: on another version lowering runs unpatched.
 CHECKED_EXECUTORCH = "1.4.1"
 
 REGISTRY: dict[str, str] = {

@@ -5,13 +5,15 @@ pattern graphs only where they could match (patterns.py), fake values reused (fa
 shared (provenance.py). Around ExecuTorch's own calls only, which they were checked against (an app's pass may call
 run_decompositions({}) and use the functional program it returns, or read a module's code): graph-module code
 generated when run (lazy_code.py) and, around the edge conversion, decompositions with nothing to do skipped
-(decompose.py). Each is tied to `backends.CHECKED_EXECUTORCH`.
+(decompose.py) and the dispatcher's implicit-decomposition operators looked up once (cia_ops.py). Each is tied to
+`backends.CHECKED_EXECUTORCH`.
 """
 
 from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager
 
+from xportbuild.backends.cia_ops import cia_ops_materialized_once
 from xportbuild.backends.decompose import fewer_decompositions
 from xportbuild.backends.fake_values import reuse_fake_values
 from xportbuild.backends.lazy_code import code_generated_when_run
@@ -23,7 +25,7 @@ _AROUND_LOWERING = {"xnnpack_pass_retraces": skip_unchanged_retraces,
                     "xnnpack_pattern_searches": patterns_only_where_they_could_match,
                     "fake_values": reuse_fake_values, "provenance": provenance_shared}
 _AROUND_EXECUTORCH = {"lazy_code": code_generated_when_run}
-_AROUND_EDGE_CONVERSION = {"decompositions": fewer_decompositions}
+_AROUND_EDGE_CONVERSION = {"decompositions": fewer_decompositions, "cia_ops": cia_ops_materialized_once}
 
 
 class LoweringShortcuts:
