@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 from xportbuild.keys import hash_file
 
@@ -18,6 +20,7 @@ OWN = "tiny-llama-xnnpack-fp32-tidy"
 def test_the_example_app_builds_copies_and_reruns_only_what_its_pass_edit_touches(tmp_path, shared_cache):
     root = tmp_path / "app"
     shutil.copytree(REPO / "examples" / "app", root)
+    subprocess.run([sys.executable, "make_model.py"], cwd=root, check=True, capture_output=True, timeout=300)
     assert not (root / "recipes" / "recipes" / "xnnpack-fp32.toml").exists()  # shipped, not copied
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "XPORTBUILD_CACHE": str(tmp_path / "cache")}
     app = Project(root, env)
