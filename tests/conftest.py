@@ -61,12 +61,14 @@ class Project:
 
     def doit_pulling(self, run_cache: Path, *args: str) -> subprocess.CompletedProcess:
         """`doit` with the run's shared cache as the remote: what another test built is pulled into this project's
-        own cache (content-checked, as a CI job pulls) instead of built again. Later `doit`s use that cache alone."""
-        self.env["XPORTBUILD_REMOTE_CACHE"] = str(run_cache)
+        own cache (content-checked, as a CI job pulls) instead of built again. Later `doit`s use that cache alone.
+        The run's own cache is trusted as a store with a key would be (tests/integration/test_hostile.py covers
+        stores that are not)."""
+        self.env.update(XPORTBUILD_REMOTE_CACHE=str(run_cache), XPORTBUILD_REMOTE_TRUST="1")
         try:
             return self.doit(*args)
         finally:
-            del self.env["XPORTBUILD_REMOTE_CACHE"]
+            del self.env["XPORTBUILD_REMOTE_CACHE"], self.env["XPORTBUILD_REMOTE_TRUST"]
 
     def events(self) -> list[dict]:
         path = self.root / ".xportbuild" / "events.jsonl"

@@ -57,9 +57,12 @@ class Workspace:
         """Append one line to the build log; O_APPEND keeps concurrent writers' lines whole."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         line = (json.dumps({"time": time.time(), "pid": os.getpid(), **event}) + "\n").encode()
-        fd = os.open(self.state_dir / "events.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        path = self.state_dir / "events.jsonl"
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             os.write(fd, line)
+        except OSError as err:  # os.write names no file: the message must say which folder to free
+            raise OSError(err.errno, err.strerror, str(path)) from err
         finally:
             os.close(fd)
 

@@ -18,10 +18,12 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from xportbuild.errors import CacheCorrupt, DamagedEntry
+from xportbuild.errors import CacheCorrupt, DamagedEntry, StageError
 import xxhash
 
-from xportbuild.keys import ALGORITHM, SCHEMA, canonical_json, digest_value, file_stamp, hash_file, tree_digest
+from xportbuild.keys import (ALGORITHM, SCHEMA, canonical_json, digest_value, file_stamp, hash_file, is_key,
+                             record_digest,
+                             tree_digest)
 
 log = logging.getLogger(__name__)
 ENTRY_FILE = "entry.json"
@@ -53,9 +55,11 @@ def write_atomic(path: Path, data: bytes) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(err, OSError) and err.filename is None:  # a failed write names no file: say which one
+            raise OSError(err.errno, err.strerror, str(path)) from err
         raise
 
 
@@ -148,6 +152,8 @@ class Store:
         self.stats = StatCache(self.root / "stat")
 
     def entry_path(self, key: str) -> Path:
+        if not is_key(key):
+            raise CacheCorrupt(f"{key!r} is not a cache key")
         return self.root / SCHEMA / ALGORITHM / key[:2] / key
 
     def lock(self, key: str) -> FileLock:
@@ -159,6 +165,9 @@ class Store:
         """The entry for `key` if present and intact; a damaged entry is discarded with a warning."""
         path = self.entry_path(key)
         if not (path / ENTRY_FILE).exists():
+            if path.exists():  # entries are placed whole, record included: a folder without one was damaged
+                log.warning("cache entry %s has no record; discarding it and rebuilding", path)
+                self._discard(path)
             return self._pull(key) if self.remote else None
         try:
             return Entry(path, self._validated_record(path, key, self.stats.digest))
@@ -167,19 +176,26 @@ class Store:
             self._discard(path)
             return self._pull(key) if self.remote else None
 
-    @staticmethod
-    def _validated_record(path: Path, key: str, digest_of) -> dict:
-        """The entry's record, after checking it belongs to `key` and every file matches its content hash."""
+    def _validated_record(self, path: Path, key: str, digest_of) -> dict:
+        """The entry's record, after checking its shape, that it belongs to `key`, that it is whole (its digest
+        covers its result too) and signed where a shared store's key asks it, and every file against its hash."""
         try:
             record = json.loads((path / ENTRY_FILE).read_text())
             files = record["files"]
-            names_ok = all(safe_relative_name(name) for name in files)
+            shaped = isinstance(record["key_doc"], dict) and "result" in record and all(
+                safe_relative_name(name) and type(f["size"]) is int and isinstance(f["digest"], str)
+                for name, f in files.items())
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             raise CacheCorrupt(f"cache entry {path}: unreadable record ({err})") from err
+        if not shaped:
+            raise CacheCorrupt(f"cache entry {path}: its record is not of the cache's shape (or names a file "
+                               "outside the entry folder)")
         if record.get("key") != key or digest_value(record.get("key_doc")) != key:
             raise CacheCorrupt(f"cache entry {path}: its record was not built for key {key}")
-        if not names_ok:
-            raise CacheCorrupt(f"cache entry {path}: a file name leaves the entry folder")
+        if record.get("record_digest") != record_digest(record):
+            raise CacheCorrupt(f"cache entry {path}: its record was changed after it was written")
+        if self.remote is not None and (problem := self.remote.signature_problem(record)):
+            raise CacheCorrupt(f"cache entry {path}: {problem}")
         for name, expected in files.items():
             file = path / name
             if not file.is_file() or file.stat().st_size != expected["size"]:
@@ -258,6 +274,8 @@ class Store:
                 log.warning("remote cache entry %s rejected (%s); building it locally", key, err)
                 self.remote.note_damaged(key)
                 return None
+            if not self.remote.trusts(record):
+                return None
             log.info("pulled %s from the remote cache", key)
             return self._place(key, scratch, record)
 
@@ -273,7 +291,7 @@ class Store:
         """Push the entries an earlier build could not (the remote was down or full), if still intact here."""
         if self.remote is None or self.remote.read_only:
             return
-        for key in self.remote.pending():
+        for key in filter(is_key, self.remote.pending()):
             path = self.entry_path(key)
             try:
                 record = self._validated_record(path, key, self.stats.digest)
@@ -283,12 +301,15 @@ class Store:
 
     def commit(self, key: str, scratch: Path, record: dict) -> Entry:
         """Record the files in `scratch` and move it into place as the entry for `key`."""
+        if (scratch / ENTRY_FILE).exists():
+            raise StageError(f"the stage wrote a file named {ENTRY_FILE}, the name of the cache's own record")
         files = {}
         for file in sorted(p for p in scratch.rglob("*") if p.is_file()):
             name = file.relative_to(scratch).as_posix()
             digest = hash_file(file)
             files[name] = {"size": file.stat().st_size, "digest": digest}
         full = {**record, "key": key, "files": files, "digest": tree_digest({n: f["digest"] for n, f in files.items()})}
+        full["record_digest"] = record_digest(full)
         write_atomic(scratch / ENTRY_FILE, canonical_json(full).encode())
         return self._place(key, scratch, full)
 

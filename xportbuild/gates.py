@@ -23,9 +23,12 @@ Check = tuple[str, float, str, float, str]  # (what, value, ">=" or "<=", limit,
 
 
 def missed(checks: list[Check]) -> list[Missed]:
-    """The checks that fail."""
+    """The checks that fail. A value that is not a number fails whatever its limit, and no tolerance accepts it."""
     return [Missed(f"{name} {value:.6g} (required {op} {limit:g})", tolerance, op, accepting(value, op))
-            for name, value, op, limit, tolerance in checks if not (value >= limit if op == ">=" else value <= limit)]
+            if math.isfinite(value) else
+            Missed(f"{name} is {value} (the outputs hold NaN or infinite values)", "", op, 0.0)
+            for name, value, op, limit, tolerance in checks
+            if not math.isfinite(value) or not (value >= limit if op == ">=" else value <= limit)]
 
 
 def accepting(value: float, op: str) -> float:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ast
 import functools
+import hashlib
+import hmac
 import importlib.metadata
 import json
 import math
@@ -12,10 +14,11 @@ from pathlib import Path
 
 import xxhash
 
-SCHEMA = "v1"
+SCHEMA = "v2"  # v2: records carry a digest of their whole content
 ALGORITHM = "xxh3_128"
 LIBRARIES = ("torch", "executorch", "torchao", "transformers")
 _CHUNK = 8 << 20
+_UNDIGESTED = ("record_digest", "signature")
 PACKAGE = "xportbuild"
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -40,6 +43,26 @@ def _reject_nan(value) -> None:
 def digest_value(value) -> str:
     """xxh3-128 hex digest of a JSON-able value."""
     return xxhash.xxh3_128_hexdigest(canonical_json(value).encode())
+
+
+def record_digest(record: dict) -> str:
+    """Digest of a cache record's whole content (key, files, result, timings), apart from this digest itself and
+    the signature made over it."""
+    return digest_value({name: value for name, value in record.items() if name not in _UNDIGESTED})
+
+
+def signature(digest: str, secret: bytes) -> str:
+    """HMAC-SHA256 of a record digest: only a holder of `secret` can make it (xxh3 is a checksum, not a MAC)."""
+    return hmac.new(secret, digest.encode(), hashlib.sha256).hexdigest()
+
+
+def signed_by(record: dict, secret: bytes) -> bool:
+    return hmac.compare_digest(str(record.get("signature", "")), signature(record_digest(record), secret))
+
+
+def is_key(value) -> bool:
+    """A digest as this module writes them (32 hex digits): anything else read from a file names no entry."""
+    return isinstance(value, str) and len(value) == 32 and all(c in "0123456789abcdef" for c in value)
 
 
 def digest_bytes(data: bytes) -> str:
@@ -98,22 +121,27 @@ def _imported_names(module: str, source: bytes) -> frozenset[str]:
     return frozenset(names)
 
 
-@functools.lru_cache(maxsize=None)
-def import_closure(roots: tuple[str, ...], package_dir: Path = PACKAGE_DIR) -> tuple[str, ...]:
-    """The modules of this package that `roots` import, directly or not, read from their source (nothing is
-    imported). A stage's key covers exactly these: editing any of them reruns the stage, editing another does not.
-    Parent packages count too: their __init__ runs on import."""
-    seen: set[str] = set()
+def module_closure(roots: tuple[str, ...], locate) -> dict[str, Path]:
+    """{module: source file} of `roots` and every module they import, directly or not, that `locate(name)` finds a
+    file for (None: outside the code being keyed), read from source (nothing is imported). Parent packages count
+    too: their __init__ runs on import."""
+    found: dict[str, Path] = {}
     pending = list(roots)
     while pending:
         module = pending.pop()
-        if module in seen or (file := package_module_file(module, package_dir)) is None:
+        if module in found or (file := locate(module)) is None:
             continue
-        seen.add(module)
-        parents = [".".join(module.split(".")[:n]) for n in range(1, module.count(".") + 1)]
-        pending.extend(parents)
+        found[module] = file
+        pending.extend(".".join(module.split(".")[:n]) for n in range(1, module.count(".") + 1))
         pending.extend(_imported_names(module, file.read_bytes()))
-    return tuple(sorted(seen))
+    return found
+
+
+@functools.lru_cache(maxsize=None)
+def import_closure(roots: tuple[str, ...], package_dir: Path = PACKAGE_DIR) -> tuple[str, ...]:
+    """The modules of this package that `roots` import (`module_closure`). A stage's key covers exactly these:
+    editing any of them reruns the stage, editing another does not."""
+    return tuple(sorted(module_closure(roots, functools.partial(package_module_file, package_dir=package_dir))))
 
 
 def code_digests(roots: tuple[str, ...], package_dir: Path = PACKAGE_DIR) -> dict[str, str]:

@@ -5,15 +5,15 @@ A pass takes an ExportedProgram and returns one. Its source file is part of the 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import xxhash
-
 from xportbuild.errors import RecipeError
-from xportbuild.keys import PACKAGE, package_module_file
+from xportbuild.keys import PACKAGE, digest_value, hash_file, module_closure, package_module_file
 
 REGISTRY: dict[str, str] = {
     "strip_embedding_padding_idx": "xportbuild.passes:strip_embedding_padding_idx",
@@ -25,11 +25,18 @@ def repo_root(recipe_file: str) -> Path:
     return Path(recipe_file).resolve().parent.parent.parent
 
 
+# A dotted module name and an attribute: never a path, so that a pass is always code of the app's own repo.
+_REFERENCE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
+
+
 def _reference(name: str) -> str:
     if name in REGISTRY:
         return REGISTRY[name]
     if ":" not in name:
         raise KeyError(f"unknown pass {name!r}: use one of {', '.join(sorted(REGISTRY))} or 'module:attr'")
+    if not _REFERENCE.match(name):
+        raise KeyError(f"not 'module:attr' with a dotted module name (a path is not accepted: a pass is "
+                       "a module of the repo holding recipes/)")
     return name
 
 
@@ -41,7 +48,7 @@ class LocatedPass:
     name: str
     ref: str
     file: str
-    source: str
+    source: str  # digest of the pass's module and of every module of the repo it imports
 
     def keyed(self) -> dict:
         return {"name": self.name, "ref": self.ref, "source": self.source}
@@ -50,8 +57,24 @@ class LocatedPass:
 def _module_file(module: str, root: Path) -> Path | None:
     if module == PACKAGE or module.startswith(PACKAGE + "."):
         return package_module_file(module)
+    return _app_module_file(module, root)
+
+
+def _app_module_file(module: str, root: Path) -> Path | None:
+    """The file of `module` in the app's repo, if it is there (and stays there once links are resolved)."""
+    if not all(part.isidentifier() for part in module.split(".")):
+        return None
     base = root.joinpath(*module.split("."))
-    return next((f for f in (base.with_suffix(".py"), base / "__init__.py") if f.is_file()), None)
+    file = next((f for f in (base.with_suffix(".py"), base / "__init__.py") if f.is_file()), None)
+    return file if file is not None and file.resolve().is_relative_to(root.resolve()) else None
+
+
+def _source_digest(module: str, file: Path, root: Path) -> str:
+    """The pass's module and the app's modules it imports (helpers edited must rerun lower as the pass itself)."""
+    if module == PACKAGE or module.startswith(PACKAGE + "."):
+        return hash_file(file)
+    closure = module_closure((module,), functools.partial(_app_module_file, root=root))
+    return digest_value({name: hash_file(path) for name, path in sorted(closure.items())})
 
 
 def locate(names: tuple[str, ...], recipe_file: str) -> list[LocatedPass]:
@@ -70,7 +93,7 @@ def locate(names: tuple[str, ...], recipe_file: str) -> list[LocatedPass]:
             problems.append(f"{recipe_file}: lower.passes: {name!r}: no module {module!r} under {root} (a pass is "
                             "'module:attr', importable from the folder holding recipes/)")
             continue
-        located.append(LocatedPass(name, ref, str(file), xxhash.xxh3_128_hexdigest(file.read_bytes())))
+        located.append(LocatedPass(name, ref, str(file), _source_digest(module, file, root)))
     if problems:
         raise RecipeError(problems)
     return located

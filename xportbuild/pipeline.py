@@ -11,11 +11,14 @@ from xportbuild.models.kinds import kind_of
 
 @dataclass(frozen=True)
 class Stage:
-    """A cached stage: its name, the function that runs it ("module:function") and what it does."""
+    """A cached stage: its name, the function that runs it ("module:function") and what it does. `decides`: its
+    output is what publishing rests on (the weights, the float model's outputs, the verdict), so a shared store's
+    entry of it is used only when signed with the store's key or when the store is declared trusted (remote.py)."""
 
     name: str
     runner: str
     doc: str
+    decides: bool = False
 
     @property
     def module(self) -> str:
@@ -24,15 +27,16 @@ class Stage:
 
 # The one list of stages, in pipeline order.
 STAGES: tuple[Stage, ...] = (
-    Stage("fetch", "xportbuild.stages.fetch:run", "fetch weights and tokenizer of a model into the cache"),
-    Stage("reference", "xportbuild.stages.reference:run", "run the float eager model on its verification prompts"),
+    Stage("fetch", "xportbuild.stages.fetch:run", "fetch weights and tokenizer of a model into the cache", decides=True),
+    Stage("reference", "xportbuild.stages.reference:run", "run the float eager model on its verification prompts",
+          decides=True),
     Stage("program", "xportbuild.stages.program:run", "torch.export the float model, one .pt2 per method"),
     Stage("quantize", "xportbuild.stages.quantize:run", "quantize with torchao and torch.export, one .pt2 per method"),
     Stage("replay", "xportbuild.stages.replay:run",
           "run the exported programs on the reference's recorded calls (verify's program side, once per program)"),
     Stage("lower", "xportbuild.stages.lower:run", "lower the cached programs to an ExecuTorch .pte"),
     Stage("verify", "xportbuild.stages.verify:run",
-          "run the .pte in the ExecuTorch runtime and compare with the references"),
+          "run the .pte in the ExecuTorch runtime and compare with the references", decides=True),
     Stage("sensitivity", "xportbuild.stages.sensitivity:run",
           "opt-in, slow: quality with each layer group in float or 8 bits (not part of export)"),
 )

@@ -4,12 +4,13 @@ fetch before any conversion. Each problem names the file, the field, the value a
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from xportbuild import passes, sources
-from xportbuild.errors import RecipeError, SourceError, ValidationFailed
+from xportbuild.errors import RecipeError, SourceError, ValidationFailed, XportError
 from xportbuild.models.kinds import kind_of, kinds_with
 from xportbuild.recipe.spec import ModelSpec, SourceSpec, Target
 
@@ -17,6 +18,9 @@ _EMBEDDING_NAMES = ("embed_tokens", "word_embeddings", "wte", "token_embd")
 # Every token covers at least one byte of the prompt, apart from the few special tokens a tokenizer adds around it
 # (BOS, EOS): a prompt this far under its budget fits without loading the tokenizer (13 s for Gemma's GGUF).
 _ADDED_TOKENS_BOUND = 4
+_MASK = "<mask>"  # a masked LM's prompts name its mask token so (models/masked_lm.py)
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "F4": 1, "I16": 2, "U16": 2,
+                "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 
 
 @dataclass(frozen=True)
@@ -27,17 +31,36 @@ class SourceFacts:
     described_by: str  # the file the facts were read from, for messages
     model_type: str
     max_positions: int | None
-    remote_code: str  # the config's first auto_map entry for a model class, or ""
+    remote_code: str  # where a config file names code of the model's own ("<file>: auto_map.<class> = ..."), or ""
     linear_widths: dict[str, int] = field(default_factory=dict)
     embedding_widths: dict[str, int] = field(default_factory=dict)
+    files: dict[str, Path] = field(default_factory=dict)  # a folder's files, each checked by sources.model_files
+    vocab_size: int | None = None
 
 
 def _is_embedding(name: str) -> bool:
     return any(part in name for part in _EMBEDDING_NAMES)
 
 
+def _header_tensor(name: str, info) -> tuple[list[int], int, int]:
+    """(shape, start, end) of one safetensors header entry, or ValueError saying what is malformed."""
+    if not isinstance(info, dict) or info.get("dtype") not in _DTYPE_BYTES:
+        raise ValueError(f"tensor {name!r}: dtype {info.get('dtype') if isinstance(info, dict) else info!r} is not a "
+                         "safetensors dtype")
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+        raise ValueError(f"tensor {name!r}: shape {shape!r} is not a list of sizes")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]):
+        raise ValueError(f"tensor {name!r}: data_offsets {offsets!r} are not a [start, end] pair")
+    if offsets[1] - offsets[0] != math.prod(shape) * _DTYPE_BYTES[info["dtype"]]:
+        raise ValueError(f"tensor {name!r}: {offsets[1] - offsets[0]} bytes for shape {shape} of {info['dtype']}")
+    return shape, offsets[0], offsets[1]
+
+
 def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
-    """Tensor shapes from a .safetensors header; a file shorter than its header promises is truncated."""
+    """Tensor shapes from a .safetensors header, every entry checked; a file shorter than its header promises is
+    truncated."""
     size = path.stat().st_size
     try:
         with path.open("rb") as handle:
@@ -45,37 +68,75 @@ def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
             if header_len > size:
                 raise ValueError(f"header length {header_len} is larger than the file")
             header = json.loads(handle.read(header_len))
-    except (struct.error, ValueError, UnicodeDecodeError) as err:
+        if not isinstance(header, dict):
+            raise ValueError(f"its header is a JSON {type(header).__name__}, not an object")
+        header.pop("__metadata__", None)
+        tensors = {name: _header_tensor(name, info) for name, info in header.items()}
+    except (struct.error, ValueError, UnicodeDecodeError, RecursionError) as err:
         raise SourceError(f"{path}: not a readable safetensors file ({err}); re-download or re-save it") from err
-    header.pop("__metadata__", None)
-    data_end = max((info["data_offsets"][1] for info in header.values()), default=0)
+    data_end = max((end for _, _, end in tensors.values()), default=0)
     if 8 + header_len + data_end != size:
         raise SourceError(f"{path}: truncated: its header describes {8 + header_len + data_end} bytes, the file has "
                           f"{size}; re-download or re-save it")
-    return {name: info["shape"] for name, info in header.items()}
+    return {name: shape for name, (shape, _, _) in tensors.items()}
 
 
-def _folder_facts(folder: Path) -> SourceFacts:
-    config_path = folder / "config.json"
+def _json_object(path: Path) -> dict:
     try:
-        config = json.loads(config_path.read_text())
-    except (OSError, ValueError) as err:
-        raise SourceError(f"{config_path}: cannot read the model config ({err})") from err
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as err:
+        raise SourceError(f"{path}: not readable JSON ({err}); re-download or re-save it") from err
+    if not isinstance(value, dict):
+        raise SourceError(f"{path}: a JSON {type(value).__name__}, not an object; re-download or re-save it")
+    return value
+
+
+def _config_int(config: dict, key: str, path: Path) -> int | None:
+    value = config.get(key)
+    if value is not None and (type(value) is not int or value < 1):
+        raise SourceError(f"{path}: {key}: {value!r} is not a positive whole number; fix or re-download the config")
+    return value
+
+
+def _remote_code(files: dict[str, Path]) -> str:
+    """The first code of the model's own that a config file names (`auto_map`): xportbuild never runs it."""
+    for name, path in files.items():
+        if "/" in name or "config" not in name or not name.endswith(".json"):
+            continue
+        auto_map = _json_object(path).get("auto_map")
+        if auto_map:
+            first = next(iter(auto_map.items())) if isinstance(auto_map, dict) else ("", auto_map)
+            return f"{path}: auto_map.{first[0]} = {first[1]!r}"
+    return ""
+
+
+def _folder_facts(folder: Path, files: dict[str, Path]) -> SourceFacts:
+    config_path = folder / "config.json"
+    config = _json_object(config_path)
     text = config.get("text_config") or config
+    if not isinstance(text, dict):
+        raise SourceError(f"{config_path}: text_config: {text!r} is not an object; fix or re-download the config")
+    model_type = config.get("model_type", "")
+    if not isinstance(model_type, str):
+        raise SourceError(f"{config_path}: model_type: {model_type!r} is not a name; fix or re-download the config")
     linears, embeddings = {}, {}
-    for file in sorted(folder.glob("*.safetensors")):
-        for name, shape in _safetensors_shapes(file).items():
-            if len(shape) == 2 and name.endswith(".weight"):
-                (embeddings if _is_embedding(name) else linears)[name] = shape[1]
+    for name, path in files.items():
+        if "/" in name or not name.endswith(".safetensors"):
+            continue
+        for tensor, shape in _safetensors_shapes(path).items():
+            if len(shape) == 2 and tensor.endswith(".weight"):
+                (embeddings if _is_embedding(tensor) else linears)[tensor] = shape[1]
     return SourceFacts(
         location=folder,
         described_by=str(config_path),
-        model_type=str(config.get("model_type", "")),
-        max_positions=text.get("max_position_embeddings") or config.get("max_position_embeddings"),
-        remote_code=next((f"{name} = {entry!r}" for name, entry in (config.get("auto_map") or {}).items()
-                          if name.startswith("AutoModel")), ""),
+        model_type=model_type,
+        max_positions=_config_int(text, "max_position_embeddings", config_path)
+        or _config_int(config, "max_position_embeddings", config_path),
+        remote_code=_remote_code(files),
         linear_widths=linears,
         embedding_widths=embeddings,
+        files=files,
+        vocab_size=_config_int(text, "vocab_size", config_path),
     )
 
 
@@ -99,15 +160,25 @@ def _gguf_facts(path: Path) -> SourceFacts:
                        remote_code="", linear_widths=linears, embedding_widths=embeddings)
 
 
-def source_folder(source: SourceSpec, model_file: str) -> Path:
-    """The folder of a local or hub source, which must hold safetensors weights."""
-    folder = sources.local_dir(source, model_file) if source.kind == "local" else sources.hub_snapshot(source, model_file)[0]
-    if not any(folder.glob("*.safetensors")):
+def source_folder(source: SourceSpec, model_file: str) -> tuple[Path, dict[str, Path]]:
+    """The folder of a local or hub source and its files (read as data: sources.model_files), which must include
+    safetensors weights."""
+    if source.kind == "local":
+        folder = sources.local_dir(source, model_file)
+        within = folder
+    else:
+        folder = sources.hub_snapshot(source, model_file)[0]
+        within = folder.parents[1]  # the repository's cache: snapshot files link to its blobs
+    try:
+        files = sources.model_files(folder, within)
+    except SourceError as err:
+        raise SourceError(f"{model_file}: source: {err}") from err
+    if not any(name.endswith(".safetensors") for name in files):
         raise SourceError(
             f"{model_file}: source: {folder} has no .safetensors weights; pickled checkpoints are not loaded "
             "(convert them with save_pretrained(safe_serialization=True))"
         )
-    return folder
+    return folder, files
 
 
 def source_facts(source: SourceSpec, model_file: str, scratch_root: Path) -> SourceFacts:
@@ -115,18 +186,17 @@ def source_facts(source: SourceSpec, model_file: str, scratch_root: Path) -> Sou
     if source.kind == "gguf":
         path = sources.gguf_path(source, model_file, scratch_root)
     else:
-        path = source_folder(source, model_file)
+        path, files = source_folder(source, model_file)
     try:
-        return _gguf_facts(path) if source.kind == "gguf" else _folder_facts(path)
+        return _gguf_facts(path) if source.kind == "gguf" else _folder_facts(path, files)
     except SourceError as err:
         raise SourceError(f"{model_file}: source: {err}") from err
 
 
 def remote_code_problem(source: SourceSpec, model_file: str, facts: SourceFacts) -> str | None:
-    if facts.remote_code and not source.trust_remote_code:
-        return (f"{model_file}: source.trust_remote_code: false, but {facts.described_by} needs remote code "
-                f"(auto_map.{facts.remote_code}); set trust_remote_code = true in [source] "
-                "only if you trust that repository")
+    if facts.remote_code:
+        return (f"{model_file}: source: {facts.remote_code}: the model names code of its own, and xportbuild never "
+                "runs code a model folder ships; use an architecture transformers includes")
     return None
 
 
@@ -163,23 +233,29 @@ def model_problems(model: ModelSpec, facts: SourceFacts) -> list[str]:
 
 def prompt_problems(model: ModelSpec, facts: SourceFacts) -> list[str]:
     """Prompts whose tokens (plus the tokens generated after them, where they share the sequence) exceed
-    max_seq_len."""
+    max_seq_len, or that hold text the tokenizer cannot encode. A folder's tokenizer is read for every prompt; a
+    GGUF's (13 s to convert Gemma's) only for prompts near the budget, and it has a token for every byte."""
     kind = kind_of(model.task)
     if not kind.prompted:
         return []
     generated = model.verify.max_new_tokens if kind.prompt_continued else 0
     budget = model.max_seq_len - generated
     near = [i for i, prompt in enumerate(model.verify.prompts) if len(prompt.encode()) + _ADDED_TOKENS_BOUND > budget]
-    if not near:
+    checked = range(len(model.verify.prompts)) if model.source.kind != "gguf" else near
+    if not checked:
         return []
     tokenizer = _tokenizer(model, facts)
     problems = []
-    for index in near:
-        count = len(tokenizer(model.verify.prompts[index])["input_ids"])
-        if count > budget:
+    for index in checked:
+        prompt = model.verify.prompts[index].replace(_MASK, getattr(tokenizer, "mask_token", None) or _MASK)
+        ids = tokenizer(prompt)["input_ids"]
+        if len(ids) > budget:
             plus = f" + max_new_tokens {generated}" if generated else ""
-            problems.append(f"{model.file}: verify.prompts[{index}]: {count} tokens{plus} exceed max_seq_len "
+            problems.append(f"{model.file}: verify.prompts[{index}]: {len(ids)} tokens{plus} exceed max_seq_len "
                             f"{model.max_seq_len}; shorten the prompt or raise max_seq_len")
+        if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids:
+            problems.append(f"{model.file}: verify.prompts[{index}]: {model.verify.prompts[index]!r} has text the "
+                            f"model's tokenizer cannot encode (it becomes {tokenizer.unk_token}); reword the prompt")
     return problems
 
 
@@ -190,10 +266,49 @@ def _tokenizer(model: ModelSpec, facts: SourceFacts):
     try:
         if model.source.kind == "gguf":
             return AutoTokenizer.from_pretrained(location.parent, gguf_file=location.name)
-        return AutoTokenizer.from_pretrained(location, trust_remote_code=model.source.trust_remote_code)
-    except (OSError, ValueError, KeyError) as err:
-        raise SourceError(f"{model.file}: source: cannot load the tokenizer of {location} to count prompt tokens "
-                          f"({err})") from err
+        return AutoTokenizer.from_pretrained(location, trust_remote_code=False)
+    except Exception as err:  # noqa: BLE001  tokenizer files are parsed in Rust and Python: any failure is the finding
+        raise SourceError(f"{model.file}: source: cannot load the tokenizer of {location} ({type(err).__name__}: "
+                          f"{_first_line(err)}); re-download or re-save it") from err
+
+
+def tokenizer_problems(model: ModelSpec, facts: SourceFacts) -> list[str]:
+    """A folder's tokenizer.json must parse, and its ids fit the model's vocabulary: a larger id would index past
+    the embedding table in the program."""
+    path = facts.files.get("tokenizer.json")
+    if path is None:
+        return []
+    from tokenizers import Tokenizer
+
+    try:
+        vocabulary = Tokenizer.from_file(str(path)).get_vocab(with_added_tokens=True)
+    except Exception as err:  # noqa: BLE001  the Rust parser raises a bare Exception
+        return [f"{model.file}: source: {path}: not a readable tokenizer ({_first_line(err)}); re-download or re-save it"]
+    highest = max(vocabulary.values(), default=-1)
+    if facts.vocab_size is not None and highest >= facts.vocab_size:
+        return [f"{model.file}: source: {path}: token ids go up to {highest}, but the model's vocabulary "
+                f"({facts.described_by}: vocab_size) has {facts.vocab_size} rows; use the tokenizer the model was "
+                "made with"]
+    return []
+
+
+def weight_problems(model: ModelSpec, facts: SourceFacts) -> list[str]:
+    """Weights the model's class expects that the checkpoint lacks or holds in another shape, read on the meta
+    device (names and shapes, no data)."""
+    from xportbuild.models.common import load_pretrained
+
+    wrapper = kind_of(model.task).wrapper()
+    try:
+        load_pretrained(wrapper.auto_class(facts.location), facts.location, wrapper.WHAT, weights=False)
+    except XportError as err:
+        return [f"{model.file}: source: {err}"]
+    return []
+
+
+def _first_line(err: BaseException) -> str:
+    """The message's first line, and the next where the first only announces it ("Validation error for x:")."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()] or [""]
+    return " ".join(lines[:2] if lines[0].endswith(":") else lines[:1])[:300]
 
 
 def _transformers_supports(kind: str, model_type: str, task: str) -> bool:
@@ -239,17 +354,33 @@ def validate(targets: list[Target], scratch_root: Path) -> list[str]:
     for target in targets:
         model = target.model
         if model.name not in facts_by_model:
-            try:
-                facts_by_model[model.name] = source_facts(model.source, model.file, scratch_root)
-                problems.extend(model_problems(model, facts_by_model[model.name]))
-                problems.extend(prompt_problems(model, facts_by_model[model.name]))
-            except SourceError as err:
-                facts_by_model[model.name] = None
-                problems.append(str(err))
+            facts_by_model[model.name], found = _model_findings(model, scratch_root)
+            problems.extend(found)
         facts = facts_by_model[model.name]
         if facts is not None:
             problems.extend(recipe_problems(target, facts))
     return problems
+
+
+def _model_findings(model: ModelSpec, scratch_root: Path) -> tuple[SourceFacts | None, list[str]]:
+    """The model's source facts (None if they cannot be read) and every problem of the model and its source."""
+    try:
+        facts = source_facts(model.source, model.file, scratch_root)
+    except SourceError as err:
+        return None, [str(err)]
+    problems = model_problems(model, facts)
+    if problems:  # a model that cannot be built as its kind, or runs code of its own: nothing more is read
+        return facts, problems
+    checks = [tokenizer_problems, weight_problems] if model.source.kind != "gguf" else []
+    for check in (*checks, prompt_problems):
+        try:
+            problems.extend(check(model, facts))
+        except SourceError as err:
+            problems.append(str(err))
+        except Exception as err:  # noqa: BLE001  validate reports, it never crashes: a check that broke is a finding
+            problems.append(f"{model.file}: source: {facts.described_by}: checking it raised {type(err).__name__}: "
+                            f"{_first_line(err)}; the build would likely fail the same way")
+    return facts, problems
 
 
 def validate_project(recipes_dir: Path, scratch_root: Path) -> int:

@@ -4,24 +4,27 @@ and repair what was published. Orchestration over stage entries, not a stage: it
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from xportbuild import __version__
 from xportbuild.build import Resolver, Workspace, checked_entry
 from xportbuild.cache import Entry, Store
 from xportbuild.errors import CacheCorrupt
-from xportbuild.keys import digest_value, hash_file, library_versions
+from xportbuild.keys import digest_value, hash_file, is_key, library_versions
 from xportbuild.plan import Plan
+from xportbuild.published import (MANIFEST, BadManifest, intact, interrupted_targets, read_manifest, recover,
+                                  staging_folder, swap_into_place, target_lock)
 from xportbuild.report import render_report
 from xportbuild.stages.lower import DATA_FILE, PTE_FILE
 
-MANIFEST = "manifest.json"
 # What an app needs beside the program: its tokenizer, and the image or audio preprocessing the model expects.
 SHIPPED = {PTE_FILE: "lower", DATA_FILE: "lower", "tokenizer.json": "fetch", "tokenizer_config.json": "fetch",
            "preprocessor_config.json": "fetch"}
+_SHIPPED_NAMES = frozenset(SHIPPED)
+log = logging.getLogger(__name__)
 
 
 def _stage_record(task: str, entry: Entry) -> dict:
@@ -52,10 +55,12 @@ def published_state(plan: Plan, workspace: Workspace, target: str) -> tuple[bool
     """(fresh, reason): fresh when the published manifest names the current verify key and files match."""
     resolver = Resolver(plan, workspace)
     folder = workspace.artifacts_dir / target
-    try:
-        published = json.loads((folder / MANIFEST).read_text())
-    except (OSError, ValueError):
+    if not (folder / MANIFEST).exists():
         return False, f"export:{target} is stale: not published yet"
+    try:
+        published = read_manifest(folder, _SHIPPED_NAMES)
+    except BadManifest as err:
+        return False, f"export:{target} is stale: {err}"
     verify_task = plan.targets[target].verify
     doc, _ = resolver.key_doc(verify_task)
     if doc is None or resolver.entry(verify_task) is None:
@@ -70,8 +75,7 @@ def published_state(plan: Plan, workspace: Workspace, target: str) -> tuple[bool
 def damaged_files(folder: Path, published: dict) -> list[str]:
     """Published files that are missing or differ from their manifest. Read whole every time (no stamp is
     trusted: bit rot keeps mtimes), which xxh3 does at memory speed: a fraction of a second for a 300 MB model."""
-    return [name for name, digest in published.get("files", {}).items()
-            if not (folder / name).is_file() or hash_file(folder / name) != digest]
+    return [name for name, digest in published["files"].items() if not intact(folder / name, digest)]
 
 
 def first_stale_reason(plan: Plan, resolver: Resolver, task: str) -> str:
@@ -89,7 +93,15 @@ def publish(plan: Plan, workspace: Workspace, target: str) -> Path:
     entries = {task: checked_entry(plan, workspace, task) for task in plan.ancestors(plan.targets[target].verify)}
     record = manifest(plan, Resolver(plan, workspace), target)
     workspace.artifacts_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=workspace.artifacts_dir, prefix=f".{target}-"))
+    with target_lock(workspace.state_dir, target):
+        for line in recover(workspace.artifacts_dir, target):
+            log.warning(line)
+        _publish_folder(entries, record, workspace.artifacts_dir, target)
+    return workspace.artifacts_dir / target
+
+
+def _publish_folder(entries: dict[str, Entry], record: dict, artifacts_dir: Path, target: str) -> None:
+    staging = staging_folder(artifacts_dir, target)
     try:
         files = {}
         for name, stage in SHIPPED.items():
@@ -101,10 +113,9 @@ def publish(plan: Plan, workspace: Workspace, target: str) -> Path:
         (staging / MANIFEST).write_text(json.dumps(record, indent=1, sort_keys=True))
         (staging / "report.md").write_text(render_report(record))
         _readable_by_everyone(staging)
-        _swap_into_place(staging, workspace.artifacts_dir / target)
+        swap_into_place(staging, artifacts_dir / target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return workspace.artifacts_dir / target
 
 
 def _readable_by_everyone(folder: Path) -> None:
@@ -114,34 +125,44 @@ def _readable_by_everyone(folder: Path) -> None:
     os.chmod(folder, 0o777 & ~umask)
 
 
-def repair_published(artifacts_dir: Path, store: Store) -> tuple[int, list[str]]:
+def repair_published(workspace: Workspace) -> tuple[int, list[str]]:
     """Re-read every published folder against its manifest; a damaged file is copied again from the cache entry
-    the manifest names when that entry is intact. Returns (folders checked, one line per finding)."""
-    findings, folders = [], sorted(p.parent for p in Path(artifacts_dir).glob(f"*/{MANIFEST}"))
+    the manifest names when that entry is intact. Leftovers of interrupted publishes are undone. Returns (folders
+    checked, one line per finding)."""
+    artifacts = workspace.artifacts_dir
+    findings, folders = [], sorted(p.parent for p in artifacts.glob(f"*/{MANIFEST}"))
+    for target in interrupted_targets(artifacts):
+        with target_lock(workspace.state_dir, target):
+            findings.extend(recover(artifacts, target))
     for folder in folders:
-        try:
-            published = json.loads((folder / MANIFEST).read_text())
-        except (OSError, ValueError) as err:
-            findings.append(f"{folder / MANIFEST}: unreadable ({err}); `doit export:{folder.name}` publishes it again")
-            continue
-        for name in damaged_files(folder, published):
-            findings.append(f"{folder / name}: {_repair_file(folder, name, published, store)}")
+        with target_lock(workspace.state_dir, folder.name):
+            findings.extend(_repair_folder(folder, workspace.store))
     return len(folders), findings
+
+
+def _repair_folder(folder: Path, store: Store) -> list[str]:
+    try:
+        published = read_manifest(folder, _SHIPPED_NAMES)
+    except BadManifest as err:
+        return [f"{err}; nothing in it was touched, `doit export:{folder.name}` publishes it again"]
+    return [f"{folder / name}: {_repair_file(folder, name, published, store)}" for name in damaged_files(folder, published)]
 
 
 def fsck(workspace: Workspace) -> tuple[list[str], str]:
     """Every cache entry and published file read whole against its hashes, what can be repaired repaired:
     (one line per finding, a summary line)."""
     entries, in_cache = workspace.store.fsck()
-    folders, published = repair_published(workspace.artifacts_dir, workspace.store)
+    folders, published = repair_published(workspace)
     findings = in_cache + published
     return findings, (f"fsck: {entries} cache entries and {folders} published folders read; "
                       f"{len(findings) or 'nothing'} damaged")
 
 
 def _repair_file(folder: Path, name: str, published: dict, store: Store) -> str:
+    """`name` is one of SHIPPED (read_manifest checked it): a plain name inside the folder."""
     expected = published["files"][name]
-    entry = store.lookup(published["stages"][SHIPPED[name]]["key"]) if name in SHIPPED else None
+    stage = published["stages"].get(SHIPPED[name])
+    entry = store.lookup(stage.get("key")) if isinstance(stage, dict) and is_key(stage.get("key")) else None
     try:
         if entry is None:
             raise CacheCorrupt("its cache entry is gone")
@@ -156,32 +177,21 @@ def _repair_file(folder: Path, name: str, published: dict, store: Store) -> str:
     return "missing or modified; restored from the cache"
 
 
-def _swap_into_place(staging: Path, final: Path) -> None:
-    """Replace `final` by `staging` with renames, so readers never see a half-written folder."""
-    old = None
-    if final.exists():
-        old = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}-old-"))
-        os.replace(final, old / final.name)
-    os.replace(staging, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def copies_of(destination: Path, published: dict) -> dict[str, Path]:
     """Where each published program file goes when an app names `destination` for the .pte: the .ptd (weights
     kept apart) beside it, with the same stem."""
     return {name: destination.with_suffix(Path(name).suffix) for name in (PTE_FILE, DATA_FILE)
-            if name in published.get("files", {})}
+            if name in published["files"]}
 
 
 def copy_state(workspace: Workspace, target: str, destination: Path) -> tuple[bool, str]:
     """(fresh, reason): fresh when the app's copies hold exactly the published bytes."""
     try:
-        published = json.loads((workspace.artifacts_dir / target / MANIFEST).read_text())
-    except (OSError, ValueError):
+        published = read_manifest(workspace.artifacts_dir / target, _SHIPPED_NAMES)
+    except BadManifest:
         return False, f"copy:{target} is stale: export:{target} has not published yet"
     for name, copy in copies_of(destination, published).items():
-        if not copy.is_file() or hash_file(copy) != published["files"][name]:
+        if not intact(copy, published["files"][name]):
             return False, f"copy:{target} is stale: {copy} is missing or differs from the published {name}"
     return True, f"copy:{target} is up to date"
 
@@ -189,7 +199,7 @@ def copy_state(workspace: Workspace, target: str, destination: Path) -> tuple[bo
 def copy_published(workspace: Workspace, target: str, destination: Path) -> Path:
     """Copy the published program (and its .ptd) to where the app's own build reads it, atomically."""
     folder = workspace.artifacts_dir / target
-    published = json.loads((folder / MANIFEST).read_text())
+    published = read_manifest(folder, _SHIPPED_NAMES)
     for name, copy in copies_of(destination, published).items():
         copy.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(folder / name, copy.parent / f".{copy.name}.tmp")

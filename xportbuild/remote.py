@@ -5,8 +5,13 @@
 `XPORTBUILD_REMOTE_READ_ONLY=1` pulls and never pushes (a job that must not write the shared cache, such as a pull
 request's). The layout is the local cache's: `v1/xxh3_128/<ab>/<key>/<files>` and `entry.json`.
 
-Nothing pulled is trusted: the store hashes every file against the record and the record against its key before
-the entry is used. A push writes each file under a temporary name and moves it into place, and the record last, so
+Nothing pulled is trusted: the store hashes every file against the record, the record against its key and its whole
+content against its digest before the entry is used. Anyone who can write the store could still write a whole,
+consistent entry of their own, so `XPORTBUILD_REMOTE_KEY` (a secret shared by the machines and CI jobs, e.g. a CI
+secret) signs every record pushed (HMAC-SHA256 over its digest) and every pulled record must carry that signature.
+Without a key, entries of the stages that decide what is published (fetch, reference, verify: `pipeline.Stage
+.decides`) are not taken from the store but computed here, so a pulled program is always judged against this
+machine's float model; `XPORTBUILD_REMOTE_TRUST=1` declares an unsigned store trusted instead. A push writes each file under a temporary name and moves it into place, and the record last, so
 a reader sees a whole entry or none (two pushes of one key write the same names; whichever record lands last, its
 files landed before it). The remote is optional: when it cannot be reached the build goes on locally, warns once,
 and notes what it could not push; a later build pushes it. An entry found damaged here is noted too, so the push of
@@ -22,7 +27,7 @@ import uuid
 from pathlib import Path
 
 from xportbuild.cache import ENTRY_FILE, safe_relative_name
-from xportbuild.keys import ALGORITHM, SCHEMA
+from xportbuild.keys import ALGORITHM, SCHEMA, record_digest, signature, signed_by
 
 log = logging.getLogger(__name__)
 # Files above this size are copied with a progress bar (on a terminal).
@@ -33,21 +38,24 @@ class RemoteCache:
     """One remote store, as one build sees it: `fetch` and `push` entries; remembers, for this build, that the
     remote failed (one warning, no more waiting on it) and, across builds, which pushes are still owed."""
 
-    def __init__(self, url: str, read_only: bool, notes_dir: Path):
+    def __init__(self, url: str, read_only: bool, notes_dir: Path, secret: bytes = b"", trusted: bool = False):
         self.url = url
         self.read_only = read_only
         self.notes_dir = Path(notes_dir)  # local: which keys wait for a push, which were found damaged
+        self.secret = secret  # signs pushed records; pulled ones must carry its signature
+        self.trusted = trusted  # without a secret: take entries of deciding stages from the store all the same
         self._fs = None
         self._root = ""
         self._unreachable = False
+        self._said_unsigned = False
 
     @classmethod
     def from_environment(cls, cache_dir: Path) -> "RemoteCache | None":
         url = os.environ.get("XPORTBUILD_REMOTE_CACHE")
         if not url:
             return None
-        read_only = os.environ.get("XPORTBUILD_REMOTE_READ_ONLY", "") not in ("", "0", "false", "no")
-        return cls(url, read_only, Path(cache_dir) / "remote-notes")
+        return cls(url, _flag("XPORTBUILD_REMOTE_READ_ONLY"), Path(cache_dir) / "remote-notes",
+                   os.environ.get("XPORTBUILD_REMOTE_KEY", "").encode(), _flag("XPORTBUILD_REMOTE_TRUST"))
 
     def __repr__(self) -> str:
         return self.url
@@ -95,6 +103,35 @@ class RemoteCache:
     def note_damaged(self, key: str) -> None:
         self._note("damaged", key)
 
+    def signature_problem(self, record: dict) -> str | None:
+        """A signature that this store's key did not make (an unsigned record, built locally, has none)."""
+        if self.secret and "signature" in record and not signed_by(record, self.secret):
+            return "its signature was not made with XPORTBUILD_REMOTE_KEY"
+        return None
+
+    def trusts(self, record: dict) -> bool:
+        """Whether a pulled, whole record may be used: signed with the key, or of a stage that does not decide
+        what is published, or from a store declared trusted."""
+        key, stage = record["key"], record["key_doc"].get("stage")
+        if self.secret:
+            if signed_by(record, self.secret):
+                return True
+            log.warning("remote cache entry %s (%s) is not signed with XPORTBUILD_REMOTE_KEY; building it locally",
+                        key, stage)
+            self.note_damaged(key)  # the push of the local build replaces it
+            return False
+        if self.trusted or not _decides(stage):
+            return True
+        if not self._said_unsigned:
+            log.info("the remote cache has no key (XPORTBUILD_REMOTE_KEY): fetch, reference and verify are computed "
+                     "here, the rest is pulled; XPORTBUILD_REMOTE_TRUST=1 takes them from the store too")
+            self._said_unsigned = True
+        return False
+
+    def _signed(self, record: dict) -> dict:
+        unsigned = {name: value for name, value in record.items() if name != "signature"}
+        return {**unsigned, "signature": signature(record_digest(unsigned), self.secret)} if self.secret else unsigned
+
     def push(self, key: str, folder: Path, record: dict) -> None:
         """Copy the local entry in `folder` to the remote, unless the remote already holds it whole."""
         if self.read_only:
@@ -102,6 +139,7 @@ class RemoteCache:
         if self._unreachable:
             self._note("pending", key)
             return
+        record = self._signed(record)
         try:
             fs = self._filesystem()
             damaged = self._noted("damaged", key)
@@ -110,7 +148,7 @@ class RemoteCache:
                 return
             for name, file in record["files"].items():
                 self._put(fs, folder / name, self._path(key, name), file["size"], name)
-            self._put(fs, folder / ENTRY_FILE, self._path(key, ENTRY_FILE), None, ENTRY_FILE)
+            self._put_record(fs, key, record)
         except Exception as err:  # noqa: BLE001  the local build is what counts; the push is retried later
             self._note("pending", key)
             self._give_up(f"could not push {key} to the remote cache {self.url} ({_one_line(err)}); the build "
@@ -136,12 +174,20 @@ class RemoteCache:
         except ValueError:
             return False
 
-    def _put(self, fs, local: Path, remote: str, size: int | None, label: str) -> None:
+    def _put_record(self, fs, key: str, record: dict) -> None:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as folder:
+            local = Path(folder) / ENTRY_FILE
+            local.write_text(json.dumps(record, sort_keys=True))
+            self._put(fs, local, self._path(key, ENTRY_FILE), local.stat().st_size, ENTRY_FILE)
+
+    def _put(self, fs, local: Path, remote: str, size: int, label: str) -> None:
         staging = f"{self._root.rstrip('/')}/incoming/{uuid.uuid4().hex}"
         fs.makedirs(staging.rsplit("/", 1)[0], exist_ok=True)
         fs.makedirs(remote.rsplit("/", 1)[0], exist_ok=True)
         try:
-            self._copy(fs.put_file, str(local), staging, size or local.stat().st_size, label)
+            self._copy(fs.put_file, str(local), staging, size, label)
             fs.mv(staging, remote)
         except BaseException:
             try:
@@ -182,6 +228,16 @@ class RemoteCache:
             (self.notes_dir / kind / key).unlink(missing_ok=True)
         except OSError:
             pass
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "") not in ("", "0", "false", "no")
+
+
+def _decides(stage: str | None) -> bool:
+    from xportbuild.pipeline import STAGE_BY_NAME
+
+    return stage not in STAGE_BY_NAME or STAGE_BY_NAME[stage].decides
 
 
 def _one_line(err: Exception) -> str:

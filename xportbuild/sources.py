@@ -6,6 +6,7 @@ import importlib
 import logging
 import os
 import re
+import stat
 import tempfile
 from pathlib import Path
 
@@ -27,6 +28,32 @@ def local_dir(source: SourceSpec, model_file: str) -> Path:
     if not (path / "config.json").is_file():
         raise SourceError(f"{model_file}: source.path: {path} is not a saved model folder (no config.json)")
     return path
+
+
+def model_files(folder: Path, within: Path | None = None) -> dict[str, Path]:
+    """{name relative to `folder`: file} of every file in a model folder, read as data: a link is followed only
+    while it stays inside `within` (the folder itself; for a hub snapshot, its repository's cache, whose snapshot
+    files link to blobs beside it), and anything but a regular file (a pipe, a device, a socket) is refused, since
+    reading it could hang or leak. Raises SourceError naming the file."""
+    root = Path(within or folder).resolve()
+    files = {}
+    for path in sorted(Path(folder).rglob("*")):
+        name = path.relative_to(folder).as_posix()
+        target = path.resolve()
+        if path.is_symlink() and not target.is_relative_to(root):
+            raise SourceError(f"{path}: a link to {target}, outside the model folder {root}: a model folder is read "
+                              "as data, and nothing outside it; copy the file in or remove the link")
+        try:
+            mode = os.stat(path).st_mode
+        except OSError as err:
+            raise SourceError(f"{path}: cannot be read ({err.strerror}): a broken link or a file removed meanwhile") from err
+        if stat.S_ISDIR(mode):
+            continue
+        if not stat.S_ISREG(mode):
+            raise SourceError(f"{path}: not a regular file (a pipe, device or socket): a model folder holds files only; "
+                              "remove it")
+        files[name] = path
+    return files
 
 
 def gguf_path(source: SourceSpec, model_file: str, scratch_root: Path) -> Path:
@@ -103,8 +130,7 @@ def fingerprint(source: SourceSpec, model_file: str, stats: StatCache, scratch_r
         return {"repo": source.repo, "commit": commit, "reproducible": bool(_COMMIT.match(source.revision))}
     if source.kind == "local":
         folder = local_dir(source, model_file)
-        files = {p.relative_to(folder).as_posix(): stats.digest(p) for p in sorted(folder.rglob("*")) if p.is_file()}
-        return {"tree": tree_digest(files)}
+        return {"tree": tree_digest({name: stats.digest(path) for name, path in model_files(folder).items()})}
     path = gguf_path(source, model_file, scratch_root)
     return {"gguf": stats.digest(path), "versions": library_versions(("gguf",))}
 

@@ -36,7 +36,11 @@ class StageFresh:
         return fresh
 
     def check(self) -> tuple[bool, str]:
-        return Resolver(self.plan, self.workspace).status(self.task)
+        resolver = Resolver(self.plan, self.workspace)
+        fresh, reason = resolver.status(self.task)
+        if fresh:  # a cache restored without doit's state (CI) shares what the remote lacks
+            self.workspace.store.push(resolver.entry(self.task))
+        return fresh, reason
 
     def __str__(self) -> str:
         return self.reason
@@ -259,7 +263,7 @@ def make_tasks(recipes_dir: Path, cache_dir: Path | None = None, artifacts_dir: 
 
 DOIT_CONFIG = {
     "default_tasks": [],
-    "backend": "sqlite3",
+    "backend": "xportbuild",  # doit's sqlite3, its failed writes one warning (doit_state.py)
     "dep_file": ".xportbuild/doit.sqlite3",
     "verbosity": 2,
 }

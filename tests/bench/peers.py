@@ -30,6 +30,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))  # this checkout's xportbuild, also where another is installed
+from xportbuild.keys import ALGORITHM, SCHEMA  # noqa: E402  (after the checkout is on sys.path)
 PEER_PACKAGES = ("torch==2.13.0", "executorch==1.4.1", "torchao==0.18.0", "optimum-executorch==1.1.0")
 # The 4-bit/8-bit options optimum names the same way the recipes do.
 PEER_LINEARS = {"8da8w": "8da8w", "8da4w": "8da4w", "4w": "4w", "8w": "8w"}
@@ -99,7 +100,7 @@ class Scratch:
         return json.loads((self.root / "artifacts" / target / "manifest.json").read_text())
 
     def entry(self, key: str) -> Path:
-        return self.cache / "v1" / "xxh3_128" / key[:2] / key
+        return self.cache / SCHEMA / ALGORITHM / key[:2] / key
 
 
 STOCK_LOWER = """

@@ -6,11 +6,14 @@ the report must also leave the good target alone and the build must not start.""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
 
 import pytest
+
+from xportbuild.keys import SCHEMA
 
 from tests import tiny
 from tests.conftest import REPO
@@ -46,6 +49,8 @@ def _bad_project(root, weights):
 
     def model(name, source, recipes=("xnnpack-fp32",), **kwargs):
         (models / f"{name}.toml").write_text(model_toml(source, list(recipes), **kwargs))
+
+    _hostile_sources(src, weights, model, models, recipes)
 
     model("good", local(weights / "tiny-llama"), recipes=("xnnpack-fp32", "q-none-divides", "q-no-fallback"))
     model("missing-dir", local(src / "nowhere"))
@@ -94,6 +99,56 @@ def _bad_project(root, weights):
     return root / "recipes"
 
 
+def _edited_json(folder, name, edit) -> None:
+    path = folder / name
+    value = json.loads(path.read_text())
+    edit(value)
+    path.write_text(json.dumps(value))
+
+
+def _hostile_sources(src, weights, model, models, recipes) -> None:
+    """Sources made carelessly or with intent: links out, special files, code of their own, damaged headers and
+    configs, tokenizers that do not fit, weights missing; and numbers TOML allows that no gate can use."""
+    from safetensors.torch import load_file, save_file
+
+    def copy(name):
+        return tiny.copy_model(weights / "tiny-llama", src / name)
+
+    secret = src / "secret.txt"
+    secret.write_text("password")
+    (copy("link-out") / "notes.txt").symlink_to(secret)
+    model("link-out", local(src / "link-out"))
+    os.mkfifo(copy("fifo") / "weights.safetensors")
+    model("fifo", local(src / "fifo"))
+    _edited_json(copy("tokenizer-code"), "tokenizer_config.json",
+                 lambda c: c.update(auto_map={"AutoTokenizer": ["tokenization_custom.CustomTokenizer", None]}))
+    model("tokenizer-code", local(src / "tokenizer-code"))
+    model("trusting", local(weights / "tiny-llama") + "\ntrust_remote_code = true")
+    (copy("config-list") / "config.json").write_text("[1, 2]")
+    model("config-list", local(src / "config-list"))
+    _edited_json(copy("config-positions"), "config.json", lambda c: c.update(max_position_embeddings="many"))
+    model("config-positions", local(src / "config-positions"))
+    header = json.dumps({"w": {"dtype": "F32", "shape": "big", "data_offsets": [0, 4]}}).encode()
+    (copy("bad-header") / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(4))
+    model("bad-header", local(src / "bad-header"))
+    (copy("bad-tokenizer") / "tokenizer.json").write_text('{"model": {"type": "BPE", "vocab": 3}}')
+    model("bad-tokenizer", local(src / "bad-tokenizer"))
+    _edited_json(copy("small-vocab"), "config.json", lambda c: c.update(vocab_size=64))
+    model("small-vocab", local(src / "small-vocab"))
+    model("unknown-text", local(weights / "tiny-llama"), prompts=("hello \u2603 world",))
+    tensors = load_file(weights / "tiny-llama" / "model.safetensors")
+    save_file({k: v for k, v in tensors.items() if "mlp.down_proj" not in k}, copy("no-mlp") / "model.safetensors",
+              metadata={"format": "pt"})
+    model("no-mlp", local(src / "no-mlp"))
+    save_file({}, copy("no-tensors") / "model.safetensors", metadata={"format": "pt"})
+    model("no-tensors", local(src / "no-tensors"))
+    (models / "nan-tolerance.toml").write_text(
+        model_toml(local(weights / "tiny-llama"), ["xnnpack-fp32"]) + "\n[tolerances.xnnpack-fp32]\nmin_cosine = nan\n")
+    (recipes / "inf-gate.toml").write_text('doc = "x"\nbackend = "xnnpack"\n[verify]\nmax_abs = inf\n')
+    (recipes / "pass-path.toml").write_text('doc = "x"\nbackend = "xnnpack"\n[lower]\npasses = ["/tmp/evil:fn"]\n')
+    model("uses-hostile-recipes", local(weights / "tiny-llama"), recipes=("inf-gate", "pass-path"))
+
+
 # (what is wrong, text the report must contain: file, field and value, and a next step where one exists)
 TABLE = [
     ("unknown key", ["typo.toml: source.pth: unknown key"]),
@@ -135,8 +190,34 @@ TABLE = [
                         "ALiBi bias is sliced by the cache's length"]),
     ("config not of its task kind", ["vit-as-fill-mask.toml: source:", "model_type 'vit' has no masked-lm class in "
                                      "this transformers version, so it cannot be exported as task \"masked-lm\""]),
-    ("remote code without opt-in", ["remote-code.toml: source.trust_remote_code: false",
-                                    "auto_map.AutoModelForCausalLM = 'modeling_custom.CustomLM'"]),
+    ("remote code in config.json", ["remote-code.toml: source:", "config.json: auto_map.AutoModelForCausalLM = "
+                                    "'modeling_custom.CustomLM': the model names code of its own, and xportbuild "
+                                    "never runs code a model folder ships"]),
+    ("remote code in tokenizer_config.json", ["tokenizer-code.toml: source:", "tokenizer_config.json: "
+                                              "auto_map.AutoTokenizer = ", "never runs code a model folder ships"]),
+    ("trust_remote_code asked for", ["trusting.toml: source.trust_remote_code: xportbuild never runs code"]),
+    ("link leaving the model folder", ["link-out.toml: source:", "notes.txt: a link to", "secret.txt, outside the "
+                                       "model folder"]),
+    ("special file in the model folder", ["fifo.toml: source:", "weights.safetensors: not a regular file"]),
+    ("config not an object", ["config-list.toml: source:", "config.json: a JSON list, not an object"]),
+    ("config field of the wrong type", ["config-positions.toml: source:", "max_position_embeddings: 'many' is not a "
+                                        "positive whole number"]),
+    ("malformed safetensors header", ["bad-header.toml: source:", "model.safetensors: not a readable safetensors "
+                                      "file (tensor 'w': shape 'big' is not a list of sizes)"]),
+    ("malformed tokenizer.json", ["bad-tokenizer.toml: source:", "tokenizer.json: not a readable tokenizer"]),
+    ("tokenizer beyond the vocabulary", ["small-vocab.toml: source:", "tokenizer.json: token ids go up to 119, but "
+                                         "the model's vocabulary", "has 64 rows",
+                                         "small-vocab: the checkpoint does not match its model class: weights of "
+                                         "another shape lm_head.weight, model.embed_tokens.weight"]),
+    ("prompt the tokenizer cannot encode", ["unknown-text.toml: verify.prompts[0]:", "has text the model's tokenizer "
+                                            "cannot encode (it becomes <unk>)"]),
+    ("a layer's weights missing", ["no-mlp.toml: source:", "weights missing model.layers.0.mlp.down_proj.weight",
+                                   "a missing one would be random"]),
+    ("no weights at all", ["no-tensors.toml: source:", "weights missing", "and 8 more"]),
+    ("NaN tolerance", ["nan-tolerance.toml: tolerances.xnnpack-fp32.min_cosine: nan: not a finite number"]),
+    ("infinite gate", ["inf-gate.toml: verify.max_abs: inf: not a finite number"]),
+    ("pass named by a path", ["pass-path.toml: lower.passes: '/tmp/evil:fn': not 'module:attr' with a dotted "
+                              "module name"]),
     ("pickled weights only", ["pickled.toml: source:", "has no .safetensors weights; pickled checkpoints are not"]),
 ]
 
@@ -171,7 +252,7 @@ def test_good_targets_are_not_reported_and_nothing_is_built(report):
     lines = result.stderr.splitlines()
     assert not [line for line in lines if "good.toml" in line or "hub-good.toml" in line]
     assert len([line for line in lines if line.startswith("  - ")]) >= len(TABLE)
-    assert not (root / "cache" / "v1").exists()
+    assert not (root / "cache" / SCHEMA).exists()
 
 
 def test_offline_without_any_cache(tmp_path, weights):
@@ -215,41 +296,25 @@ def test_a_source_folder_gone_since_planning_is_one_line_under_doit(project, wei
     assert "Traceback" not in result.stdout + result.stderr
 
 
-CUSTOM_CODE = '''from transformers import LlamaForCausalLM
+CUSTOM_CODE = """print("the model's own code ran")
+raise SystemExit(3)
+"""
 
 
-class CustomLM(LlamaForCausalLM):
-    """Remote code: doubles the logits, so its effect shows in the reference."""
-
-    def forward(self, *args, **kwargs):
-        output = super().forward(*args, **kwargs)
-        output.logits = output.logits * 2
-        return output
-'''
-
-
-def test_remote_code_runs_only_with_the_opt_in(project, weights):
-    import numpy as np
-
+@pytest.mark.parametrize("config", ["config.json", "tokenizer_config.json"])
+def test_code_a_model_folder_ships_never_runs_and_nothing_prompts(project, weights, config):
+    """No option turns it on; the build refuses at fetch, in one line, with no terminal to answer a prompt."""
     folder = tiny.copy_model(weights / "tiny-llama", project.root / "custom")
-    config = json.loads((folder / "config.json").read_text())
-    config["auto_map"] = {"AutoModelForCausalLM": "modeling_custom.CustomLM"}
-    (folder / "config.json").write_text(json.dumps(config))
+    _edited_json(folder, config, lambda c: c.update(auto_map={"AutoModelForCausalLM": "modeling_custom.CustomLM",
+                                                              "AutoTokenizer": ["modeling_custom.CustomLM", None]}))
     (folder / "modeling_custom.py").write_text(CUSTOM_CODE)
-    source = local(folder)
-    project.write_model("custom", model_toml(source, ["xnnpack-fp32"]))
-    refused = project.doit("reference:custom", check=False)
-    assert refused.returncode != 0 and "source.trust_remote_code: false" in refused.stdout
-    project.write_model("custom", model_toml(source + "\ntrust_remote_code = true", ["xnnpack-fp32"]))
-    project.write_model("plain", model_toml(local(weights / "tiny-llama"), ["xnnpack-fp32"]))
-    project.doit("reference:custom", "reference:plain")
-
-    def logits(model: str) -> np.ndarray:
-        from xportbuild.models.methods import load_samples
-
-        return load_samples(project.entry(f"reference:{model}").path)[0].outputs[0]
-
-    np.testing.assert_allclose(logits("custom"), 2 * logits("plain"), rtol=1e-4, atol=1e-4)
+    project.write_model("custom", model_toml(local(folder), ["xnnpack-fp32"]))
+    refused = project.doit("export:custom-xnnpack-fp32", check=False)
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert f"{config}: auto_map." in refused.stdout and "never runs code a model folder ships" in refused.stdout
+    assert "own code ran" not in refused.stdout + refused.stderr and "[y/N]" not in refused.stdout + refused.stderr
+    assert "Traceback" not in refused.stdout + refused.stderr
+    assert not [e for e in project.events() if e["event"] == "built"]
 
 
 @pytest.mark.parametrize("body, expected", [

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import pytest
 
+from xportbuild.keys import SCHEMA
 from tests.integration.models import SCALE_LOGITS, local, model_toml
 
 
@@ -100,7 +101,7 @@ def test_gguf_conversion_depends_only_on_the_gguf(project, weights, tmp_path):
     for offline in ("1", "0"):
         project.env.update(HF_HUB_OFFLINE=offline, XPORTBUILD_CACHE=str(tmp_path / f"cache-{offline}"))
         project.doit("fetch:tiny-gguf")
-        (record,) = (tmp_path / f"cache-{offline}").glob("v1/xxh3_128/*/*/entry.json")
+        (record,) = (tmp_path / f"cache-{offline}").glob(f"{SCHEMA}/xxh3_128/*/*/entry.json")
         digests.append(json.loads(record.read_text())["digest"])
     assert digests[0] == digests[1]
 

@@ -12,6 +12,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from xportbuild.keys import SCHEMA
 from xportbuild.cache import ENTRY_FILE, Store
 from xportbuild.keys import hash_file
 from xportbuild.pipeline import STAGES
@@ -105,14 +106,14 @@ def _stage_of(task: str) -> str:
 def _check_cache(cache: Path) -> tuple[int, int]:
     """(intact entries, corrupt entries) after a kill; entries are re-hashed from scratch, no stat cache."""
     intact = corrupt = 0
-    for record_file in cache.glob(f"v1/xxh3_128/*/*/{ENTRY_FILE}"):
+    for record_file in cache.glob(f"{SCHEMA}/xxh3_128/*/*/{ENTRY_FILE}"):
         record = json.loads(record_file.read_text())
         files_ok = all(hash_file(record_file.parent / name) == f["digest"] for name, f in record["files"].items())
         if files_ok and Store(cache).lookup(record["key"]) is not None:
             intact += 1
         else:
             corrupt += 1
-    for folder in cache.glob("v1/xxh3_128/*/*"):
+    for folder in cache.glob(f"{SCHEMA}/xxh3_128/*/*"):
         if not (folder / ENTRY_FILE).is_file():
             corrupt += 1  # an entry folder without its record would be a half-committed entry
     return intact, corrupt

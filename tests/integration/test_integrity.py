@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from xportbuild.keys import hash_file, tree_digest
+from xportbuild.keys import hash_file, record_digest, tree_digest
 
 from tests.integration.models import local, model_toml
 
@@ -86,6 +86,7 @@ def test_an_unreadable_archive_with_matching_hashes_is_a_damaged_entry(project, 
     record["files"]["forward.pt2"] = {"size": entry.file("forward.pt2").stat().st_size,
                                       "digest": hash_file(entry.file("forward.pt2"))}
     record["digest"] = tree_digest({name: f["digest"] for name, f in record["files"].items()})
+    record["record_digest"] = record_digest(record)
     (entry.path / "entry.json").write_text(json.dumps(record))
 
     before = len(project.events())

@@ -184,10 +184,8 @@ def test_the_method_chain_generates_what_transformers_generates(kind_weights, tm
     from xportbuild.models.kinds import kind_of
     from xportbuild.models.methods import module_call
     from xportbuild.recipe.spec import VerifyInputs
-    from xportbuild.stages.fetch import SOURCE_RECORD
 
     folder = shutil.copytree(kind_weights(task, arch), tmp_path / arch)
-    (folder / SOURCE_RECORD).write_text(json.dumps({"trust_remote_code": False}))
     wrapper = kind_of(task).wrapper()
     model = wrapper.load_model(folder)
     modules = {method: exportable.module for method, exportable in wrapper.exportables(model, 64).items()}

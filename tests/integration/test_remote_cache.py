@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 
+from xportbuild.keys import SCHEMA
 from xportbuild.cache import ENTRY_FILE, Store
 from xportbuild.remote import RemoteCache
 
@@ -15,7 +16,7 @@ TARGET = "tiny-llama-xnnpack-fp32"
 
 
 def _entry_of(cache, stage: str):
-    for record_file in cache.glob(f"v1/xxh3_128/*/*/{ENTRY_FILE}"):
+    for record_file in cache.glob(f"{SCHEMA}/xxh3_128/*/*/{ENTRY_FILE}"):
         record = json.loads(record_file.read_text())
         if record["task"] == f"{stage}:{TARGET}":
             return record_file.parent
@@ -28,7 +29,9 @@ def test_pull_verify_and_push(project, weights, shared_cache, tmp_path):
     remote = tmp_path / "remote"
     shutil.copytree(shared_cache, remote, ignore=shutil.ignore_patterns("locks", "tmp", "stat", "sources"))
 
-    project.env.update(XPORTBUILD_CACHE=str(tmp_path / "fresh"), XPORTBUILD_REMOTE_CACHE=str(remote))
+    # a copy of the run's cache, whose entries are unsigned: declared trusted (test_hostile.py: stores that are not)
+    project.env.update(XPORTBUILD_CACHE=str(tmp_path / "fresh"), XPORTBUILD_REMOTE_CACHE=str(remote),
+                       XPORTBUILD_REMOTE_TRUST="1")
     shutil.rmtree(project.root / "artifacts")
     mark = len(project.events())
     result = project.doit(f"export:{TARGET}")
@@ -55,4 +58,7 @@ def test_pull_verify_and_push(project, weights, shared_cache, tmp_path):
     project.doit(f"export:{TARGET}")
     assert project.built_since(mark) == [f"verify:{TARGET}"]
     pushed = _entry_of(pushed_to, "verify")
-    assert Store(tmp_path / "fresh-3", remote=RemoteCache(str(pushed_to), False, tmp_path / "notes-3")).lookup(pushed.name) is not None
+    # a verify record decides what is published: taken from an unsigned store only when it is declared trusted
+    assert Store(tmp_path / "fresh-3", remote=RemoteCache(str(pushed_to), False, tmp_path / "notes-3")).lookup(pushed.name) is None
+    trusting = RemoteCache(str(pushed_to), False, tmp_path / "notes-5", trusted=True)
+    assert Store(tmp_path / "fresh-5", remote=trusting).lookup(pushed.name) is not None

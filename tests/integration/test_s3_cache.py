@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from xportbuild.keys import SCHEMA
 from tests.conftest import DODO, REPO, Project
 from tests.forked_doit import start_doit
 from tests.integration.models import local, model_toml
@@ -96,7 +97,8 @@ def _clone(tmp_path: Path, weights: Path, name: str, server: S3Server) -> Projec
     shutil.copytree(REPO / "recipes" / "recipes", root / "recipes" / "recipes")
     (root / "dodo.py").write_text(DODO)
     env = {**os.environ, **server.env, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1",
-           "XPORTBUILD_CACHE": str(tmp_path / f"{name}-cache"), "XPORTBUILD_REMOTE_CACHE": f"s3://{BUCKET}/cache"}
+           "XPORTBUILD_CACHE": str(tmp_path / f"{name}-cache"), "XPORTBUILD_REMOTE_CACHE": f"s3://{BUCKET}/cache",
+           "XPORTBUILD_REMOTE_KEY": "ci-secret"}
     project = Project(root, env)
     project.write_model("tiny-llama", model_toml(local(weights / "tiny-llama"), ["xnnpack-fp32"]))
     return project
@@ -144,7 +146,7 @@ def test_clones_sharing_a_bucket_build_once_and_a_tampered_object_is_rebuilt_and
 
 
 def _records(folder: Path) -> set[str]:
-    return {path.parent.name for path in folder.glob("cache/v1/xxh3_128/*/*/entry.json")}
+    return {path.parent.name for path in folder.glob(f"cache/{SCHEMA}/xxh3_128/*/*/entry.json")}
 
 
 def test_a_server_killed_mid_push_warns_once_and_a_later_build_completes_the_push(rclone, tmp_path, weights):

@@ -60,6 +60,13 @@ if [ -z "$LOCAL_ROOM" ]; then
   dd if=/dev/zero of="$CACHE/filler" bs=64k 2>/dev/null || true
   dd if=/dev/zero of="$ARTIFACTS/filler" bs=64k 2>/dev/null || true
 fi
+if [ -n "$STATE" ]; then
+  kept=$(mktemp -d)
+  cp -a "$STATE/." "$kept/"
+  mount -t tmpfs -o size=1m tmpfs "$STATE"
+  cp -a "$kept/." "$STATE/"
+  dd if=/dev/zero of="$STATE/filler" bs=4k 2>/dev/null || true
+fi
 if [ -n "$XPORTBUILD_REMOTE_CACHE" ]; then
   mount -t tmpfs -o size=1m tmpfs "$XPORTBUILD_REMOTE_CACHE"
   dd if=/dev/zero of="$XPORTBUILD_REMOTE_CACHE/filler" bs=64k 2>/dev/null || true
@@ -105,7 +112,7 @@ def _run_on_full_disk(project, root, task: str, **extra_env: str):
     env = {**project.env, "XPORTBUILD_CACHE": str(cache), "SAVED_CACHE": str(root / "saved-cache"), "CACHE": str(cache),
            "SAVED_ARTIFACTS": str(root / "saved-artifacts"), "ARTIFACTS": str(artifacts), "DROP": str(drop),
            "UNPUBLISH": task.removeprefix("export:") if task.startswith("export:") else "",
-           "XPORTBUILD_REMOTE_CACHE": "", "LOCAL_ROOM": "", **extra_env}
+           "XPORTBUILD_REMOTE_CACHE": "", "LOCAL_ROOM": "", "STATE": "", **extra_env}
     run = start_doit([task], project.root, env, merged=True, confinement=Confinement(private_mounts=FULL_DISK))
     return run.wait(timeout=900), run.stdout.read_text()
 
@@ -128,4 +135,16 @@ def test_a_full_remote_cache_is_a_warning_and_the_build_goes_on(built, tmp_path)
                                            LOCAL_ROOM="yes")
     assert returncode == 0, output[-3000:]
     assert "could not push" in output and "No space left on device" in output, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+
+
+def test_a_full_disk_under_the_project_state_is_one_clean_line(built):
+    """The project's own state (.xportbuild: the build log, doit's state file) on a full disk: the stage's result is
+    in the cache, the task fails naming the state folder, and doit's state file is one warning, no traceback."""
+    project, root = built
+    state = project.root / ".xportbuild"
+    returncode, output = _run_on_full_disk(project, root, "program:tiny-llama-tied", STATE=str(state), LOCAL_ROOM="yes")
+    assert returncode == 1, output[-3000:]
+    assert f"program:tiny-llama-tied: cannot write to {state}" in output and "No space left on device" in output, \
+        output[-3000:]
     assert "Traceback" not in output, output[-3000:]

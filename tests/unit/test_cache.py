@@ -239,3 +239,80 @@ def test_concurrent_pushes_of_one_key_leave_one_whole_entry(tmp_path):
     pulled = Store(tmp_path / "fresh", remote=_remote(tmp_path / "remote", tmp_path / "n")).lookup(KEY)
     assert pulled is not None and pulled.file("forward.pt2").read_bytes() == b"program bytes" * 100_000
     assert not list((tmp_path / "remote" / "incoming").iterdir())
+
+
+def test_a_record_changed_after_it_was_written_is_a_miss(tmp_path, caplog):
+    """The verification numbers live in the record's result, which no file hash covers: the record's own digest
+    does, so editing them (files untouched) discards the entry."""
+    store = Store(tmp_path)
+    _commit(store)
+    record_file = store.entry_path(KEY) / ENTRY_FILE
+    record = json.loads(record_file.read_text())
+    record["result"] = {"ok": True, "top1": 1.0}
+    record_file.write_text(json.dumps(record))
+    with caplog.at_level(logging.WARNING):
+        assert Store(tmp_path).lookup(KEY) is None
+    assert "its record was changed after it was written" in caplog.text
+
+
+@pytest.mark.parametrize("record", [[1, 2], {"files": {"a": 3}}, {"files": {"forward.pt2": {"size": "1", "digest": 2}}}],
+                         ids=["a-list", "files-not-records", "wrong-types"])
+def test_a_record_of_another_shape_is_a_miss_not_a_crash(tmp_path, caplog, record):
+    store = Store(tmp_path)
+    _commit(store)
+    (store.entry_path(KEY) / ENTRY_FILE).write_text(json.dumps(record))
+    with caplog.at_level(logging.WARNING):
+        assert Store(tmp_path).lookup(KEY) is None
+    assert "cache entry" in caplog.text
+
+
+def test_an_entry_folder_without_its_record_is_discarded_so_the_key_can_be_built_again(tmp_path, caplog):
+    store = Store(tmp_path)
+    _commit(store)
+    (store.entry_path(KEY) / ENTRY_FILE).unlink()
+    with caplog.at_level(logging.WARNING):
+        assert store.lookup(KEY) is None
+    assert "has no record" in caplog.text and not store.entry_path(KEY).exists()
+    _commit(store, b"rebuilt")  # would fail with "Directory not empty" if the folder were left
+    assert store.lookup(KEY).file("forward.pt2").read_bytes() == b"rebuilt"
+
+
+def test_a_stage_cannot_write_the_records_name(tmp_path):
+    from xportbuild.errors import StageError
+
+    store = Store(tmp_path)
+    with pytest.raises(StageError, match="the name of the cache's own record"):
+        with store.building(KEY) as scratch:
+            (scratch / ENTRY_FILE).write_text("{}")
+            store.commit(KEY, scratch, {"stage": "program", "key_doc": KEY_DOC, "result": {}})
+
+
+def test_a_string_that_is_not_a_key_names_no_entry(tmp_path):
+    from xportbuild.errors import CacheCorrupt
+
+    store = Store(tmp_path)
+    _commit(store)
+    for bad in ("", "../../x", "ab"):
+        with pytest.raises(CacheCorrupt):
+            store.entry_path(bad)
+    assert store.lookup(KEY) is not None
+
+
+def test_signed_records_are_pulled_unsigned_or_forged_ones_are_not(tmp_path):
+    """A store's key signs what is pushed; a record another wrote (digest recomputed, signature not) is refused."""
+    remote_dir = tmp_path / "remote"
+    built = Store(tmp_path / "a", remote=RemoteCache(str(remote_dir), False, tmp_path / "notes-a", b"secret"))
+    _commit(built)
+    built.push(built.lookup(KEY))
+    keyed = Store(tmp_path / "b", remote=RemoteCache(str(remote_dir), False, tmp_path / "notes-b", b"secret"))
+    assert keyed.lookup(KEY) is not None
+
+    from xportbuild.keys import record_digest
+
+    record_file = next(remote_dir.rglob(ENTRY_FILE))
+    record = json.loads(record_file.read_text())
+    record["result"] = {"ok": "forged"}
+    record["record_digest"] = record_digest(record)
+    record_file.write_text(json.dumps(record))
+    assert Store(tmp_path / "c", remote=RemoteCache(str(remote_dir), False, tmp_path / "notes-c", b"secret")).lookup(KEY) is None
+    assert Store(tmp_path / "d", remote=RemoteCache(str(remote_dir), False, tmp_path / "notes-d", b"other")).lookup(KEY) is None

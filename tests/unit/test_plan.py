@@ -89,3 +89,32 @@ def test_a_calibrated_recipe_keys_its_text_by_content_and_the_layer_study_finds_
     text = REPO / "recipes" / "recipes" / "calibration" / "english.txt"
     assert quantize.params["quantize"]["calibration"] == hash_file(text)
     assert quantize.locator == study.locator == {"calibration": str(text)}
+
+
+def test_a_pass_is_keyed_with_the_app_modules_it_imports_and_only_from_the_app(tmp_path):
+    """A helper the pass imports is part of what lower runs: editing it must rerun lower."""
+    import pytest
+
+    from xportbuild import passes
+    from xportbuild.errors import RecipeError
+
+    recipe = str(tmp_path / "recipes" / "recipes" / "r.toml")
+    (tmp_path / "app_passes.py").write_text("from helpers import tidy\n\ndef run(program):\n    return tidy(program)\n")
+    (tmp_path / "helpers.py").write_text("def tidy(program):\n    return program\n")
+    (tmp_path / "unrelated.py").write_text("x = 1\n")
+
+    def source():
+        return passes.locate(("app_passes:run",), recipe)[0].keyed()["source"]
+
+    first = source()
+    (tmp_path / "unrelated.py").write_text("x = 2\n")
+    assert source() == first
+    (tmp_path / "helpers.py").write_text("def tidy(program):\n    return program  # edited\n")
+    assert source() != first
+
+    outside = tmp_path.parent / f"{tmp_path.name}-outside.py"
+    outside.write_text("def run(program):\n    return program\n")
+    (tmp_path / "linked.py").symlink_to(outside)
+    for name in ("linked:run", f"{outside.with_suffix('')}:run"):
+        with pytest.raises(RecipeError):
+            passes.locate((name,), recipe)

@@ -38,3 +38,15 @@ def test_a_missed_gate_names_the_tolerance_value_that_accepts_it():
     assert accept == {"min_top1": 0.876, "max_kl": 0.032}
     relaxed = [(name, value, op, accept.get(tolerance, limit), tolerance) for name, value, op, limit, tolerance in checks]
     assert missed(relaxed) == []
+
+
+def test_numbers_that_are_not_numbers_fail_every_gate_and_no_tolerance_accepts_them():
+    """A .pte that computes NaN fails verification with a line saying so (it used to crash the gate's arithmetic)."""
+    from xportbuild.gates import accepting_tolerances, missed
+
+    failures = missed([("vs float: max abs error", float("nan"), "<=", 1.0, "max_abs"),
+                       ("vs float: mean cosine", float("-inf"), ">=", 0.99, "min_cosine"),
+                       ("vs program: max abs error", 0.5, "<=", 1.0, "max_abs_vs_program")])
+    assert [f.text for f in failures] == ["vs float: max abs error is nan (the outputs hold NaN or infinite values)",
+                                          "vs float: mean cosine is -inf (the outputs hold NaN or infinite values)"]
+    assert accepting_tolerances(failures) == {}

@@ -17,11 +17,17 @@ from xportbuild.models.common import conv1d_as_linear, eos_ids, load_pretrained,
 from xportbuild.models.methods import Call, ExportableMethod, Outcome, greedy_token
 from xportbuild.recipe.spec import STOCK_OPS, ExportSpec, VerifyInputs
 
+WHAT = "causal LM"  # in messages: "cannot load <folder> as a <WHAT>"
 
-def load_model(model_dir: Path) -> torch.nn.Module:
+
+def auto_class(model_dir: Path):
     from transformers import AutoModelForCausalLM
 
-    model = load_pretrained(AutoModelForCausalLM, model_dir, "causal LM")
+    return AutoModelForCausalLM
+
+
+def load_model(model_dir: Path) -> torch.nn.Module:
+    model = load_pretrained(auto_class(model_dir), model_dir, WHAT)
     conv1d_as_linear(model)
     if model._can_set_experts_implementation():
         # Mixture of experts: every expert as one batched matmul over stock ops (the default grouped_mm calls a
@@ -76,7 +82,7 @@ def _positions_from_cache(module, args: tuple, kwargs: dict) -> tuple[tuple, dic
 def samples(model_dir: Path, model, verify: VerifyInputs) -> list[dict[str, np.ndarray]]:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     return [{"input_ids": np.array([tokenizer(prompt)["input_ids"]], dtype=np.int64)} for prompt in verify.prompts]
 
 
@@ -129,7 +135,7 @@ def texts(model_dir: Path, verify: VerifyInputs, outcomes: list[Outcome]) -> lis
     """Each prompt with the float model's greedy continuation, as text."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     return [{"prompt": prompt, "continuation": tokenizer.decode(outcome.tokens)}
             for prompt, outcome in zip(verify.prompts, outcomes)]
 
@@ -149,7 +155,7 @@ def app_check(pte_path: Path, model_dir: Path, prompt: str, pte_tokens: list[int
         error = str(err).strip().splitlines()[0]
         return ({"error": error, "matches_pte_greedy": None},
                 f"ExecuTorch's LLM runner could not run the .pte on prompt 0: {error}")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     ends = [index for index, token in enumerate(pte_tokens) if token in facts["get_eos_ids"]]
     expected = tokenizer.decode(pte_tokens[: ends[0] if ends else None])
     # The runner streams the end token's own text (e.g. "<eos>") before it stops.

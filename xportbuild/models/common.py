@@ -1,26 +1,54 @@
-"""Loading a fetched model with the Auto class of its kind, honouring the source's remote-code opt-in."""
+"""Loading a model folder with transformers as data: never its own code, every weight from the checkpoint."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from xportbuild.errors import StageError
+from xportbuild.errors import SourceError, StageError
+
+# Shown per problem before "and N more": enough to recognise a pattern (one layer, every bias) in one line.
+_NAMED = 4
 
 
-def load_pretrained(auto_class, model_dir: Path, what: str):
-    """The float32 eager model from a fetched folder; remote code runs only if its source opted in."""
+def load_pretrained(auto_class, model_dir: Path, what: str, weights: bool = True):
+    """The float32 eager model of a model folder. Code the folder ships is never run, and every weight the class
+    expects must come from the checkpoint, finite: transformers would otherwise initialise what is missing at random,
+    and a random model agrees perfectly with its own random `.pte`. `weights=False` builds it on the meta device,
+    reading only the checkpoint's names and shapes: validate's check, before any build."""
     import torch
 
-    from xportbuild.stages.fetch import SOURCE_RECORD
-
-    trust_remote_code = json.loads((model_dir / SOURCE_RECORD).read_text())["trust_remote_code"] is True
+    placement = {} if weights else {"device_map": "meta"}
     try:
-        model = auto_class.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=trust_remote_code,
-                                           use_safetensors=True)
-    except ValueError as err:
-        raise StageError(f"cannot load {model_dir} as a {what}: {err}") from err
+        # Shapes that differ are reported by name below (transformers would raise a pointer to its log instead).
+        model, loading = auto_class.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=False,
+                                                    use_safetensors=True, output_loading_info=True,
+                                                    ignore_mismatched_sizes=True, **placement)
+    except (ValueError, OSError, KeyError, RuntimeError, TypeError) as err:
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise StageError(f"cannot load {model_dir} as a {what}: {type(err).__name__}: {first}") from err
+    if problem := checkpoint_problem(loading, model_dir):
+        raise SourceError(problem)
+    if weights and (damaged := [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]):
+        raise SourceError(f"{model_dir}: weights with NaN or infinite values: {_some(damaged)}; the checkpoint is "
+                          "damaged: re-download or re-save it")
     return model.eval()
+
+
+def checkpoint_problem(loading: dict, model_dir: Path) -> str | None:
+    """Weights the model's class expects that the checkpoint lacks, or holds under names the class has not."""
+    found = [f"{label} {_some(sorted(str(key if isinstance(key, str) else key[0]) for key in loading.get(name) or ()))}"
+             for name, label in (("missing_keys", "missing"), ("unexpected_keys", "not in the model's class"),
+                                 ("mismatched_keys", "of another shape"))
+             if loading.get(name)]
+    if not found:
+        return None
+    return (f"{model_dir}: the checkpoint does not match its model class: weights {'; '.join(found)}; every weight "
+            "must come from the checkpoint (a missing one would be random): re-save the model whole")
+
+
+def _some(names: list) -> str:
+    shown = ", ".join(str(name) for name in names[:_NAMED])
+    return shown + (f" and {len(names) - _NAMED} more" if len(names) > _NAMED else "")
 
 
 def conv1d_as_linear(model) -> None:

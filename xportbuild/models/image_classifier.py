@@ -16,6 +16,8 @@ from xportbuild.models.common import load_pretrained
 from xportbuild.models.methods import Call, ExportableMethod, Outcome
 from xportbuild.recipe.spec import STOCK_OPS, ExportSpec, VerifyInputs
 
+WHAT = "image classifier"  # in messages: "cannot load <folder> as a <WHAT>"
+
 
 class ClassifierForward(torch.nn.Module):
     def __init__(self, model):
@@ -26,10 +28,14 @@ class ClassifierForward(torch.nn.Module):
         return self.model(pixel_values=pixel_values).logits
 
 
-def load_model(model_dir: Path):
+def auto_class(model_dir: Path):
     from transformers import AutoModelForImageClassification
 
-    return load_pretrained(AutoModelForImageClassification, model_dir, "image classifier")
+    return AutoModelForImageClassification
+
+
+def load_model(model_dir: Path):
+    return load_pretrained(auto_class(model_dir), model_dir, WHAT)
 
 
 def image_shape(model) -> tuple[int, int, int]:

@@ -57,7 +57,7 @@ def audio_features(model_dir: Path, index: int, input_name: str) -> np.ndarray:
     from transformers import AutoFeatureExtractor
 
     try:
-        extractor = AutoFeatureExtractor.from_pretrained(model_dir)
+        extractor = AutoFeatureExtractor.from_pretrained(model_dir, trust_remote_code=False)
     except (OSError, ValueError) as err:
         raise StageError(f"{model_dir}: an audio model needs its feature extractor (preprocessor_config.json): "
                          f"{err}") from err

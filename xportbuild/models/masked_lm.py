@@ -16,6 +16,8 @@ from xportbuild.recipe.spec import STOCK_OPS, ExportSpec, VerifyInputs
 
 MASK = "<mask>"  # written in verify prompts; replaced by the tokenizer's own mask token
 
+WHAT = "masked LM"  # in messages: "cannot load <folder> as a <WHAT>"
+
 
 class MaskedLMForward(torch.nn.Module):
     def __init__(self, model):
@@ -26,10 +28,14 @@ class MaskedLMForward(torch.nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
-def load_model(model_dir: Path):
+def auto_class(model_dir: Path):
     from transformers import AutoModelForMaskedLM
 
-    return load_pretrained(AutoModelForMaskedLM, model_dir, "masked LM")
+    return AutoModelForMaskedLM
+
+
+def load_model(model_dir: Path):
+    return load_pretrained(auto_class(model_dir), model_dir, WHAT)
 
 
 def exportables(model, max_seq_len: int, export: ExportSpec = STOCK_OPS) -> dict[str, ExportableMethod]:
@@ -43,7 +49,7 @@ def exportables(model, max_seq_len: int, export: ExportSpec = STOCK_OPS) -> dict
 def samples(model_dir: Path, model, verify: VerifyInputs) -> list[dict[str, np.ndarray]]:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     encoded = [tokenizer(prompt.replace(MASK, tokenizer.mask_token or MASK), return_tensors="np")
                for prompt in verify.prompts]
     return [{"input_ids": e["input_ids"].astype(np.int64), "attention_mask": e["attention_mask"].astype(np.int64)}
@@ -66,5 +72,5 @@ def metadata(model, model_dir: Path, max_seq_len: int, export: ExportSpec = STOC
 def _mask_id(model_dir: Path) -> int:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     return int(tokenizer.mask_token_id) if tokenizer.mask_token_id is not None else -1

@@ -20,6 +20,8 @@ from xportbuild.models.common import attach_static_cache, eos_ids, load_pretrain
 from xportbuild.models.methods import Call, ExportableMethod, Outcome, follow, greedy_token
 from xportbuild.recipe.spec import STOCK_OPS, ExportSpec, VerifyInputs
 
+WHAT = "multimodal model"  # in messages: "cannot load <folder> as a <WHAT>"
+
 
 def _idefics3_image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
     """SmolVLM / Idefics3 on whole, unpadded image tiles ([tiles, C, H, W] at the config's image size).
@@ -108,7 +110,7 @@ class TextDecoder(torch.nn.Module):
                           use_cache=True).logits
 
 
-def load_model(model_dir: Path):
+def auto_class(model_dir: Path):
     import json
 
     from transformers import AutoModelForImageTextToText, AutoModelForMultimodalLM, AutoModelForSeq2SeqLM
@@ -116,11 +118,14 @@ def load_model(model_dir: Path):
 
     config = json.loads((model_dir / "config.json").read_text())
     if "audio_token_id" not in config:
-        return load_pretrained(AutoModelForImageTextToText, model_dir, "image-text-to-text model")
+        return AutoModelForImageTextToText
     # Audio LMs are registered either as multimodal LMs (Voxtral) or as seq2seq LMs (AudioFlamingo3).
-    auto = AutoModelForMultimodalLM if config.get("model_type") in MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES \
+    return AutoModelForMultimodalLM if config.get("model_type") in MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES \
         else AutoModelForSeq2SeqLM
-    return load_pretrained(auto, model_dir, "audio-text-to-text model")
+
+
+def load_model(model_dir: Path):
+    return load_pretrained(auto_class(model_dir), model_dir, WHAT)
 
 
 def _media(model, index: int) -> np.ndarray:
@@ -151,7 +156,7 @@ def samples(model_dir: Path, model, verify: VerifyInputs) -> list[dict[str, np.n
     """One generated image or clip per prompt."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     return [{"input_ids": np.array([tokenizer(prompt)["input_ids"]], dtype=np.int64), "media": _media(model, index)}
             for index, prompt in enumerate(verify.prompts)]
 

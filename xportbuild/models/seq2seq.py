@@ -20,6 +20,8 @@ from xportbuild.models.common import attach_static_cache, eos_ids, load_pretrain
 from xportbuild.models.methods import Call, ExportableMethod, Outcome, follow, greedy_token
 from xportbuild.recipe.spec import STOCK_OPS, ExportSpec, VerifyInputs
 
+WHAT = "sequence-to-sequence model"  # in messages: "cannot load <folder> as a <WHAT>"
+
 
 class Encoder(torch.nn.Module):
     def __init__(self, model):
@@ -53,13 +55,15 @@ def _is_speech(model_type: str) -> bool:
     return model_type in MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES
 
 
-def load_model(model_dir: Path):
+def auto_class(model_dir: Path):
     from transformers import AutoModelForSeq2SeqLM, AutoModelForSpeechSeq2Seq
 
     model_type = json.loads((model_dir / "config.json").read_text()).get("model_type", "")
-    if _is_speech(model_type):
-        return load_pretrained(AutoModelForSpeechSeq2Seq, model_dir, "speech recognition model")
-    return load_pretrained(AutoModelForSeq2SeqLM, model_dir, "text2text model")
+    return AutoModelForSpeechSeq2Seq if _is_speech(model_type) else AutoModelForSeq2SeqLM
+
+
+def load_model(model_dir: Path):
+    return load_pretrained(auto_class(model_dir), model_dir, WHAT)
 
 
 def _decoder_limit(model) -> int | None:
@@ -103,7 +107,7 @@ def samples(model_dir: Path, model, verify: VerifyInputs) -> list[dict[str, np.n
                 for index in range(verify.samples)]
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     return [{"inputs": tokenizer(prompt, return_tensors="np")["input_ids"].astype(np.int64)}
             for prompt in verify.prompts]
 

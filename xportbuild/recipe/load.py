@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import tomllib
 import typing
@@ -63,6 +64,10 @@ def _check_value(hint, value, file: Path, key: str, problems: _Problems):
     expected = {"str": str, "int": int, "float": (int, float), "bool": bool}[hint.__name__]
     if isinstance(value, bool) and hint is not bool or not isinstance(value, expected):
         problems.add(file, key, f"expected {hint.__name__}, got {type(value).__name__} {value!r}")
+        return None
+    if hint is float and not math.isfinite(value):
+        problems.add(file, key, f"{value!r}: not a finite number (TOML's nan and inf compare false with everything, "
+                     "so a gate of nan would pass anything); write a number")
         return None
     return float(value) if hint is float else value
 
@@ -125,7 +130,12 @@ def _load_model(file: Path, problems: _Problems) -> tuple[ModelSpec | None, dict
         return None, {}
     data = dict(data)
     overrides = data.pop("tolerances", {})
-    source = _build(SourceSpec, data.pop("source", None), file, "source.", problems)
+    source_data = data.pop("source", None)
+    if isinstance(source_data, dict) and "trust_remote_code" in source_data:
+        source_data = {key: value for key, value in source_data.items() if key != "trust_remote_code"}
+        problems.add(file, "source.trust_remote_code", "xportbuild never runs code a model folder ships, whatever "
+                     "this says; remove the key, and use an architecture transformers includes")
+    source = _build(SourceSpec, source_data, file, "source.", problems)
     if source is not None:
         found = len(problems)
         _check_source(source, file, problems)

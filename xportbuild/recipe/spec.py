@@ -35,7 +35,6 @@ class SourceSpec:
     revision: str = ""
     path: str = ""
     package: str = ""
-    trust_remote_code: bool = False
 
 
 @dataclass(frozen=True)

@@ -10,13 +10,15 @@ from pathlib import Path
 
 from xportbuild import preflight, sources
 from xportbuild.errors import SourceError
-from xportbuild.cache import StatCache
+from xportbuild.cache import ENTRY_FILE, StatCache
 from xportbuild.recipe.spec import SourceSpec
 
 log = logging.getLogger(__name__)
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
-# Records the source's remote-code opt-in next to the weights, so loaders downstream honour exactly it.
+# Which source exactly the folder came from, for the provenance record in the .pte.
 SOURCE_RECORD = "xportbuild-source.json"
+# Names the fetch entry writes itself (and the cache its record): a model folder's file of that name is not copied.
+RESERVED = frozenset({SOURCE_RECORD, ENTRY_FILE})
 
 
 def fetch(source: SourceSpec, model_file: str, out_dir: Path, scratch_root: Path, stats: StatCache) -> dict:
@@ -29,18 +31,26 @@ def fetch(source: SourceSpec, model_file: str, out_dir: Path, scratch_root: Path
             raise SourceError(problems[0])
         _convert_gguf(facts.location, out_dir, model_file)
     else:
-        for file in facts.location.iterdir():
-            if file.is_file() and file.suffix not in _PICKLE_SUFFIXES:
-                shutil.copyfile(file, out_dir / file.name)
+        _copy_folder(facts.files, out_dir)
     # Which source exactly (commit SHA or content digest), for the provenance record in the .pte.
     # Not its path as spelled: the same bytes reached another way are the same fetch.
     identity = {**dataclasses.asdict(dataclasses.replace(source, path="")),
                 **sources.fingerprint(source, model_file, stats, scratch_root)}
-    (out_dir / SOURCE_RECORD).write_text(json.dumps({"trust_remote_code": source.trust_remote_code,
-                                                     "source": identity}))
+    (out_dir / SOURCE_RECORD).write_text(json.dumps({"source": identity}))
     config = json.loads((out_dir / "config.json").read_text())
     return {"model_type": config.get("model_type"), "architectures": config.get("architectures"),
             "files": sorted(p.name for p in out_dir.iterdir())}
+
+
+def _copy_folder(files: dict[str, Path], out_dir: Path) -> None:
+    """The folder's top-level files (already checked: regular, inside it), without pickles or reserved names."""
+    for name, file in files.items():
+        if "/" in name or file.suffix in _PICKLE_SUFFIXES:
+            continue
+        if name in RESERVED:
+            log.warning("%s: not copied: xportbuild writes a file of that name itself", file)
+            continue
+        shutil.copyfile(file, out_dir / name)
 
 
 def _convert_gguf(path: Path, out_dir: Path, model_file: str) -> None:
@@ -48,12 +58,17 @@ def _convert_gguf(path: Path, out_dir: Path, model_file: str) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from xportbuild.models.common import checkpoint_problem
+
     log.info("converting GGUF %s (dequantizing weights, converting the tokenizer)", path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        model, loading = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
+                                                              output_loading_info=True)
     except (ValueError, KeyError, OSError) as err:
         raise SourceError(f"{model_file}: source: cannot load GGUF {path}: {err}") from err
+    if problem := checkpoint_problem(loading, path):
+        raise SourceError(f"{model_file}: source: {problem}")
     _drop_gguf_quantizer(model, path)
     # Loading options would otherwise be saved into tokenizer_config.json, making the output (and every
     # key downstream) depend on HF_HUB_OFFLINE rather than on the GGUF's content.

@@ -109,12 +109,14 @@ def judge(numbers: dict, tolerances: Tolerances, several_methods: bool) -> list[
             if several_methods else checks
     for index, item in enumerate(numbers["greedy"]):
         margin = item["program_margin_at_divergence"]
-        if margin is not None and margin > tolerances.greedy_tie_margin or margin is None and item["lengths_differ"]:
-            margin = float("nan") if margin is None else margin
+        if margin is not None and margin > tolerances.greedy_tie_margin:
             failures.append(Missed(f"sample {index}: the .pte's outcome leaves the float model's at "
                                    f"{item['diverges_from_reference_at']} with a choice its program ranks {margin:.3g} "
                                    f"below its own (allowed tie margin {tolerances.greedy_tie_margin:g})",
                                    "greedy_tie_margin", "<=", accepting(margin, "<=")))
+        elif margin is None and item["lengths_differ"]:  # no tolerance accepts an outcome of another length
+            failures.append(Missed(f"sample {index}: the .pte's outcome has {len(item['pte'])} tokens, the float "
+                                   f"model's {len(item['reference'])}", "", "", 0.0))
     return failures
 
 
