@@ -3,6 +3,8 @@
     python -m xportbuild validate [recipes_dir]      every problem of every target, before any work starts
     python -m xportbuild run ARTIFACT --prompt TEXT  generate with a published .pte, as an app would
     python -m xportbuild fsck [recipes_dir]          read the whole cache and artifacts/ against their hashes
+    python -m xportbuild status [recipes_dir]        every target: up to date or why not, size, quality, speed
+    python -m xportbuild compare [recipes_dir] [--model M]   a model's targets side by side, with a plot
     python -m xportbuild targets [recipes_dir] [--model M] [--recipe R]
                                                      the targets as JSON, for a CI job matrix
 """
@@ -14,7 +16,8 @@ import sys
 from pathlib import Path
 
 from xportbuild.build import Workspace
-from xportbuild.errors import ValidationFailed
+from xportbuild.console import output_to
+from xportbuild.errors import ValidationFailed, XportError
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -22,11 +25,12 @@ def _validate(args: argparse.Namespace) -> int:
 
     workspace = Workspace.for_project(Path(args.recipes))
     try:
-        count = validate_project(Path(args.recipes).resolve(), workspace.cache_dir / "sources")
+        with output_to(workspace.state_dir / "logs" / "validate.log"):  # what the libraries it reads with print
+            found = validate_project(Path(args.recipes).resolve(), workspace.cache_dir / "sources")
     except ValidationFailed as err:
         print(err, file=sys.stderr)
         return 2
-    print(f"{count} targets valid")
+    print(found.summary())
     return 0
 
 
@@ -38,6 +42,25 @@ def _fsck(args: argparse.Namespace) -> int:
         print(f"  - {line}")
     print(summary)
     return 1 if findings else 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from xportbuild.status import project_status
+
+    print(project_status(Path(args.recipes)))
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from xportbuild.compare import compare_project
+
+    written = compare_project(Path(args.recipes), args.model)
+    if not written:
+        print("compare: no published target to compare (build some with `doit export:<target>`)", file=sys.stderr)
+        return 2
+    for path in written:
+        print(path)
+    return 0
 
 
 def _targets(args: argparse.Namespace) -> int:
@@ -88,6 +111,15 @@ def main(argv: list[str] | None = None) -> int:
                                             "discard damaged entries, restore damaged published files")
     fsck.add_argument("recipes", nargs="?", default="recipes", help="the recipes folder (default: ./recipes)")
     fsck.set_defaults(handler=_fsck)
+    status = commands.add_parser("status", help="every target: up to date or why not, published size, quality, "
+                                                "decode speed (reads the cache; builds nothing)")
+    status.add_argument("recipes", nargs="?", default="recipes", help="the recipes folder (default: ./recipes)")
+    status.set_defaults(handler=_status)
+    compare = commands.add_parser("compare", help="the published targets of each model side by side: a table and a "
+                                                  "plot of size against agreement (artifacts/compare/)")
+    compare.add_argument("recipes", nargs="?", default="recipes", help="the recipes folder (default: ./recipes)")
+    compare.add_argument("--model", action="append", help="only this model (repeatable)")
+    compare.set_defaults(handler=_compare)
     targets = commands.add_parser("targets", help="print the targets (or those of some models or recipes) as JSON, "
                                                   "one CI job each")
     targets.add_argument("recipes", nargs="?", default="recipes", help="the recipes folder (default: ./recipes)")
@@ -102,7 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
     run.set_defaults(handler=_run)
     args = parser.parse_args(argv)
-    return args.handler(args)
+    try:
+        return args.handler(args)
+    except XportError as err:  # what the user can act on: its message, not a traceback
+        print(err, file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -14,15 +14,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from xportbuild import isolation
+from xportbuild import console, isolation
 from xportbuild.cache import Entry, Store, write_atomic
 from xportbuild.remote import RemoteCache
 from xportbuild.errors import CacheCorrupt, DamagedEntry, StageError, VerifyFailed
 from xportbuild.keys import SCHEMA, canonical_json, code_digests, digest_value, library_versions
 from xportbuild.pipeline import STAGE_BY_NAME, code_roots
 from xportbuild.plan import Plan, StageNode
+from xportbuild.report import stage_facts
 
 log = logging.getLogger(__name__)
+STAGE_LOG = "stage.log"  # beside an entry's record: what the stage printed when it was built
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,10 @@ class Workspace:
             raise OSError(err.errno, err.strerror, str(path)) from err
         finally:
             os.close(fd)
+
+    def stage_log(self, task: str) -> Path:
+        """Everything a stage's process printed (libraries, runtimes, tracebacks), kept for its last build here."""
+        return self.state_file("logs", task).with_suffix(".log")
 
     def state_file(self, kind: str, task: str) -> Path:
         """Per-task local state, e.g. state_file("last", "lower:x") for the key of its last build."""
@@ -154,11 +160,18 @@ def explain_change(last_doc_path: Path, doc: dict) -> str:
     except (OSError, ValueError):
         return "never built here and not in the cache"
     old, new = _flatten(last), _flatten(json.loads(canonical_json(doc)))  # as stored: a tuple reads back as a list
-    changes = []
+    changes, code = [], []
     for name in sorted(set(old) | set(new)):
-        if old.get(name) != new.get(name):
-            before, after = _short(old.get(name)), _short(new.get(name))
-            changes.append(f"{name} {before}→{after}" if name.startswith("params") else f"{name} changed")
+        if old.get(name) == new.get(name):
+            continue
+        if name.startswith("code."):
+            code.append(name.removeprefix("code.").removeprefix("xportbuild."))
+        elif name.startswith(("params", "libraries")):
+            changes.append(f"{name} {_short(old.get(name))}→{_short(new.get(name))}")
+        else:
+            changes.append(f"{name} changed")
+    if code:
+        changes.append(f"its code changed ({', '.join(code)})")
     return "; ".join(changes) if changes else "its cache entry is missing or was damaged"
 
 
@@ -306,12 +319,14 @@ def _keep_failed(workspace: Workspace, node: StageNode, failure: VerifyFailed) -
 
 def _run_stage(node: StageNode, resolver: Resolver, workspace: Workspace, doc: dict, key: str) -> Entry:
     inputs = {name: resolver.entry(upstream).path for name, upstream in node.inputs.items()}
-    log.info("%s: building (key %s)", node.task, key[:12])
+    log_path = workspace.stage_log(node.task)
+    log.info("%s: building%s", node.task, _last_took(workspace, node.task))
+    with console.output_to(workspace.state_dir / "logs" / "libraries.log"):  # their import-time warnings
+        isolation.preload()  # once per build, before the clock starts: not this stage's time
     started = time.perf_counter()
     with workspace.store.building(key) as scratch:
-        isolation.preload()
         try:
-            run = isolation.run_in_child(_runner(node.stage), node, inputs, scratch, workspace)
+            run = isolation.run_in_child(_runner(node.stage), node, inputs, scratch, workspace, log=log_path)
         except VerifyFailed as failure:
             _keep_failed(workspace, node, failure)
             raise
@@ -319,6 +334,23 @@ def _run_stage(node: StageNode, resolver: Resolver, workspace: Workspace, doc: d
         record = {"stage": node.stage, "task": node.task, "key_doc": doc, "result": run.result,
                   "seconds": round(seconds, 3), "peak_rss_mb": round(run.peak_rss_mb, 1)}
         entry = workspace.store.commit(key, scratch, record)
+    _keep_log(log_path, entry)
     workspace.record_event(task=node.task, stage=node.stage, event="built", key=key, seconds=seconds)
-    log.info("%s: built in %.1f s, peak RSS %.0f MB", node.task, seconds, run.peak_rss_mb)
+    write_atomic(workspace.state_file("seconds", node.task), json.dumps(seconds).encode())
+    log.info("%s: built in %.1f s, peak RSS %.0f MB, %s", node.task, seconds, run.peak_rss_mb,
+             stage_facts(node.stage, entry.record))
     return entry
+
+
+def _last_took(workspace: Workspace, task: str) -> str:
+    """How long the last build of this stage took here, as a hint of how long to wait."""
+    try:
+        return f" (last build here: {float(json.loads(workspace.state_file('seconds', task).read_text())):.0f} s)"
+    except (OSError, ValueError, TypeError):
+        return ""
+
+
+def _keep_log(log_path: Path, entry: Entry) -> None:
+    """The stage's log beside its record (not one of the entry's files: it differs run to run)."""
+    with contextlib.suppress(OSError):
+        shutil.copyfile(log_path, entry.path / STAGE_LOG)

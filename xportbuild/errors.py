@@ -39,6 +39,15 @@ class SourceError(XportError):
     """Weights or tokenizer could not be fetched from the declared source."""
 
 
+class SourceNotHere(SourceError):
+    """A hub source that is not in the local Hugging Face cache and cannot be downloaded now: not a problem of the
+    project, a step to take (`download` names the command)."""
+
+    def __init__(self, message: str, download: str):
+        self.download = download
+        super().__init__(message)
+
+
 class StageError(XportError):
     """A stage could not produce its outputs, or its post-conditions do not hold."""
 

@@ -15,7 +15,9 @@ import signal
 import sys
 import traceback
 from dataclasses import dataclass
+from pathlib import Path
 
+from xportbuild import console
 from xportbuild.errors import StageError
 
 # Imported once by the build before its first stage, so that each child starts with them instead of paying for
@@ -43,14 +45,15 @@ def preload() -> None:
         importlib.import_module(name)
 
 
-def run_in_child(function, *args) -> ChildRun:
-    """`function(*args)` in a forked child: its result and the child's peak resident memory, or its exception."""
+def run_in_child(function, *args, log: Path | None = None) -> ChildRun:
+    """`function(*args)` in a forked child: its result and the child's peak resident memory, or its exception.
+    With `log`, everything the child prints goes there (console.capture_stage_output)."""
     read_end, write_end = os.pipe()
     parent = os.getpid()
     pid = os.fork()
     if pid == 0:
         os.close(read_end)
-        _child(parent, write_end, function, args)
+        _child(parent, write_end, function, args, log)
     os.close(write_end)
     try:
         with os.fdopen(read_end, "rb") as pipe:
@@ -71,10 +74,12 @@ def run_in_child(function, *args) -> ChildRun:
     return ChildRun(outcome[1], peak_mb)
 
 
-def _child(parent: int, write_end: int, function, args) -> None:
+def _child(parent: int, write_end: int, function, args, log: Path | None) -> None:
     code = 0
     try:
         _die_with(parent)
+        if log is not None:
+            console.capture_stage_output(log)
         _leave_inherited_objects_to_the_build()
         try:
             outcome = ("returned", function(*args))
@@ -85,8 +90,7 @@ def _child(parent: int, write_end: int, function, args) -> None:
     except BaseException:  # noqa: BLE001  the build reports a child that sent nothing
         code = 1
     finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
+        console.end_capture()
         os._exit(code)
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from xportbuild import passes, sources
-from xportbuild.errors import RecipeError, SourceError, ValidationFailed, XportError
+from xportbuild.errors import RecipeError, SourceError, SourceNotHere, ValidationFailed, XportError
 from xportbuild.models.kinds import kind_of, kinds_with
 from xportbuild.recipe.spec import ModelSpec, SourceSpec, Target
 
@@ -342,30 +342,55 @@ def recipe_problems(target: Target, facts: SourceFacts) -> list[str]:
     return problems
 
 
-def validate(targets: list[Target], scratch_root: Path) -> list[str]:
+@dataclass
+class Validation:
+    """What validate found: problems (each one line), and models that are fine but not on this machine yet, with
+    the command that brings each."""
+
+    targets: list[Target]
+    problems: list[str] = field(default_factory=list)
+    downloads: dict[str, str] = field(default_factory=dict)  # model name -> the command that downloads it
+
+    def summary(self) -> str:
+        waiting = [t for t in self.targets if t.model.name in self.downloads]
+        lines = [f"{len(self.targets) - len(waiting)} targets valid and buildable here"]
+        if self.downloads:
+            lines.append(f"{len(waiting)} targets of {len(self.downloads)} models need their weights downloaded "
+                         "first (their sources are checked once they are here):")
+            lines += [f"  {model}: {command}" for model, command in sorted(self.downloads.items())]
+        return "\n".join(lines)
+
+
+def validate(targets: list[Target], scratch_root: Path) -> Validation:
     """Every problem of every target that can be found before building, each model's source read once."""
-    problems: list[str] = []
+    found = Validation(targets)
     facts_by_model: dict[str, SourceFacts | None] = {}
     for recipe in {target.recipe.name: target.recipe for target in targets}.values():
         try:
-            problems.extend(passes.import_problems(passes.locate(recipe.lower.passes, recipe.file), recipe.file))
+            found.problems.extend(passes.import_problems(passes.locate(recipe.lower.passes, recipe.file), recipe.file))
         except RecipeError as err:
-            problems.extend(err.problems)
+            found.problems.extend(err.problems)
     for target in targets:
         model = target.model
         if model.name not in facts_by_model:
-            facts_by_model[model.name], found = _model_findings(model, scratch_root)
-            problems.extend(found)
+            try:
+                facts_by_model[model.name], problems = _model_findings(model, scratch_root)
+                found.problems.extend(problems)
+            except SourceNotHere as err:
+                facts_by_model[model.name] = None
+                found.downloads[model.name] = err.download
         facts = facts_by_model[model.name]
         if facts is not None:
-            problems.extend(recipe_problems(target, facts))
-    return problems
+            found.problems.extend(recipe_problems(target, facts))
+    return found
 
 
 def _model_findings(model: ModelSpec, scratch_root: Path) -> tuple[SourceFacts | None, list[str]]:
     """The model's source facts (None if they cannot be read) and every problem of the model and its source."""
     try:
         facts = source_facts(model.source, model.file, scratch_root)
+    except SourceNotHere:
+        raise
     except SourceError as err:
         return None, [str(err)]
     problems = model_problems(model, facts)
@@ -383,12 +408,13 @@ def _model_findings(model: ModelSpec, scratch_root: Path) -> tuple[SourceFacts |
     return facts, problems
 
 
-def validate_project(recipes_dir: Path, scratch_root: Path) -> int:
+def validate_project(recipes_dir: Path, scratch_root: Path) -> Validation:
     """Check recipes, then every loadable target's source; raises ValidationFailed with all problems."""
     from xportbuild.recipe.load import load_what_loads
 
     targets, problems = load_what_loads(recipes_dir)
-    problems.extend(validate(targets, scratch_root))
-    if problems:
-        raise ValidationFailed(problems)
-    return len(targets)
+    found = validate(targets, scratch_root)
+    found.problems[:0] = problems
+    if found.problems:
+        raise ValidationFailed(found.problems)
+    return found

@@ -17,8 +17,9 @@ from xportbuild.keys import digest_value, hash_file, is_key, library_versions
 from xportbuild.plan import Plan
 from xportbuild.published import (MANIFEST, BadManifest, intact, interrupted_targets, read_manifest, recover,
                                   staging_folder, swap_into_place, target_lock)
-from xportbuild.report import render_report
+from xportbuild.report import QUALITY_PLOT, render_report
 from xportbuild.stages.lower import DATA_FILE, PTE_FILE
+from xportbuild.stages.program import KL_BY_POSITION
 
 # What an app needs beside the program: its tokenizer, and the image or audio preprocessing the model expects.
 SHIPPED = {PTE_FILE: "lower", DATA_FILE: "lower", "tokenizer.json": "fetch", "tokenizer_config.json": "fetch",
@@ -112,6 +113,10 @@ def _publish_folder(entries: dict[str, Entry], record: dict, artifacts_dir: Path
         record["files"] = files
         (staging / MANIFEST).write_text(json.dumps(record, indent=1, sort_keys=True))
         (staging / "report.md").write_text(render_report(record))
+        if kl_by_position := record["stages"]["verify"]["result"].get(KL_BY_POSITION):
+            from xportbuild.plots import kl_along_sequence
+
+            kl_along_sequence(kl_by_position, staging / QUALITY_PLOT)
         _readable_by_everyone(staging)
         swap_into_place(staging, artifacts_dir / target)
     finally:

@@ -41,6 +41,18 @@ def compare_logits(actual: np.ndarray, expected: np.ndarray) -> dict:
     }
 
 
+def position_kl(actual: list[np.ndarray | None], expected: list[np.ndarray | None], methods: list[str],
+                logit_methods: tuple[str, ...]) -> list[float]:
+    """KL(expected || actual) at every position of one sample's calls of its logit methods, in call order: what the
+    report plots along the sequence."""
+    rows: list[float] = []
+    for output, reference, method in zip(actual, expected, methods):
+        if output is not None and reference is not None and method in logit_methods:
+            flat = [array.reshape(-1, array.shape[-1]).astype(np.float64) for array in (reference, output)]
+            rows.extend(float(value) for value in kl_divergence(*flat).round(5))
+    return rows
+
+
 def compare_outputs(actual: np.ndarray, expected: np.ndarray, logits: bool) -> dict:
     """compare_logits for scores over a vocabulary or labels; for other outputs (hidden states, embeddings) only
     the row-wise cosine and the max abs error mean something."""

@@ -6,6 +6,27 @@ from xportbuild.pipeline import STAGES
 from xportbuild.runtime import describe_machine
 
 STAGE_ORDER = tuple(stage.name for stage in STAGES)
+QUALITY_PLOT = "quality.png"  # beside report.md: KL from float along the sequence, per stage
+
+
+def human_bytes(size: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return ""
+
+
+def stage_facts(stage: str, record: dict) -> str:
+    """The key facts of a built stage, for its one line on the terminal."""
+    facts = [human_bytes(sum(file["size"] for file in record["files"].values()))]
+    result = record.get("result") or {}
+    if stage == "reference":
+        facts.append(f"{result.get('samples')} samples, {result.get('positions')} positions")
+    elif stage == "verify" and isinstance(result.get("vs_reference"), dict):
+        against = result["vs_reference"]
+        facts.append(f"vs float: top-1 {with_interval(against, 'top1', '.3f')}, mean KL {with_interval(against, 'kl_mean', '.4f')}")
+    return ", ".join(facts)
 
 
 def _stage_rows(stages: dict) -> list[str]:
@@ -17,7 +38,7 @@ def _stage_rows(stages: dict) -> list[str]:
     return rows
 
 
-def _number(numbers: dict, name: str, digits: str) -> str:
+def with_interval(numbers: dict, name: str, digits: str) -> str:
     """The number, with its 95% interval where it has one: `0.931 [0.912, 0.947]`."""
     if name not in numbers:
         return "-"
@@ -39,7 +60,7 @@ def _method_rows(methods: dict) -> list[str]:
         for label, key in (("float", "vs_reference"), ("program", "vs_program")):
             n = compared[key]
             rows.append(f"| {method} | {label} | {n['cosine_mean']:.6f} | {n['cosine_min']:.6f} | "
-                        f"{_number(n, 'top1', '.3f')} | {n['max_abs']:.4g} | {_number(n, 'kl_mean', '.4g')} |")
+                        f"{with_interval(n, 'top1', '.3f')} | {n['max_abs']:.4g} | {with_interval(n, 'kl_mean', '.4g')} |")
     return rows
 
 
@@ -50,7 +71,7 @@ def _verify_rows(numbers: dict) -> list[str]:
     for label, key in (("float eager model", "vs_reference"), ("pre-lowering program", "vs_program")):
         n = numbers[key]
         rows.append(f"| {label} | {n.get('positions', '-')} | {n['cosine_mean']:.6f} | {n['cosine_min']:.6f} | "
-                    f"{_number(n, 'top1', '.3f')} | {n['max_abs']:.4g} | {_number(n, 'kl_mean', '.4g')} |")
+                    f"{with_interval(n, 'top1', '.3f')} | {n['max_abs']:.4g} | {with_interval(n, 'kl_mean', '.4g')} |")
     return [*rows, "", *_method_rows(numbers["methods"])]
 
 
@@ -61,7 +82,7 @@ def quality_rows(by_stage: dict) -> list[str]:
     order = ("quantized eager", "program", ".pte")
     for stage in sorted(by_stage, key=lambda name: order.index(name) if name in order else len(order)):
         n = by_stage[stage]
-        rows.append(f"| {stage} | {_number(n, 'top1', '.3f')} | {n['cosine_mean']:.4f} | {_number(n, 'kl_mean', '.4f')} "
+        rows.append(f"| {stage} | {with_interval(n, 'top1', '.3f')} | {n['cosine_mean']:.4f} | {with_interval(n, 'kl_mean', '.4f')} "
                     f"| {_departures(n)} |")
     return rows
 
@@ -111,6 +132,7 @@ def render_report(manifest: dict) -> str:
         "",
         *quality_rows(verify["quality_by_stage"]),
         "",
+        *([f"![KL from the float model along the sequence]({QUALITY_PLOT})", ""] if "kl_by_position" in verify else []),
         "## Verification",
         *_verify_rows(verify),
         "",
@@ -143,6 +165,6 @@ def sensitivity_rows(variants: dict) -> list[str]:
     """The sensitivity table: one row per variant of the recipe's quantization, measured eagerly."""
     rows = ["| variant | weights MiB | top-1 [95% interval] | mean cosine | mean KL |", "|---|---|---|---|---|"]
     for label, n in variants.items():
-        rows.append(f"| {label} | {n['weight_bytes'] / 2**20:.3f} | {_number(n, 'top1', '.3f')} | "
-                    f"{n['cosine_mean']:.4f} | {_number(n, 'kl_mean', '.4f')} |")
+        rows.append(f"| {label} | {n['weight_bytes'] / 2**20:.3f} | {with_interval(n, 'top1', '.3f')} | "
+                    f"{n['cosine_mean']:.4f} | {with_interval(n, 'kl_mean', '.4f')} |")
     return rows

@@ -10,7 +10,7 @@ import stat
 import tempfile
 from pathlib import Path
 
-from xportbuild.errors import SourceError
+from xportbuild.errors import SourceError, SourceNotHere
 from xportbuild.cache import StatCache
 from xportbuild.keys import library_versions, tree_digest
 from xportbuild.recipe.spec import SourceSpec, resolve_relative
@@ -92,23 +92,42 @@ def _packaged_gguf(package: str, model_file: str, scratch_root: Path) -> Path:
 
 
 def hub_snapshot(source: SourceSpec, model_file: str) -> tuple[Path, str]:
-    """(snapshot folder, commit SHA) of a hub source, through huggingface_hub's cache."""
+    """(snapshot folder, commit SHA) of a hub source, through huggingface_hub's cache: the local copy when there is
+    one for a pinned commit, else the hub unless offline. A source that cannot be had now is SourceNotHere."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
+    pinned = bool(_COMMIT.match(source.revision))
     try:
-        folder = Path(snapshot_download(source.repo, revision=source.revision, local_files_only=offline()))
+        folder = Path(snapshot_download(source.repo, revision=source.revision, local_files_only=offline() or pinned))
     except (RepositoryNotFoundError, RevisionNotFoundError) as err:
         raise SourceError(f"{model_file}: source: {source.repo}@{source.revision} not found on the hub") from err
     except LocalEntryNotFoundError as err:
-        raise SourceError(f"{model_file}: {_missing_from_cache(source)} and the hub is offline (HF_HUB_OFFLINE=1): "
-                          "download it once or point source at a local folder") from err
-    if not _COMMIT.match(source.revision):
+        if pinned and not offline():
+            return _downloaded(source, model_file)
+        raise _not_here(source, model_file, "the hub is offline (HF_HUB_OFFLINE=1)") from err
+    if not pinned:
         log.warning(
             "%s: source.revision %r is a branch or tag, not a commit: the build is not reproducible "
             "(resolved to %s); pin revision to that commit SHA", model_file, source.revision, folder.name,
         )
     return folder, folder.name
+
+
+def _downloaded(source: SourceSpec, model_file: str) -> tuple[Path, str]:
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(source.repo, revision=source.revision))
+    except Exception as err:  # noqa: BLE001  any failure to reach the hub: the same next step
+        raise _not_here(source, model_file, f"the hub cannot be reached ({type(err).__name__})") from err
+    return folder, folder.name
+
+
+def _not_here(source: SourceSpec, model_file: str, why: str) -> SourceNotHere:
+    command = f"hf download {source.repo} --revision {source.revision}"
+    return SourceNotHere(f"{model_file}: {_missing_from_cache(source)} and {why}: download it once ({command}) or "
+                         "point source at a local folder", command)
 
 
 def _missing_from_cache(source: SourceSpec) -> str:

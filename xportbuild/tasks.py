@@ -10,8 +10,11 @@ import warnings
 from pathlib import Path
 
 from doit.exceptions import TaskFailed
+from doit.reporter import ConsoleReporter
 
 from xportbuild.build import Resolver, Workspace, build_node, storage_errors
+from xportbuild.console import hint, output_to
+from xportbuild.isolation import ChildTraceback
 from xportbuild.errors import FsckFound, RecipeError, XportError
 from xportbuild.pipeline import STAGE_BY_NAME, STAGES
 from xportbuild.plan import Plan, plan_targets
@@ -55,28 +58,70 @@ class PublishedFresh(StageFresh):
         return published_state(self.plan, self.workspace, self.task)
 
 
+class _Lines(logging.Formatter):
+    """xportbuild's own lines as they are; warnings and errors say so."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = super().format(record)
+        return message if record.levelno == logging.INFO else f"{record.levelname} {message}"
+
+
 def _configure_logging() -> None:
     # Emitted thousands of times per lowering by torch's pytree; says nothing about the user's build.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
     root = logging.getLogger("xportbuild")
     if not root.handlers:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+        handler.setFormatter(_Lines())
         root.addHandler(handler)
         root.setLevel(logging.INFO)
         root.propagate = False
 
 
 def _failed(task: str, workspace: Workspace, err: Exception) -> TaskFailed:
-    """One line for the user; an unexpected error's traceback goes to a log file that the line names."""
+    """One line for the user: what failed, where its whole story is (the stage's log, the traceback appended), and,
+    for a failure of a known kind, what it means."""
+    log_path = workspace.stage_log(task)
     if isinstance(err, XportError):
         message = str(err)
-        return TaskFailed(message if message.startswith(task) else f"{task}: {message}")
-    log_path = workspace.state_file("logs", task).with_suffix(".log")
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    log_path.write_text("".join(traceback.format_exception(err)))
+        message = message if message.startswith(task) else f"{task}: {message}"
+        if isinstance(err.__cause__, ChildTraceback):  # raised in the stage's process: its whole story to the log
+            _append(log_path, str(err.__cause__))
+        return TaskFailed(message + (f" (log: {log_path})" if log_path.is_file() else ""))
+    _append(log_path, "".join(traceback.format_exception(err)))
     summary = (str(err).strip().splitlines() or [""])[0][:200]
-    return TaskFailed(f"{task}: unexpected {type(err).__name__}: {summary} (traceback in {log_path})")
+    advice = hint(err) or (hint(err.__cause__) if err.__cause__ is not None else "")  # the child's traceback
+    return TaskFailed(f"{task}: {type(err).__name__}: {summary}" + (f"; {advice}" if advice else "")
+                      + f" (log: {log_path})")
+
+
+def _append(log_path: Path, text: str) -> None:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("a") as handle:
+        handle.write(text)
+
+
+class Reporter(ConsoleReporter):
+    """doit's console output, less the line it prints when a task starts: xportbuild's tasks print their own start
+    and end lines (with what they built); a failure is its one line."""
+
+    desc = "xportbuild's console: one line per stage start and end"
+
+    def execute_task(self, task):
+        if task.name.partition(":")[0] not in _OWN_GROUPS:
+            super().execute_task(task)
+
+    def add_failure(self, task, fail):
+        if isinstance(fail, TaskFailed) and task.name.partition(":")[0] in _OWN_GROUPS:
+            self.failures.append({"task": task, "exception": fail})
+            self.write(f"{fail.message.rstrip()}\n")
+        else:
+            super().add_failure(task, fail)
+
+    def complete_run(self):
+        self.failures = [failure for failure in self.failures
+                         if failure["task"].name.partition(":")[0] not in _OWN_GROUPS]
+        super().complete_run()
 
 
 def _guarded(task: str, workspace: Workspace, action):
@@ -103,8 +148,11 @@ def run_stage(plan: Plan, workspace: Workspace, task: str):
 def run_validate(recipes_dir: Path, workspace: Workspace):
     from xportbuild.preflight import validate_project
 
-    return _guarded("validate", workspace,
-                    lambda: f"{validate_project(recipes_dir, workspace.cache_dir / 'sources')} targets valid")
+    def check() -> str:
+        with output_to(workspace.state_dir / "logs" / "validate.log"):
+            return validate_project(recipes_dir, workspace.cache_dir / "sources").summary()
+
+    return _guarded("validate", workspace, check)
 
 
 def run_publish(plan: Plan, workspace: Workspace, target: str):
@@ -149,6 +197,12 @@ def run_fsck(workspace: Workspace):
         return summary
 
     return _guarded("fsck", workspace, check)
+
+
+def run_status(plan: Plan, workspace: Workspace):
+    from xportbuild.status import status_table
+
+    return _guarded("status", workspace, lambda: status_table(plan, workspace))
 
 
 def _stage_group(plan: Plan, workspace: Workspace, stage: str):
@@ -258,11 +312,20 @@ def make_tasks(recipes_dir: Path, cache_dir: Path | None = None, artifacts_dir: 
                 "actions": [(run_fsck, [workspace])], "uptodate": [False], "verbosity": 2}
 
     creators["task_fsck"] = task_fsck
+
+    def task_status():
+        return {"doc": "every target: up to date or why not, size, quality, speed (`python -m xportbuild status`)",
+                "actions": [(run_status, [plan, workspace])], "uptodate": [False], "verbosity": 2}
+
+    creators["task_status"] = task_status
     return creators
 
 
+_OWN_GROUPS = {*(stage.name for stage in STAGES), "export", "copy", "validate", "fsck", "status"}
+
 DOIT_CONFIG = {
     "default_tasks": [],
+    "reporter": Reporter,
     "backend": "xportbuild",  # doit's sqlite3, its failed writes one warning (doit_state.py)
     "dep_file": ".xportbuild/doit.sqlite3",
     "verbosity": 2,

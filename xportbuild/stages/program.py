@@ -21,6 +21,7 @@ METHODS_FILE = "methods.json"
 MODEL_FACTS_FILE = "model_facts.json"
 # Written by the quantize stage: the quantized eager model's quality, before export and lowering.
 EAGER_QUALITY_FILE = "eager_quality.json"
+KL_BY_POSITION = "kl_by_position"  # beside the numbers of a quantized or lowered stage: KL from float, per position
 
 
 def save_programs(programs: dict, out_dir: Path) -> dict:

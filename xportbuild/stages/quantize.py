@@ -14,7 +14,7 @@ from pathlib import Path
 from xportbuild.errors import StageError
 from xportbuild.models.kinds import kind_of
 from xportbuild.recipe.spec import QuantSpec
-from xportbuild.stages.program import EAGER_QUALITY_FILE, MethodExport, export_part, load_model, method_export
+from xportbuild.stages.program import EAGER_QUALITY_FILE, KL_BY_POSITION, MethodExport, export_part, load_model, method_export
 
 log = logging.getLogger(__name__)
 
@@ -259,8 +259,13 @@ def _check_shared_table(model, tied_in_float: bool) -> dict:
 
 def eager_quality(model, part: MethodExport, samples: list) -> dict:
     """The eager `model`'s method replayed on the reference's recorded calls, against the float outputs there."""
+    return eager_measure(model, part, samples)[0]
+
+
+def eager_measure(model, part: MethodExport, samples: list) -> tuple[dict, list[list[float]]]:
+    """`eager_quality`, and the KL from the float outputs at every position of every sample."""
     from xportbuild.models.methods import module_call, replay
-    from xportbuild.quality import method_quality, one_thread, sample_quality
+    from xportbuild.quality import method_quality, one_thread, position_kl, sample_quality
 
     kind = kind_of(part.task)
     # A wrapper of its own, with the model's stock attention ops: running it fills a decoder's cache buffers,
@@ -268,8 +273,11 @@ def eager_quality(model, part: MethodExport, samples: list) -> dict:
     exportable = kind.wrapper().exportables(model, part.max_seq_len)[part.method]
     call = module_call({part.method: exportable.module})
     with one_thread():
-        return method_quality([sample_quality(replay(call, sample, {part.method}), sample.outputs, sample.methods,
-                                              kind.logit_methods) for sample in samples])
+        outputs = [replay(call, sample, {part.method}) for sample in samples]
+    numbers = method_quality([sample_quality(output, sample.outputs, sample.methods, kind.logit_methods)
+                              for output, sample in zip(outputs, samples)])
+    return numbers, [position_kl(output, sample.outputs, sample.methods, kind.logit_methods)
+                     for output, sample in zip(outputs, samples)]
 
 
 def quantize(model_dir: Path, reference_dir: Path, part: MethodExport, spec: QuantSpec, group_scale_dtype: str,
@@ -282,8 +290,8 @@ def quantize(model_dir: Path, reference_dir: Path, part: MethodExport, spec: Qua
     model = load_model(model_dir, part)
     used = modules_called(model, kind.wrapper().exportables(model, part.max_seq_len)[part.method])
     report = quantize_model(model, spec, group_scale_dtype, used, calibration_text(model_dir, spec, part))
-    numbers = eager_quality(model, part, load_samples(reference_dir))
-    (out_dir / EAGER_QUALITY_FILE).write_text(json.dumps(numbers, indent=1))
+    numbers, kl_by_position = eager_measure(model, part, load_samples(reference_dir))
+    (out_dir / EAGER_QUALITY_FILE).write_text(json.dumps({**numbers, KL_BY_POSITION: kl_by_position}, indent=1))
     return {**export_part(model, model_dir, part, out_dir), "quantized": report, "eager_quality": numbers}
 
 

@@ -17,8 +17,9 @@ import numpy as np
 from xportbuild.errors import VerifyFailed
 from xportbuild.gates import Missed, accepting, accepting_tolerances, missed, threshold_checks
 from xportbuild.models.kinds import Kind, kind_of
-from xportbuild.quality import first_divergence, merge, method_quality, sample_quality
+from xportbuild.quality import first_divergence, merge, method_quality, position_kl, sample_quality
 from xportbuild.recipe.spec import Tolerances
+from xportbuild.stages.program import KL_BY_POSITION
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,10 @@ def measure(pte_runs: list[PteRun], program_results: list[tuple[list, object]], 
     program's against the float ones; per sample, the .pte's outcome against the float one, judged by the program's
     forced run (`stages.replay.program_results`)."""
     compared, outcomes = {"vs_reference": [], "vs_program": [], "program_vs_reference": []}, []
+    kl_by_position: dict[str, list] = {"program": [], ".pte": []}
     for run, sample, (program_outputs, forced) in zip(pte_runs, samples, program_results):
+        for stage, outputs in (("program", program_outputs), (".pte", run.outputs)):
+            kl_by_position[stage].append(position_kl(outputs, sample.outputs, sample.methods, kind.logit_methods))
         for name, actual, expected in (("vs_reference", run.outputs, sample.outputs),
                                        ("vs_program", run.outputs, program_outputs),
                                        ("program_vs_reference", program_outputs, sample.outputs)):
@@ -86,7 +90,8 @@ def measure(pte_runs: list[PteRun], program_results: list[tuple[list, object]], 
     seconds, tokens = sum(run.seconds for run in pte_runs), sum(len(run.tokens) for run in pte_runs)
     return {"methods": {method: {name: per_method[name][method] for name in compared} for method in per_method["vs_reference"]},
             "vs_reference": overall["vs_reference"], "vs_program": overall["vs_program"],
-            "greedy": outcomes, "quality_by_stage": stages, "seconds_per_sample": seconds / max(len(samples), 1),
+            "greedy": outcomes, "quality_by_stage": stages, KL_BY_POSITION: kl_by_position,
+            "seconds_per_sample": seconds / max(len(samples), 1),
             "generate_tokens_per_s": tokens / seconds if seconds else None}
 
 
@@ -120,15 +125,19 @@ def judge(numbers: dict, tolerances: Tolerances, several_methods: bool) -> list[
     return failures
 
 
-def quantized_eager_numbers(program_dirs: list[Path], logit_methods: tuple[str, ...]) -> dict | None:
-    """The quantized eager methods' numbers, written by the quantize stage (None for a float target)."""
-    from xportbuild.stages.program import EAGER_QUALITY_FILE
+def quantized_eager_numbers(program_dirs: list[Path], logit_methods: tuple[str, ...]) -> tuple[dict | None, list]:
+    """The quantized eager methods' numbers, written by the quantize stage (None for a float target), and the
+    KL at every position of its logit method."""
+    from xportbuild.stages.program import EAGER_QUALITY_FILE, KL_BY_POSITION
 
-    per_method = {}
+    per_method, kl_by_position = {}, []
     for folder in program_dirs:
         if (folder / EAGER_QUALITY_FILE).is_file():
-            per_method.update(json.loads((folder / EAGER_QUALITY_FILE).read_text()))
-    return pooled(per_method, logit_methods) if per_method else None
+            numbers = json.loads((folder / EAGER_QUALITY_FILE).read_text())
+            if set(numbers) & set(logit_methods):
+                kl_by_position = numbers.get(KL_BY_POSITION, [])
+            per_method.update({name: value for name, value in numbers.items() if name != KL_BY_POSITION})
+    return (pooled(per_method, logit_methods) if per_method else None), kl_by_position
 
 
 @dataclass(frozen=True)
@@ -157,8 +166,10 @@ def verify(pte_path: Path, inputs: Verifying, tolerances: Tolerances, target: st
     facts = json.loads((program_dirs[0] / MODEL_FACTS_FILE).read_text())["runner"]
     pte_runs = run_pte(runtime.pte_call(pte_path), samples, kind, facts, max_new_tokens)
     numbers = measure(pte_runs, load_replay(inputs.replay_dir, samples), samples, kind)
-    if eager := quantized_eager_numbers(program_dirs, kind.logit_methods):  # quantized methods: where the loss starts
+    eager, eager_kl = quantized_eager_numbers(program_dirs, kind.logit_methods)
+    if eager:  # quantized methods: where the loss starts
         numbers["quality_by_stage"] = {"quantized eager": eager, **numbers["quality_by_stage"]}
+        numbers[KL_BY_POSITION] = {"quantized eager": eager_kl, **numbers[KL_BY_POSITION]}
     failures = judge(numbers, tolerances, len(kind.methods) > 1)
     wrapper = kind.wrapper()
     if hasattr(wrapper, "app_check"):  # what an app's own runtime makes of the artifact
