@@ -12,7 +12,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 from xportbuild.build import Workspace
@@ -94,9 +96,13 @@ def _run(args: argparse.Namespace) -> int:
         if not path.is_file():
             print(f"run: {what} {path} does not exist", file=sys.stderr)
             return 2
-    # The runner itself streams each piece to stdout, as it does in an app's console.
-    figures = generate(pte, tokenizer, args.prompt, args.max_new_tokens, args.temperature)
-    print()
+    # The text as it comes, and one line of figures; the runner's own log (its load and timing lines) to a file.
+    shown = os.fdopen(os.dup(1), "w", buffering=1)
+    log = Path(tempfile.gettempdir()) / "xportbuild-run.log"
+    with output_to(log):
+        figures = generate(pte, tokenizer, args.prompt, args.max_new_tokens, args.temperature, shown.write)
+    shown.write("\n")
+    shown.close()
     print(figures.summary(), file=sys.stderr)
     return 0
 

@@ -345,9 +345,10 @@ def _run_stage(node: StageNode, resolver: Resolver, workspace: Workspace, doc: d
 def _last_took(workspace: Workspace, task: str) -> str:
     """How long the last build of this stage took here, as a hint of how long to wait."""
     try:
-        return f" (last build here: {float(json.loads(workspace.state_file('seconds', task).read_text())):.0f} s)"
+        seconds = float(json.loads(workspace.state_file("seconds", task).read_text()))
     except (OSError, ValueError, TypeError):
         return ""
+    return f" (last build here: {seconds:.1f} s)" if seconds < 10 else f" (last build here: {seconds:.0f} s)"
 
 
 def _keep_log(log_path: Path, entry: Entry) -> None:

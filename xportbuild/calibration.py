@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from xportbuild.console import progress
 from xportbuild.errors import StageError
 
 # Columns updated together before the rest of the matrix sees their errors: a speed knob, not a numerical one.
@@ -52,7 +53,7 @@ def input_moments(model, module_names: set[str], batches: list) -> dict:
     handles = [modules[name].register_forward_pre_hook(record(name)) for name in sorted(module_names)]
     try:
         with torch.no_grad():
-            for batch in batches:
+            for batch in progress(batches, desc="calibration", unit="batch"):
                 model(input_ids=batch)
     finally:
         for handle in handles:

@@ -81,6 +81,18 @@ def progress(iterable=None, total: int | None = None, desc: str = "", unit: str 
                 disable=not stream.isatty(), mininterval=0.5)
 
 
+@contextlib.contextmanager
+def library_progress():
+    """Inside, a library's own progress bars (tqdm writes to `sys.stderr` by default) draw on the terminal, where
+    there is one; elsewhere they stay in the log with the rest of its output."""
+    stream = _terminal or sys.stderr
+    if not stream.isatty():
+        yield
+        return
+    with contextlib.redirect_stderr(stream):
+        yield
+
+
 def _open_log(log: Path, mode: int) -> int:
     return os.open(log, os.O_WRONLY | os.O_CREAT | mode, 0o644)
 

@@ -43,8 +43,8 @@ def bos_tokens(tokenizer_path: Path) -> int:
 
 
 def generate(pte_path: Path, tokenizer_path: Path, prompt: str, max_new_tokens: int,
-             temperature: float = 0.0) -> RunFigures:
-    """Generate from `prompt` (greedy at temperature 0); the runner itself streams each piece to stdout."""
+             temperature: float = 0.0, on_piece=None) -> RunFigures:
+    """Generate from `prompt` (greedy at temperature 0); `on_piece(text)` sees each piece as it is generated."""
     from xportbuild.runtime import data_file, load_kernels
 
     load_kernels()
@@ -55,10 +55,16 @@ def generate(pte_path: Path, tokenizer_path: Path, prompt: str, max_new_tokens: 
     constructed_s = time.perf_counter() - started
     pieces: list[str] = []
     stats = []
+
+    def take(piece: str) -> None:
+        pieces.append(piece)
+        if on_piece is not None:
+            on_piece(piece)
+
     config = GenerationConfig(echo=False, max_new_tokens=max_new_tokens, temperature=temperature,
                               num_bos=bos_tokens(tokenizer_path), num_eos=0)
     try:
-        runner.generate(prompt, config, pieces.append, stats.append)
+        runner.generate(prompt, config, take, stats.append)
     except UnicodeDecodeError as err:  # the binding passes each piece as str: a byte-level token may be half a char
         raise RuntimeError(f"the runner produced a piece that is not whole UTF-8 ({err.reason} at byte "
                            f"{err.start}); its Python binding cannot pass it on") from err

@@ -85,9 +85,10 @@ def _failed(task: str, workspace: Workspace, err: Exception) -> TaskFailed:
     if isinstance(err, XportError):
         message = str(err)
         message = message if message.startswith(task) else f"{task}: {message}"
-        if isinstance(err.__cause__, ChildTraceback):  # raised in the stage's process: its whole story to the log
-            _append(log_path, str(err.__cause__))
-        return TaskFailed(message + (f" (log: {log_path})" if log_path.is_file() else ""))
+        if not isinstance(err.__cause__, ChildTraceback):  # found before any stage ran: the message is all there is
+            return TaskFailed(message)
+        _append(log_path, str(err.__cause__))  # raised in the stage's process: its whole story goes to its log
+        return TaskFailed(f"{message} (log: {log_path})")
     _append(log_path, "".join(traceback.format_exception(err)))
     summary = (str(err).strip().splitlines() or [""])[0][:200]
     advice = hint(err) or (hint(err.__cause__) if err.__cause__ is not None else "")  # the child's traceback

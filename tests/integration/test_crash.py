@@ -59,14 +59,14 @@ class WatchedBuild:
 
     def _take(self, line: str) -> None:
         self.lines.append(line)
-        words = line.split()
-        if len(words) >= 3 and words[0] == "INFO" and words[2] in ("building", "publishing"):
+        words = line.split()  # a stage's own lines: "<task>: building …", "<task>: built in <s> s, …"
+        if len(words) >= 2 and words[0].endswith(":") and words[1] in ("building", "publishing"):
             with self._new_stage:
-                self.running = words[1].rstrip(":")
+                self.running = words[0].rstrip(":")
                 self.started.append(self.running)
                 self._new_stage.notify_all()
-        elif len(words) >= 5 and words[0] == "INFO" and words[2] == "built":
-            self.seconds[words[1].rstrip(":")] = float(words[4])
+        elif len(words) >= 4 and words[0].endswith(":") and words[1:3] == ["built", "in"]:
+            self.seconds[words[0].rstrip(":")] = float(words[3])
             self.running = None
         elif words[:1] == ["published"]:
             self.running = None

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 from xportbuild import preflight, sources
+from xportbuild.console import library_progress
 from xportbuild.errors import SourceError
 from xportbuild.cache import ENTRY_FILE, StatCache
 from xportbuild.recipe.spec import SourceSpec
@@ -62,9 +63,10 @@ def _convert_gguf(path: Path, out_dir: Path, model_file: str) -> None:
 
     log.info("converting GGUF %s (dequantizing weights, converting the tokenizer)", path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        model, loading = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
-                                                              output_loading_info=True)
+        with library_progress():  # transformers' own bar over the tensors it dequantizes
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            model, loading = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                                  dtype=torch.float32, output_loading_info=True)
     except (ValueError, KeyError, OSError) as err:
         raise SourceError(f"{model_file}: source: cannot load GGUF {path}: {err}") from err
     if problem := checkpoint_problem(loading, path):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from xportbuild import __version__, backends, passes
 from xportbuild.backends.shortcuts import LoweringShortcuts
+from xportbuild.console import progress
 from xportbuild.errors import StageError
 from xportbuild.keys import code_digests, digest_value, library_versions
 from xportbuild.pipeline import code_roots
@@ -55,11 +56,13 @@ def lower(program_dirs: list[Path], spec: LowerSpec, pass_files: dict[str, str],
     table_shapes = _shared_table_shapes(programs) if shared_table else set()
     shortcuts = LoweringShortcuts()
     # Lowering a loaded program with autograd on fails on the KV cache's in-place copy_.
-    with torch.no_grad(), shortcuts.lowering():
+    phases = progress(total=3, desc="lowering: passes, edge and partitions, serialization", unit="phase")
+    with torch.no_grad(), shortcuts.lowering(), phases:
         for method, program in programs.items():
             for ref, function in functions.items():
                 program = passes.apply(function, program, ref)
             programs[method] = program
+        phases.update()
         with shortcuts.executorch():
             with shortcuts.edge_conversion():
                 edge = to_edge_transform_and_lower(
@@ -70,12 +73,14 @@ def lower(program_dirs: list[Path], spec: LowerSpec, pass_files: dict[str, str],
                     compile_config=EdgeCompileConfig(_check_ir_validity=False),
                 )
             delegation = _delegation(edge, programs)
+            phases.update()
             executorch_program = edge.to_executorch(
                 ExecutorchBackendConfig(
                     extract_delegate_segments=spec.extract_delegate_segments, do_quant_fusion_and_const_prop=True,
                     external_constants=_external_tag if table_shapes else False,
                 )
             )
+            phases.update()
     llama_ops = _check_custom_ops(executorch_program, programs, custom_ops)
     path = out_dir / PTE_FILE
     path.write_bytes(executorch_program.buffer)

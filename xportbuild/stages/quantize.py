@@ -11,6 +11,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from xportbuild.console import progress
 from xportbuild.errors import StageError
 from xportbuild.models.kinds import kind_of
 from xportbuild.recipe.spec import QuantSpec
@@ -149,7 +150,7 @@ def apply_plan(model, plan: Plan, group_scale_dtype: str, rounding: Rounding) ->
         nearest = names - set(rounding.moments)
         config = _config(scheme, group_size, scale_dtype, rounding.qparams)
         quantize_(model, config, filter_fn=lambda module, fqn, names=nearest: fqn in names)
-        for name in sorted(names & set(rounding.moments)):
+        for name in progress(sorted(names & set(rounding.moments)), desc=f"GPTQ {part}s", unit="linear"):
             _gptq_quantize(model.get_submodule(name), rounding.moments[name], rounding.damping, scheme, group_size,
                            scale_dtype)
     report = _read_back(model, plan)

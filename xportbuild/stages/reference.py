@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from xportbuild.console import progress
 from xportbuild.errors import StageError
 from xportbuild.models.kinds import Kind, kind_of
 from xportbuild.quality import one_thread
@@ -29,7 +30,8 @@ def reference(model_dir: Path, task: str, verify: VerifyInputs, max_seq_len: int
     facts = wrapper.metadata(model, model_dir, max_seq_len)
     recorded = []
     with one_thread():  # stored, so hashed into downstream keys: the same bytes whatever the thread count
-        for index, sample in enumerate(wrapper.samples(model_dir, model, verify)):
+        samples = wrapper.samples(model_dir, model, verify)
+        for index, sample in enumerate(progress(samples, desc="the float model on its samples", unit="sample")):
             _check_length(kind, index, sample, verify.max_new_tokens, max_seq_len)
             outcome = wrapper.run(call, sample, facts, verify.max_new_tokens)
             recorder = Recorder(call)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from xportbuild.console import progress
 from xportbuild.cache import reading_entry
 from xportbuild.models.kinds import kind_of
 from xportbuild.quality import one_thread
@@ -34,7 +35,7 @@ def program_results(program_dirs: list[Path], samples: list, task: str) -> Itera
     wrapper, methods = kind.wrapper(), set(kind.methods)
     call = program_call(load_target_programs(program_dirs))
     facts = json.loads((program_dirs[0] / MODEL_FACTS_FILE).read_text())["runner"]
-    for sample in samples:
+    for sample in progress(samples, desc="the programs on the reference's samples", unit="sample"):
         memo = Memo(call)  # the forced run repeats the replayed calls (a causal LM's): answered from memory
         outputs = replay(memo, sample, methods)
         yield outputs, wrapper.run(memo, sample.inputs, facts, len(sample.outcome.tokens), forced=sample.outcome.tokens)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from xportbuild.console import progress
 from xportbuild.errors import VerifyFailed
 from xportbuild.gates import Missed, accepting, accepting_tolerances, missed, threshold_checks
 from xportbuild.models.kinds import Kind, kind_of
@@ -36,7 +37,7 @@ def run_pte(pte_call, samples: list, kind: Kind, facts: dict, max_new_tokens: in
     from xportbuild.models.methods import replay
 
     runs, wrapper = [], kind.wrapper()
-    for sample in samples:
+    for sample in progress(samples, desc="the .pte on the reference's samples", unit="sample"):
         outputs = replay(pte_call, sample, set(kind.methods))
         started = time.perf_counter()
         tokens = wrapper.run(pte_call, sample.inputs, facts, max_new_tokens).tokens
