@@ -31,6 +31,7 @@ def _validate(args: argparse.Namespace) -> int:
             found = validate_project(Path(args.recipes).resolve(), workspace.cache_dir / "sources")
     except ValidationFailed as err:
         print(err, file=sys.stderr)
+        print(err.summary)
         return 2
     print(found.summary())
     return 0

@@ -22,9 +22,14 @@ class RecipeError(ProblemList):
 
 
 class ValidationFailed(ProblemList):
-    """Recipes, sources or their combination cannot build; found before any stage ran."""
+    """Recipes, sources or their combination cannot build; found before any stage ran. `summary`: what does build
+    here and what needs a download first, said with the problems."""
 
     heading = "validation failed"
+
+    def __init__(self, problems: list[str], summary: str = ""):
+        self.summary = summary
+        super().__init__(problems)
 
 
 class FsckFound(ProblemList):

@@ -35,7 +35,7 @@ def _reference(name: str) -> str:
     if ":" not in name:
         raise KeyError(f"unknown pass {name!r}: use one of {', '.join(sorted(REGISTRY))} or 'module:attr'")
     if not _REFERENCE.match(name):
-        raise KeyError(f"not 'module:attr' with a dotted module name (a path is not accepted: a pass is "
+        raise KeyError("not 'module:attr' with a dotted module name (a path is not accepted: a pass is "
                        "a module of the repo holding recipes/)")
     return name
 

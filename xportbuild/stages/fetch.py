@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 from xportbuild import preflight, sources
+from xportbuild.facts import source_facts
 from xportbuild.console import library_progress
 from xportbuild.errors import SourceError
 from xportbuild.cache import ENTRY_FILE, StatCache
@@ -24,7 +25,7 @@ RESERVED = frozenset({SOURCE_RECORD, ENTRY_FILE})
 
 def fetch(source: SourceSpec, model_file: str, out_dir: Path, scratch_root: Path, stats: StatCache) -> dict:
     """Materialize the source as a save_pretrained folder in `out_dir`; returns a summary."""
-    facts = preflight.source_facts(source, model_file, scratch_root)
+    facts = source_facts(source, model_file, scratch_root)
     if problem := preflight.remote_code_problem(source, model_file, facts):
         raise SourceError(problem)
     if source.kind == "gguf":
