@@ -124,7 +124,8 @@ def weight_problems(model: ModelSpec, facts: SourceFacts) -> list[str]:
 
     wrapper = kind_of(model.task).wrapper()
     try:
-        load_pretrained(wrapper.auto_class(facts.location), facts.location, wrapper.WHAT, weights=False)
+        load_pretrained(wrapper.auto_class(facts.location), facts.location, wrapper.WHAT, weights=False,
+                        label=f"the checkpoint in {facts.location}")
     except XportError as err:
         return [f"{model.file}: source: {err}"]
     return []

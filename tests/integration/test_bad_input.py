@@ -205,7 +205,7 @@ TABLE = [
     ("malformed tokenizer.json", ["bad-tokenizer.toml: source:", "tokenizer.json: not a readable tokenizer"]),
     ("tokenizer beyond the vocabulary", ["small-vocab.toml: source:", "tokenizer.json: token ids go up to 119, but "
                                          "the model's vocabulary", "has 64 rows",
-                                         "small-vocab: the checkpoint does not match its model class: weights of "
+                                         "small-vocab does not match its model class: weights of "
                                          "another shape lm_head.weight, model.embed_tokens.weight"]),
     ("prompt the tokenizer cannot encode", ["unknown-text.toml: verify.prompts[0]:", "has text the model's tokenizer "
                                             "cannot encode (it becomes <unk>)"]),

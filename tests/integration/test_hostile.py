@@ -206,7 +206,7 @@ def _link_out(folder: Path) -> None:
 
 
 @pytest.mark.parametrize("damage, expected", [
-    (_nan_weights, "weights with NaN or infinite values: model.layers.0.mlp.up_proj.weight"),
+    (_nan_weights, "the checkpoint holds weights with NaN or infinite values: model.layers.0.mlp.up_proj.weight"),
     (_no_mlp, "weights missing model.layers.0.mlp.down_proj.weight, model.layers.0.mlp.gate_proj.weight"),
     (_link_out, "notes.txt: a link to"),
 ], ids=["nan-weights", "missing-weights", "link-out"])

@@ -10,11 +10,12 @@ from xportbuild.errors import SourceError, StageError
 _NAMED = 4
 
 
-def load_pretrained(auto_class, model_dir: Path, what: str, weights: bool = True):
+def load_pretrained(auto_class, model_dir: Path, what: str, weights: bool = True, label: str = "the checkpoint"):
     """The float32 eager model of a model folder. Code the folder ships is never run, and every weight the class
     expects must come from the checkpoint, finite: transformers would otherwise initialise what is missing at random,
     and a random model agrees perfectly with its own random `.pte`. `weights=False` builds it on the meta device,
-    reading only the checkpoint's names and shapes: validate's check, before any build."""
+    reading only the checkpoint's names and shapes: validate's check, before any build. `label` names the checkpoint
+    in messages (a stage's task already names its model; validate names the source)."""
     import torch
 
     placement = {} if weights else {"device_map": "meta"}
@@ -25,16 +26,16 @@ def load_pretrained(auto_class, model_dir: Path, what: str, weights: bool = True
                                                     ignore_mismatched_sizes=True, **placement)
     except (ValueError, OSError, KeyError, RuntimeError, TypeError) as err:
         first = (str(err).strip().splitlines() or [""])[0]
-        raise StageError(f"cannot load {model_dir} as a {what}: {type(err).__name__}: {first}") from err
-    if problem := checkpoint_problem(loading, model_dir):
-        raise SourceError(problem)
+        raise StageError(f"cannot load {label} as a {what}: {type(err).__name__}: {first}") from err
+    if problem := checkpoint_problem(loading):
+        raise SourceError(f"{label} {problem}")
     if weights and (damaged := [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]):
-        raise SourceError(f"{model_dir}: weights with NaN or infinite values: {_some(damaged)}; the checkpoint is "
-                          "damaged: re-download or re-save it")
+        raise SourceError(f"{label} holds weights with NaN or infinite values: {_some(damaged)}; it is damaged: "
+                          "re-download or re-save it")
     return model.eval()
 
 
-def checkpoint_problem(loading: dict, model_dir: Path) -> str | None:
+def checkpoint_problem(loading: dict) -> str | None:
     """Weights the model's class expects that the checkpoint lacks, or holds under names the class has not."""
     found = [f"{label} {_some(sorted(str(key if isinstance(key, str) else key[0]) for key in loading.get(name) or ()))}"
              for name, label in (("missing_keys", "missing"), ("unexpected_keys", "not in the model's class"),
@@ -42,8 +43,8 @@ def checkpoint_problem(loading: dict, model_dir: Path) -> str | None:
              if loading.get(name)]
     if not found:
         return None
-    return (f"{model_dir}: the checkpoint does not match its model class: weights {'; '.join(found)}; every weight "
-            "must come from the checkpoint (a missing one would be random): re-save the model whole")
+    return (f"does not match its model class: weights {'; '.join(found)}; every weight must come from the "
+            "checkpoint (a missing one would be random): re-save the model whole")
 
 
 def _some(names: list) -> str:

@@ -70,8 +70,8 @@ def _convert_gguf(path: Path, out_dir: Path, model_file: str) -> None:
                                                                   dtype=torch.float32, output_loading_info=True)
     except (ValueError, KeyError, OSError) as err:
         raise SourceError(f"{model_file}: source: cannot load GGUF {path}: {err}") from err
-    if problem := checkpoint_problem(loading, path):
-        raise SourceError(f"{model_file}: source: {problem}")
+    if problem := checkpoint_problem(loading):
+        raise SourceError(f"{model_file}: source: {path} {problem}")
     _drop_gguf_quantizer(model, path)
     # Loading options would otherwise be saved into tokenizer_config.json, making the output (and every
     # key downstream) depend on HF_HUB_OFFLINE rather than on the GGUF's content.
