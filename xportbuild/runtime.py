@@ -20,6 +20,23 @@ def load_kernels() -> None:
     import_llama_ops()  # custom SDPA / KV-cache kernels
 
 
+def missing_kernels(program) -> dict[str, set[str]]:
+    """{operator: methods using it} for each operator of an ExecuTorch program (the schema's Program) that this
+    runtime has no kernel for, with the kernel libraries `load_kernels` registers. Delegated work is not listed:
+    a delegate runs in its backend, which may live on another machine (runtime.py's callers say so)."""
+    from executorch.extension.pybindings.portable_lib import _get_operator_names
+
+    load_kernels()
+    kernels = set(_get_operator_names())
+    missing: dict[str, set[str]] = {}
+    for plan in program.execution_plan:
+        for operator in plan.operators:
+            name = f"{operator.name}.{operator.overload}" if operator.overload else operator.name
+            if name not in kernels:
+                missing.setdefault(name, set()).add(plan.name)
+    return missing
+
+
 def data_file(pte_path: Path) -> str | None:
     """The external weights (.ptd) published beside a .pte, if it has any."""
     path = Path(pte_path).with_suffix(".ptd")

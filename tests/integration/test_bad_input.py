@@ -330,3 +330,41 @@ def test_a_pass_that_fails_at_lower_is_one_line(project, weights, body, expected
     assert result.returncode == 1
     assert f"lower:tiny-llama-with-pass: lower: {expected}" in result.stdout, result.stdout[-2000:]
     assert "Traceback" not in result.stdout + result.stderr
+
+
+SORT_PASS = '''import operator
+
+import torch
+
+
+def sort_logits(program):
+    """Adds 0 * sort(logits).values to the logits: the numbers stay, an operator with no portable kernel enters."""
+    graph = program.graph
+    output = next(n for n in graph.nodes if n.op == "output")
+    logits = output.args[0][-1]
+    with graph.inserting_before(output):
+        ordered = graph.call_function(torch.ops.aten.sort.default, (logits,))
+        values = graph.call_function(operator.getitem, (ordered, 0))
+        zero = graph.call_function(torch.ops.aten.mul.Scalar, (values, 0.0))
+        total = graph.call_function(torch.ops.aten.add.Tensor, (logits, zero))
+    for node in (values, zero, total):
+        node.meta = dict(logits.meta)
+    ordered.meta = {**logits.meta, "val": (logits.meta["val"], logits.meta["val"].long())}
+    output.args = ((*output.args[0][:-1], total),)
+    program.graph_module.recompile()
+    return program
+'''
+
+
+def test_a_program_the_runtime_cannot_run_never_leaves_lower(project, weights):
+    """aten::sort has no kernel in ExecuTorch's portable runtime: the lowered program is refused at lower, naming
+    the operator, its method and the source line it came from, before verify spends any time on it."""
+    (project.root / "sorting.py").write_text(SORT_PASS)
+    project.write_recipe("with-sort", 'doc = "x"\nbackend = "xnnpack"\n[lower]\npasses = ["sorting:sort_logits"]\n')
+    project.write_model("tiny-llama", model_toml(local(weights / "tiny-llama"), ["with-sort"]))
+    result = project.doit("export:tiny-llama-with-sort", check=False)
+    assert result.returncode == 1
+    assert ("lower:tiny-llama-with-sort: the .pte would not run: the ExecuTorch runtime has no kernel for "
+            "aten::sort.values (method forward, from modeling_llama.py:") in result.stdout, result.stdout[-2000:]
+    assert "Traceback" not in result.stdout + result.stderr
+    assert not [e for e in project.events() if e["task"].startswith("verify:")]

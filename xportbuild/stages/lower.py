@@ -81,6 +81,7 @@ def lower(program_dirs: list[Path], spec: LowerSpec, pass_files: dict[str, str],
                 )
             )
             phases.update()
+    _check_runnable(executorch_program)
     llama_ops = _check_custom_ops(executorch_program, programs, custom_ops)
     path = out_dir / PTE_FILE
     path.write_bytes(executorch_program.buffer)
@@ -122,6 +123,42 @@ def _shared_table_shapes(programs) -> set[tuple[int, ...]]:
                 seen[(tuple(codes.shape), xxhash.xxh3_64_hexdigest(codes.contiguous().numpy().tobytes()))] += 1
     # Empty for an untied model: the quantize stage reported that sharing does not apply.
     return {shape for (shape, _), count in seen.items() if count >= 2}
+
+
+def _check_runnable(executorch_program) -> None:
+    """A program whose operators the ExecuTorch runtime has no kernel for never leaves lower: verify would find it only
+    after replay, at its first call (error 0x14)."""
+    from xportbuild.runtime import missing_kernels
+
+    missing = missing_kernels(executorch_program.executorch_program)
+    if not missing:
+        return
+    found = "; ".join(f"{op} (method {', '.join(sorted(methods))}, {_made_by(executorch_program, methods, op)})"
+                      for op, methods in sorted(missing.items()))
+    raise StageError(f"the .pte would not run: the ExecuTorch runtime has no kernel for {found}; decompose the "
+                     "operator in a lowering pass, or leave it to a backend that runs it")
+
+
+def _made_by(executorch_program, methods: set[str], operator: str) -> str:
+    """The model source line the operator came from (torch.export's stack trace), or that a pass inserted it."""
+    wanted = operator.replace("::", ".")
+    for method in sorted(methods):
+        for node in executorch_program.exported_program(method).graph.nodes:
+            if node.op == "call_function" and wanted in str(node.target):
+                return _source_line(node.meta.get("stack_trace") or "")
+    return "source unknown"
+
+
+def _source_line(stack_trace: str) -> str:
+    """`file:line: code` of a stack trace's innermost frame (Python's caret lines skipped)."""
+    lines = [line.strip() for line in stack_trace.strip().splitlines() if line.strip().strip("^~")]
+    frames = [index for index, line in enumerate(lines) if line.startswith('File "')]
+    if not frames:
+        return "inserted by a lowering pass (no model source line)"
+    where = lines[frames[-1]].split('"')
+    line = where[2].split(",")[1].strip().removeprefix("line ") if len(where) > 2 else "?"
+    code = lines[frames[-1] + 1] if frames[-1] + 1 < len(lines) else ""
+    return f"from {Path(where[1]).name}:{line}: {code}"
 
 
 def _tag_tables(shapes: set[tuple[int, ...]]):
