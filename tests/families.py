@@ -19,6 +19,9 @@ TINY_SIZES = {
 # LFM2 as shipped mixes short convolutions with attention; its default config is attention only.
 FAMILY_SIZES = {"diffllama": {"num_key_value_heads": 2}, "deepseek_v3": {"head_dim": 16},  # rotary part only
                 "lfm2": {"layer_types": ["conv", "full_attention"], "full_attn_idxs": [1]}}
+# Families of the sweep refused for a cause their config shows (models/causal_lm.py, export_blocker): what validate says.
+DERIVED_REFUSALS = {"lfm2": "its cache layers are LinearAttentionLayer",
+                    "deepseek_v3": "its multi-head latent attention caches keys qk_nope_head_dim + qk_rope_head_dim"}
 SLIDING_WINDOW = 16  # under max_seq_len, so a family's sliding-window layers do slide in verification
 
 

@@ -131,6 +131,26 @@ def weight_problems(model: ModelSpec, facts: SourceFacts) -> list[str]:
     return []
 
 
+def blocker_problems(model: ModelSpec, facts: SourceFacts) -> list[str]:
+    """What the model's kind can tell from its config alone (e.g. a decoder whose cache is not a key/value cache)."""
+    wrapper = kind_of(model.task).wrapper()
+    if not hasattr(wrapper, "export_blocker"):
+        return []
+    from transformers import AutoConfig
+
+    location = Path(facts.location)
+    try:
+        config = AutoConfig.from_pretrained(location.parent, gguf_file=location.name) if model.source.kind == "gguf" \
+            else AutoConfig.from_pretrained(location, trust_remote_code=False)
+    except Exception as err:  # noqa: BLE001  transformers' config classes validate with errors of their own
+        return [f"{model.file}: source: {facts.described_by}: transformers cannot read the config "
+                f"({type(err).__name__}: {_first_line(err)}); fix or re-download it"]
+    if reason := wrapper.export_blocker(config):
+        return [f"{model.file}: source: {facts.described_by}: model_type {facts.model_type!r} cannot be exported as "
+                f"task \"{model.task}\": {reason}"]
+    return []
+
+
 def _first_line(err: BaseException) -> str:
     """The message's first line, and the next where the first only announces it ("Validation error for x:")."""
     lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()] or [""]
@@ -221,7 +241,7 @@ def _model_findings(model: ModelSpec, scratch_root: Path) -> tuple[SourceFacts |
         raise
     except SourceError as err:
         return None, [str(err)]
-    problems = model_problems(model, facts)
+    problems = model_problems(model, facts) or blocker_problems(model, facts)
     if problems:  # a model that cannot be built as its kind, or runs code of its own: nothing more is read
         return facts, problems
     checks = [tokenizer_problems, weight_problems] if model.source.kind != "gguf" else []

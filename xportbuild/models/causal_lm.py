@@ -13,11 +13,42 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from xportbuild.errors import StageError
 from xportbuild.models.common import conv1d_as_linear, eos_ids, load_pretrained, text_limit
 from xportbuild.models.methods import Call, ExportableMethod, Outcome, greedy_token
 from xportbuild.recipe.spec import STOCK_OPS, ExportSpec, VerifyInputs
 
 WHAT = "causal LM"  # in messages: "cannot load <folder> as a <WHAT>"
+
+
+_STATE_ONLY = ("its cache layers are {layers}: convolution, linear-attention or state-space layers keep a state, not "
+               "a key/value cache, and the exported forward holds key/value caches only")
+
+
+def export_blocker(config) -> str | None:
+    """Why a decoder of this config cannot be exported with a static key/value cache, or None. Read from the config
+    and from the cache layers transformers itself builds for it, so every family with a cause is refused for it."""
+    from transformers import StaticCache
+    from transformers.cache_utils import LinearAttentionCacheLayerMixin, StaticLayer
+    from transformers.configuration_utils import get_head_shapes
+
+    text = config.get_text_config(decoder=True)
+    if getattr(text, "num_attention_heads", None) is None:
+        return ("it has no attention heads: a recurrent or state-space model keeps a state, not the key/value cache the "
+                "exported forward holds")
+    try:
+        layers = StaticCache(config=config, max_cache_len=2).layers
+    except Exception as err:  # noqa: BLE001  whatever transformers raises: it builds no static cache for this config
+        return f"transformers builds no static cache for it ({type(err).__name__}: {str(err).splitlines()[0][:120]})"
+    stateful = sorted({type(layer).__name__ for layer in layers
+                       if not isinstance(layer, StaticLayer) or isinstance(layer, LinearAttentionCacheLayerMixin)})
+    if stateful:
+        return _STATE_ONLY.format(layers=", ".join(stateful))
+    nope, rope = getattr(text, "qk_nope_head_dim", None), getattr(text, "qk_rope_head_dim", None)
+    if nope and rope and nope + rope != get_head_shapes(config)[1]:
+        return (f"its multi-head latent attention caches keys qk_nope_head_dim + qk_rope_head_dim = {nope + rope} wide, "
+                f"and transformers' static cache sizes every key by head_dim = {get_head_shapes(config)[1]}")
+    return None
 
 
 def auto_class(model_dir: Path):
@@ -28,6 +59,8 @@ def auto_class(model_dir: Path):
 
 def load_model(model_dir: Path) -> torch.nn.Module:
     model = load_pretrained(auto_class(model_dir), model_dir, WHAT)
+    if reason := export_blocker(model.config):
+        raise StageError(f"model_type {model.config.model_type!r} cannot be exported as a causal LM: {reason}")
     conv1d_as_linear(model)
     if model._can_set_experts_implementation():
         # Mixture of experts: every expert as one batched matmul over stock ops (the default grouped_mm calls a
