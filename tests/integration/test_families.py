@@ -92,3 +92,13 @@ def test_families_without_a_key_value_cache_are_refused_before_any_work(project,
     assert ("qwen3-next: model_type 'qwen3_next' cannot be exported as a causal LM: its cache layers are "
             "LinearAttentionLayer") in built.stdout, built.stdout[-2000:]
     assert "Traceback" not in built.stdout + built.stderr
+
+
+def test_an_export_failure_names_the_kind_of_problem_and_the_model_line(project, tmp_path):
+    """MPT (refused by validate) built anyway: torch.export fails on its ALiBi slice, and the one line says where."""
+    project.write_model("mpt", model_toml(local(save_family_model(tmp_path / "mpt", "mpt")), ["xnnpack-fp32"]))
+    result = project.doit("export:mpt-xnnpack-fp32", check=False)
+    assert result.returncode == 1
+    assert ("mpt: method forward is not exportable: a shape or branch that depends on a tensor's values at "
+            "modeling_mpt.py:") in result.stdout, result.stdout[-2000:]
+    assert "position_bias[" in result.stdout and "Traceback" not in result.stdout + result.stderr

@@ -57,8 +57,34 @@ def export_method(model_name: str, method: str, exportable: ExportableMethod) ->
             return torch.export.export(exportable.module, exportable.example, dynamic_shapes=exportable.dynamic_shapes,
                                        strict=True)
     except Exception as err:  # torch.export raises many unrelated types; the user needs model, method and reason
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise StageError(f"{model_name}: method {method} is not exportable: {reason}") from err
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise StageError(f"{model_name}: method {method} is not exportable: {_export_problem(err)}"
+                         f"{_model_line(err)} ({type(err).__name__}: {reason})") from err
+
+
+# What kind of code torch.export could not trace, by the error's type and text.
+_EXPORT_PROBLEMS = (
+    (("PendingUnbackedSymbol", "DataDependent", "data-dependent", "data dependent", "unbacked"),
+     "a shape or branch that depends on a tensor's values"),
+    (("Constraints violated", "guard", "Guard"), "a shape guard on the dynamic sequence length"),
+    (("Unsupported", "skip", "does not know how to trace"), "a function or construct Dynamo does not trace"),
+)
+
+
+def _export_problem(err: BaseException) -> str:
+    text = f"{type(err).__name__} {err}"
+    return next((problem for needles, problem in _EXPORT_PROBLEMS if any(n in text for n in needles)),
+                "code torch.export cannot trace")
+
+
+def _model_line(err: BaseException) -> str:
+    """` at <file>:<line>: <code>`: the innermost frame of the model's own code that torch.export was tracing."""
+    frames = [frame for frame in getattr(err, "real_stack", None) or ()
+              if "/torch/" not in frame.filename and "/transformers/utils/" not in frame.filename]
+    if not frames:
+        return ""
+    frame = frames[-1]
+    return f" at {Path(frame.filename).name}:{frame.lineno}: {(frame.line or '').strip()}"
 
 
 def modules_called(model: torch.nn.Module, exportable: ExportableMethod) -> set[str]:
