@@ -269,8 +269,20 @@ def _reuse_or_build(plan: Plan, workspace: Workspace, task: str) -> tuple[Entry 
             except DamagedEntry as err:
                 return None, _discard_unreadable_input(node, resolver, store, err)
             store.push(entry)
-    write_atomic(workspace.state_file("last", task), canonical_json(doc).encode())
+    remember_key(workspace, task, doc)
     return entry, ""
+
+
+def remember_key(workspace: Workspace, task: str, doc: dict) -> None:
+    """The key document of the entry `task` now has here: what a later staleness is explained against. Written only
+    when it changed, since the no-op path calls this for every stage."""
+    path, text = workspace.state_file("last", task), canonical_json(doc)
+    try:
+        if path.read_text() == text:
+            return
+    except OSError:
+        pass
+    write_atomic(path, text.encode())
 
 
 def _discard_damaged_input(node: StageNode, resolver: Resolver, store: Store) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 from doit.exceptions import TaskFailed
 from doit.reporter import ConsoleReporter
 
-from xportbuild.build import Resolver, Workspace, build_node, storage_errors
+from xportbuild.build import Resolver, Workspace, build_node, remember_key, storage_errors
 from xportbuild.console import hint, output_to
 from xportbuild.isolation import ChildTraceback
 from xportbuild.errors import FsckFound, RecipeError, XportError
@@ -42,6 +42,7 @@ class StageFresh:
         fresh, reason = resolver.status(self.task)
         if fresh:  # a cache restored without doit's state (CI) shares what the remote lacks
             self.workspace.store.push(resolver.entry(self.task))
+            remember_key(self.workspace, self.task, resolver.key_doc(self.task)[0])
         return fresh, reason
 
     def __str__(self) -> str:
