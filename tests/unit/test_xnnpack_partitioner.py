@@ -35,7 +35,8 @@ def test_a_max_xnnpack_would_refuse_runs_on_portable_kernels_and_one_it_takes_st
     lowered = to_edge_transform_and_lower(refused, partitioner=backends.partitioners("xnnpack", False))
     assert any("max" in op for op in _top_level_ops(lowered))  # left out of the delegate
     assert any("executorch_call_delegate" in op for op in _top_level_ops(lowered))  # relu, mul still delegated
-    output = _load_for_executorch_from_buffer(lowered.to_executorch().buffer).run_method("forward", example)[0]
+    program = lowered.to_executorch().buffer  # held: the runtime reads the program from this memory
+    output = _load_for_executorch_from_buffer(program).run_method("forward", example)[0]
     torch.testing.assert_close(output, MaxOver(-1)(*example))
 
     taken = to_edge_transform_and_lower(torch.export.export(MaxOver(3), example),
