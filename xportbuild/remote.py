@@ -11,7 +11,9 @@ consistent entry of their own, so `XPORTBUILD_REMOTE_KEY` (a secret shared by th
 secret) signs every record pushed (HMAC-SHA256 over its digest) and every pulled record must carry that signature.
 Without a key, entries of the stages that decide what is published (fetch, reference, verify: `pipeline.Stage
 .decides`) are not taken from the store but computed here, so a pulled program is always judged against this
-machine's float model; `XPORTBUILD_REMOTE_TRUST=1` declares an unsigned store trusted instead. A push writes each file under a temporary name and moves it into place, and the record last, so
+machine's float model; `XPORTBUILD_REMOTE_TRUST=1` declares an unsigned store trusted instead.
+
+A push writes each file under a temporary name and moves it into place, and the record last, so
 a reader sees a whole entry or none (two pushes of one key write the same names; whichever record lands last, its
 files landed before it). The remote is optional: when it cannot be reached the build goes on locally, warns once,
 and notes what it could not push; a later build pushes it. An entry found damaged here is noted too, so the push of
