@@ -3,7 +3,7 @@
 `XPORTBUILD_REMOTE_CACHE` is an fsspec URL: a folder (`/mnt/cache`, `file:///mnt/cache`), `s3://bucket/prefix`
 (s3fs: the usual AWS variables, `AWS_ENDPOINT_URL` for an S3-compatible server), or any protocol installed.
 `XPORTBUILD_REMOTE_READ_ONLY=1` pulls and never pushes (a job that must not write the shared cache, such as a pull
-request's). The layout is the local cache's: `v1/xxh3_128/<ab>/<key>/<files>` and `entry.json`.
+request's). The layout is the local cache's: `v2/xxh3_128/<ab>/<key>/<files>` and `entry.json`.
 
 Nothing pulled is trusted: the store hashes every file against the record, the record against its key and its whole
 content against its digest before the entry is used. Anyone who can write the store could still write a whole,
