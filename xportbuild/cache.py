@@ -141,7 +141,7 @@ class Entry:
 
 
 class Store:
-    """Entries live at <root>/v1/xxh3_128/<ab>/<key>/; temporary builds under <root>/tmp.
+    """Entries live at <root>/<SCHEMA>/xxh3_128/<ab>/<key>/; temporary builds under <root>/tmp.
 
     With a `remote` (remote.py: a store shared by machines and CI jobs), a local miss is pulled from it after
     checking every file against its content hash, and new entries are pushed to it."""
