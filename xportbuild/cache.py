@@ -22,8 +22,7 @@ from xportbuild.errors import CacheCorrupt, DamagedEntry, StageError
 import xxhash
 
 from xportbuild.keys import (ALGORITHM, SCHEMA, canonical_json, digest_value, file_stamp, hash_file, is_key,
-                             record_digest,
-                             tree_digest)
+                             record_digest, tree_digest)
 
 log = logging.getLogger(__name__)
 ENTRY_FILE = "entry.json"

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from xportbuild.published import BadManifest, read_manifest
-from xportbuild.publish import SHIPPED
+from xportbuild.publish import read_published
 from xportbuild.report import with_interval
 
 COMPARE_DIR = "compare"  # under artifacts/: a target's name always holds a "-", this never does
@@ -16,17 +15,13 @@ def published_rows(artifacts_dir: Path, targets: dict[str, tuple[str, str]]) -> 
     """{model: one row per published target of it}; `targets` maps a target to its (model, recipe)."""
     rows: dict[str, list[dict]] = {}
     for target, (model, recipe) in sorted(targets.items()):
-        folder = artifacts_dir / target
-        try:
-            manifest = read_manifest(folder, frozenset(SHIPPED))
-        except BadManifest:
+        published = read_published(artifacts_dir / target)
+        if published is None:
             continue
-        verify = manifest["stages"]["verify"].get("result") or {}
-        against, runner = verify.get("vs_reference") or {}, verify.get("runner") or {}
+        against, runner = published.against_float, published.runner
         interval = against.get("top1_interval") or [against.get("top1", float("nan"))] * 2
         rows.setdefault(model, []).append({
-            "recipe": recipe, "megabytes": sum((folder / name).stat().st_size for name in manifest["files"]
-                                               if (folder / name).is_file()) / 1e6,
+            "recipe": recipe, "megabytes": published.size / 1e6,
             "top1": against.get("top1", float("nan")), "top1_low": interval[0], "top1_high": interval[1],
             "top1_text": with_interval(against, "top1", ".3f"), "kl": against.get("kl_mean", float("nan")),
             "decode": runner.get("decode_tokens_per_s"), "prefill": runner.get("prefill_tokens_per_s")})

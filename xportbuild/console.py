@@ -76,7 +76,7 @@ def progress(iterable=None, total: int | None = None, desc: str = "", unit: str 
     """A progress bar on the terminal (tqdm), drawn only where one is attached: CI logs get the stage lines only."""
     from tqdm import tqdm
 
-    stream = _terminal or sys.stderr
+    stream = _progress_stream()
     return tqdm(iterable, total=total, desc=desc, unit=unit, file=stream, leave=False, dynamic_ncols=True,
                 disable=not stream.isatty(), mininterval=0.5)
 
@@ -85,12 +85,17 @@ def progress(iterable=None, total: int | None = None, desc: str = "", unit: str 
 def library_progress():
     """Inside, a library's own progress bars (tqdm writes to `sys.stderr` by default) draw on the terminal, where
     there is one; elsewhere they stay in the log with the rest of its output."""
-    stream = _terminal or sys.stderr
+    stream = _progress_stream()
     if not stream.isatty():
         yield
         return
     with contextlib.redirect_stderr(stream):
         yield
+
+
+def _progress_stream():
+    """The terminal a stage's output was taken from; outside a stage, stderr."""
+    return _terminal or sys.stderr
 
 
 def _open_log(log: Path, mode: int) -> int:

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from xportbuild import __version__
@@ -71,6 +72,29 @@ def published_state(plan: Plan, workspace: Workspace, target: str) -> tuple[bool
     if damaged := damaged_files(folder, published):
         return False, f"export:{target} is stale: published {damaged[0]} is missing or modified"
     return True, f"export:{target} is up to date"
+
+
+@dataclass(frozen=True)
+class Published:
+    """A published folder at a glance, from its manifest: its files' bytes on disk, the .pte's numbers against the
+    float model, the C++ runner's figures, when it was published (seconds since the epoch)."""
+
+    size: int
+    against_float: dict
+    runner: dict
+    published_at: float
+
+
+def read_published(folder: Path) -> Published | None:
+    """None where nothing (or no manifest of publish's shape) is published."""
+    try:
+        manifest = read_manifest(folder, _SHIPPED_NAMES)
+    except BadManifest:
+        return None
+    verify = manifest["stages"]["verify"].get("result") or {}
+    files = [folder / name for name in manifest["files"] if (folder / name).is_file()]
+    return Published(sum(file.stat().st_size for file in files), verify.get("vs_reference") or {},
+                     verify.get("runner") or {}, (folder / MANIFEST).stat().st_mtime)
 
 
 def damaged_files(folder: Path, published: dict) -> list[str]:

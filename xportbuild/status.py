@@ -11,8 +11,7 @@ from pathlib import Path
 from xportbuild.build import Workspace
 from xportbuild.errors import SourceNotHere, XportError
 from xportbuild.plan import Plan
-from xportbuild.published import BadManifest, read_manifest
-from xportbuild.publish import SHIPPED, published_state
+from xportbuild.publish import published_state, read_published
 from xportbuild.report import human_bytes, with_interval
 
 
@@ -38,17 +37,13 @@ COLUMNS = ["target", "state", "published", "top-1 vs float [95%]", "mean KL", "d
 
 def target_status(plan: Plan, workspace: Workspace, target: str) -> TargetStatus:
     state = _state(plan, workspace, target)
-    folder = workspace.artifacts_dir / target
-    try:
-        manifest = read_manifest(folder, frozenset(SHIPPED))
-    except BadManifest:
+    published = read_published(workspace.artifacts_dir / target)
+    if published is None:
         return TargetStatus(target, state, None, "-", "-", None, None)
-    verify = manifest["stages"]["verify"].get("result") or {}
-    against = verify.get("vs_reference") or {}
-    files = [folder / name for name in manifest["files"] if (folder / name).is_file()]
-    return TargetStatus(target, state, sum(file.stat().st_size for file in files),
-                        with_interval(against, "top1", ".3f"), f"{against['kl_mean']:.4f}" if 'kl_mean' in against else '-',
-                        (verify.get("runner") or {}).get("decode_tokens_per_s"), (folder / "manifest.json").stat().st_mtime)
+    against = published.against_float
+    return TargetStatus(target, state, published.size, with_interval(against, "top1", ".3f"),
+                        f"{against['kl_mean']:.4f}" if "kl_mean" in against else "-",
+                        published.runner.get("decode_tokens_per_s"), published.published_at)
 
 
 def _state(plan: Plan, workspace: Workspace, target: str) -> str:
