@@ -32,6 +32,27 @@ def save_tokenizer(folder: Path, mask: bool = False) -> None:
     tokenizer.save_pretrained(folder)
 
 
+def save_byte_level_tokenizer(folder: Path) -> None:
+    """A byte-level BPE tokenizer as Qwen 2 ships (GPT-2's byte alphabet, its split pattern, no BOS), trained on
+    WORDS: what transformers reads a qwen2 folder with whatever the folder says."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # ASCII bytes only (in GPT-2's byte alphabet, a space is "Ġ"): a random tiny model picks any token, and ExecuTorch's
+    # runner cannot hand its Python binding a piece that is part of a multi-byte character.
+    ascii_bytes = [chr(code) for code in range(33, 127)] + ["Ġ"]
+    trainer = trainers.BpeTrainer(vocab_size=200, initial_alphabet=ascii_bytes, limit_alphabet=len(ascii_bytes),
+                                  special_tokens=["<|endoftext|>"], show_progress=False)
+    backend.train_from_iterator([" ".join(WORDS), *(f" {word}" for word in WORDS)], trainer)
+    trained = json.loads(backend.to_str())["model"]
+    merges = [tuple(merge.split(" ")) if isinstance(merge, str) else tuple(merge) for merge in trained["merges"]]
+    Qwen2Tokenizer(vocab=trained["vocab"], merges=merges).save_pretrained(folder)
+
+
 def _config(arch: str, tie: bool):
     from transformers import Gemma3TextConfig, LlamaConfig, Qwen3Config
 

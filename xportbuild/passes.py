@@ -5,6 +5,7 @@ A pass takes an ExportedProgram and returns one. Its source file is part of the 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import re
@@ -18,6 +19,9 @@ from xportbuild.keys import PACKAGE, digest_value, hash_file, module_closure, pa
 REGISTRY: dict[str, str] = {
     "strip_embedding_padding_idx": "xportbuild.passes:strip_embedding_padding_idx",
 }
+# Built-ins every lowering runs before any pass a recipe names: the last two rewrite operators the ExecuTorch runtime
+# has no kernel for into ones it has.
+EVERY_LOWERING = ("strip_embedding_padding_idx", "sort_as_topk", "complex_as_real")
 
 
 def repo_root(recipe_file: str) -> Path:
@@ -161,3 +165,107 @@ def strip_embedding_padding_idx(program):
             node.args = node.args[:2]
     program.graph_module.recompile()
     return program
+
+
+def sort_as_topk(program):
+    """aten.sort as aten.topk over the whole dim (k = its size, sorted): the same values and an order of indices as
+    valid (a sort that is not stable orders equal values any way). MoE routers sort their expert ids (JetMoE)."""
+    import torch
+
+    graph = program.graph_module.graph
+    for node in [n for n in graph.nodes if n.op == "call_function" and n.target == torch.ops.aten.sort.default]:
+        source, dim, descending = (list(node.args) + [-1, False][len(node.args) - 1:])[:3]
+        with graph.inserting_before(node):
+            size = _fake_call(graph, torch.ops.aten.sym_size.int, (source, dim))
+            topk = _fake_call(graph, torch.ops.aten.topk.default, (source, size, dim, descending, True), like=node)
+        node.replace_all_uses_with(topk)
+        graph.erase_node(node)
+    program.graph_module.recompile()
+    return program
+
+
+def _fake_call(graph, target, args: tuple, like=None):
+    """A call_function node with the `val` meta its target gives on its inputs' fake values (later passes read it)."""
+    import torch
+
+    node = graph.call_function(target, args)
+    if like is not None:
+        node.meta.update({key: value for key, value in like.meta.items() if key != "val"})
+    values = torch.fx.node.map_arg(args, lambda arg: arg.meta["val"])
+    fake_mode = torch._guards.detect_fake_mode(torch.utils._pytree.tree_leaves(values))
+    with fake_mode or contextlib.nullcontext():
+        node.meta["val"] = target(*values)
+    return node
+
+
+def complex_as_real(program):
+    """Complex rotary embeddings (Llama 4: torch.polar, view_as_complex, a complex product, view_as_real) in real
+    arithmetic, each complex value as its real and imaginary parts. Left as it is when a complex value meets an
+    operator not rewritten here (lower then names that operator)."""
+    import torch
+
+    aten = torch.ops.aten
+    graph = program.graph_module.graph
+    complex_nodes = [node for node in graph.nodes if node.op == "call_function" and
+                     (_is_complex(node) or node.target == aten.view_as_real.default)]
+    if not complex_nodes or not all(_rewritable(node) for node in complex_nodes):
+        return program
+    parts: dict = {}  # complex node -> (real part, imaginary part)
+    for node in complex_nodes:
+        with graph.inserting_before(node):
+            if node.target == aten.polar.default:
+                magnitude, angle = node.args
+                cos, sin = (_fake_call(graph, function, (angle,)) for function in (aten.cos.default, aten.sin.default))
+                parts[node] = tuple(_fake_call(graph, aten.mul.Tensor, (magnitude, wave)) for wave in (cos, sin))
+            elif node.target == aten.view_as_complex.default:
+                parts[node] = tuple(_fake_call(graph, aten.select.int, (node.args[0], -1, part)) for part in (0, 1))
+            elif node.target == aten.mul.Tensor and not all(arg in parts for arg in node.args):  # by a real factor
+                number, factor = node.args if node.args[0] in parts else node.args[::-1]
+                parts[node] = tuple(_fake_call(graph, aten.mul.Tensor, (part, factor)) for part in parts[number])
+            elif node.target == aten.mul.Tensor:
+                (a, b), (c, d) = parts[node.args[0]], parts[node.args[1]]
+                ac, bd, ad, bc = (_fake_call(graph, aten.mul.Tensor, pair) for pair in ((a, c), (b, d), (a, d), (b, c)))
+                parts[node] = (_fake_call(graph, aten.sub.Tensor, (ac, bd)), _fake_call(graph, aten.add.Tensor, (ad, bc)))
+            elif node.target in _complex_ops()[0]:
+                parts[node] = parts[node.args[0]]
+            elif node.target in _complex_ops()[1]:
+                parts[node] = tuple(_fake_call(graph, node.target, (part, *node.args[1:])) for part in parts[node.args[0]])
+            else:  # view_as_real: the parts side by side in a last dim of 2
+                node.replace_all_uses_with(_fake_call(graph, aten.stack.default, (list(parts[node.args[0]]), -1)))
+    for node in reversed(complex_nodes):
+        for check in [user for user in node.users if user.target == aten._assert_tensor_metadata.default]:
+            graph.erase_node(check)  # the complex value it checked is gone
+        graph.erase_node(node)
+    program.graph_module.recompile()
+    return program
+
+
+def _is_complex(node) -> bool:
+    import torch
+
+    value = node.meta.get("val")
+    return isinstance(value, torch.Tensor) and value.is_complex()
+
+
+def _complex_ops():
+    import torch
+
+    aten = torch.ops.aten
+    same_values = {aten.to.dtype_layout, aten.to.dtype, aten._to_copy.default, aten.clone.default}
+    shape_ops = {aten.unsqueeze.default, aten.expand.default, aten.slice.Tensor}
+    return same_values, shape_ops
+
+
+def _rewritable(node) -> bool:
+    import torch
+
+    aten = torch.ops.aten
+    same_values, shape_ops = _complex_ops()
+    complex_inputs = all(isinstance(arg, torch.fx.Node) and _is_complex(arg) for arg in node.args[:1])
+    if node.target in (aten.polar.default, aten.view_as_complex.default):
+        return True
+    if node.target == aten.mul.Tensor:  # of two complex values, or of one by a real number or tensor
+        return any(isinstance(arg, torch.fx.Node) and _is_complex(arg) for arg in node.args)
+    if node.target in same_values:  # a cast to the same complex dtype, or a copy
+        return complex_inputs and node.kwargs.get("dtype", node.meta["val"].dtype) == node.args[0].meta["val"].dtype
+    return complex_inputs and (node.target in shape_ops or node.target == aten.view_as_real.default)

@@ -8,6 +8,8 @@ continuations as text) and `app_check` (ExecuTorch's C++ LLM runner generates fr
 from __future__ import annotations
 
 import inspect
+import re
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -21,33 +23,41 @@ from xportbuild.recipe.spec import STOCK_OPS, ExportSpec, VerifyInputs
 WHAT = "causal LM"  # in messages: "cannot load <folder> as a <WHAT>"
 
 
-_STATE_ONLY = ("its cache layers are {layers}: convolution, linear-attention or state-space layers keep a state, not "
-               "a key/value cache, and the exported forward holds key/value caches only")
-
-
 def export_blocker(config) -> str | None:
-    """Why a decoder of this config cannot be exported with a static key/value cache, or None. Read from the config
-    and from the cache layers transformers itself builds for it, so every family with a cause is refused for it."""
-    from transformers import StaticCache
-    from transformers.cache_utils import LinearAttentionCacheLayerMixin, StaticLayer
+    """Why a decoder of this config cannot be exported with a static cache, or None. Read from the config and from
+    the cache layers transformers itself builds for it, so every family with a cause is refused for it."""
     from transformers.configuration_utils import get_head_shapes
 
+    from xportbuild.models import state_cache
+
     text = config.get_text_config(decoder=True)
-    if getattr(text, "num_attention_heads", None) is None:
-        return ("it has no attention heads: a recurrent or state-space model keeps a state, not the key/value cache the "
-                "exported forward holds")
+    model_class = state_cache.causal_lm_class(text)
+    if model_class and (flag := _encoder_flag(model_class, text)):
+        return (f"its config is an encoder's ({flag} = false), and {model_class.__name__} then attends both ways "
+                f"and keeps no cache; it is a masked LM (task \"masked-lm\"), or a decoder once config.json says "
+                f"{flag} = true")
     try:
-        layers = StaticCache(config=config, max_cache_len=2).layers
+        state_cache.static_layers(config.get_text_config(decoder=True), 2)
     except Exception as err:  # noqa: BLE001  whatever transformers raises: it builds no static cache for this config
         return f"transformers builds no static cache for it ({type(err).__name__}: {str(err).splitlines()[0][:120]})"
-    stateful = sorted({type(layer).__name__ for layer in layers
-                       if not isinstance(layer, StaticLayer) or isinstance(layer, LinearAttentionCacheLayerMixin)})
-    if stateful:
-        return _STATE_ONLY.format(layers=", ".join(stateful))
+    if model_class and (reason := state_cache.state_blocker(model_class)):
+        return reason
     nope, rope = getattr(text, "qk_nope_head_dim", None), getattr(text, "qk_rope_head_dim", None)
     if nope and rope and nope + rope != get_head_shapes(config)[1]:
         return (f"its multi-head latent attention caches keys qk_nope_head_dim + qk_rope_head_dim = {nope + rope} wide, "
                 f"and transformers' static cache sizes every key by head_dim = {get_head_shapes(config)[1]}")
+    return None
+
+
+def _encoder_flag(model_class, config) -> str | None:
+    """The config flag that makes this causal-LM head an encoder's when false, if it is false: encoders with a
+    causal-LM head (BERT, RoBERTa...) warn or assert on is_decoder (the decoder heads of encoder-decoders set it
+    themselves); XLM masks causally only when `causal` is set."""
+    if getattr(config, "is_decoder", None) is False and re.search(r"(not|assert) config\.is_decoder",
+                                                                  inspect.getsource(model_class.__init__)):
+        return "is_decoder"
+    if getattr(config, "causal", None) is False:
+        return "causal"
     return None
 
 
@@ -83,23 +93,33 @@ class DecoderForward(torch.nn.Module):
 
 
 def exportables(model: torch.nn.Module, max_seq_len: int, export: ExportSpec = STOCK_OPS) -> dict[str, ExportableMethod]:
-    """`forward` with a static KV cache and a dynamic sequence length up to max_seq_len - 1; with the recipe's
-    custom ops, attention and cache updates go through ExecuTorch's llama:: ops."""
+    """`forward` with a static KV cache (and a decoder's state caches) and a dynamic sequence length up to
+    max_seq_len - 1; with the recipe's custom ops, attention and cache updates go through ExecuTorch's llama:: ops."""
+    from functools import partial
+
     from transformers import GenerationConfig
     from transformers.integrations.executorch import TorchExportableModuleForDecoderOnlyLM
 
-    from xportbuild.models import custom_attention
+    from xportbuild.models import custom_attention, state_cache
 
     text_limit(model, max_seq_len)
     model.generation_config = GenerationConfig(use_cache=True, cache_implementation="static")
-    custom_attention.use_custom_ops(model, export)
-    wrapper = TorchExportableModuleForDecoderOnlyLM(model, batch_size=1, max_cache_len=max_seq_len)
-    # The outer wrapper's forward drops cache_position; its inner module is what export traces.
-    custom_attention.swap_kv_cache(wrapper.model, export)
+    tracing = nullcontext
+    if state_cache.has_state_layers(state_cache.static_layers(model.config.get_text_config(decoder=True), 2)):
+        decoder = state_cache.StatefulDecoder(model, max_seq_len)  # runs the model once: before custom attention
+        if decoder.has_attention:  # else there is no attention for custom ops to take over
+            custom_attention.use_custom_ops(model, export)
+            decoder.custom_attention = export.custom_sdpa
+        tracing = partial(state_cache.fixed_length_scans, model, max_seq_len)
+    else:
+        custom_attention.use_custom_ops(model, export)
+        # The outer wrapper's forward drops cache_position; its inner module is what export traces.
+        decoder = TorchExportableModuleForDecoderOnlyLM(model, batch_size=1, max_cache_len=max_seq_len).model
+    custom_attention.swap_kv_cache(decoder, export)
     seq_len = torch.export.Dim("seq_len", min=1, max=max_seq_len - 1)
     example = (torch.tensor([[1, 2]], dtype=torch.long), torch.arange(2, dtype=torch.long))
-    return {"forward": ExportableMethod(DecoderForward(wrapper.model).eval(), example,
-                                       {"input_ids": {1: seq_len}, "cache_position": {0: seq_len}})}
+    return {"forward": ExportableMethod(DecoderForward(decoder).eval(), example,
+                                       {"input_ids": {1: seq_len}, "cache_position": {0: seq_len}}, tracing)}
 
 
 def _positions_from_cache(module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -107,8 +127,10 @@ def _positions_from_cache(module, args: tuple, kwargs: dict) -> tuple[tuple, dic
     model with learned positions (OPT, BioGPT, XGLM) derives them from a mask and slices by the cache's length, which
     export cannot trace; models with rotary positions compute these same values."""
     if kwargs.get("position_ids") is None and kwargs.get("input_ids") is not None and kwargs.get("cache") is not None:
-        start = kwargs["cache"].layers[0].cumulative_length
-        kwargs["position_ids"] = (start + torch.arange(kwargs["input_ids"].shape[1])).reshape(1, -1)
+        lengths = [layer.cumulative_length for layer in kwargs["cache"].layers
+                   if getattr(layer, "cumulative_length", None) is not None]
+        if lengths:  # a decoder of state layers only has no positions to give
+            kwargs["position_ids"] = (lengths[0] + torch.arange(kwargs["input_ids"].shape[1])).reshape(1, -1)
     return args, kwargs
 
 
@@ -155,10 +177,12 @@ def metadata(model: torch.nn.Module, model_dir: Path, max_seq_len: int, export: 
         "use_sdpa_with_kv_cache": export.custom_sdpa,
         "enable_dynamic_shape": True,  # exportables makes the sequence length dynamic
         "get_n_layers": config.num_hidden_layers,
-        "get_n_kv_heads": getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
-        "get_head_dim": getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
         "get_dtype": str(model.dtype).removeprefix("torch."),  # the logits' dtype: what the .pte really returns
     }
+    heads = getattr(config, "num_attention_heads", None)
+    if heads:  # a decoder of state-space layers only has no attention heads
+        metadata["get_n_kv_heads"] = getattr(config, "num_key_value_heads", None) or heads
+        metadata["get_head_dim"] = getattr(config, "head_dim", None) or config.hidden_size // heads
     if bos is not None:
         metadata["get_bos_id"] = int(bos)
     return metadata

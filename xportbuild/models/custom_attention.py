@@ -45,11 +45,17 @@ def _start_position(positions: torch.Tensor, cache_length: int):
     return start
 
 
+# The name under which a decoder passes its positions to custom_sdpa, for models whose layers do not pass their
+# `position_ids` on to attention (Granite 4, Zamba): extra keyword arguments of a model's call reach its attention.
+POSITIONS_KWARG = "attention_positions"
+
+
 def custom_sdpa(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
                 **kwargs):
     """transformers attention function: query [b, heads, q, dim]; key/value are the custom cache [b, len, kv, dim]."""
     cache_length = key.shape[1]
-    start = _start_position(kwargs["position_ids"], cache_length)
+    positions = kwargs.get("position_ids")
+    start = _start_position(positions if positions is not None else kwargs[POSITIONS_KWARG], cache_length)
     query = query.transpose(1, 2).contiguous()
     if sliding_window is not None and sliding_window < cache_length:
         distance = (torch.arange(query.shape[1]) + start)[:, None] - torch.arange(cache_length)[None, :]
@@ -96,6 +102,32 @@ def _layer_class():
     return CustomOpKVLayer
 
 
+def _hybrid_layer_class():
+    """A CustomOpKVLayer that also keeps a layer's linear-attention states (Zamba 2's hybrid layers), as
+    transformers' own LinearAttentionAndStaticFullAttentionLayer pairs them with a StaticLayer."""
+    from transformers.cache_utils import LinearAttentionLayer
+
+    kv_layer = _layer_class()
+
+    class CustomOpHybridLayer(LinearAttentionLayer, kv_layer):
+        def __init__(self, max_cache_len: int, number_of_states: int = 1):
+            kv_layer.__init__(self, max_cache_len)
+            LinearAttentionLayer.__init__(self, number_of_states=number_of_states)
+
+        def lazy_initialization(self, *args, **kwargs):
+            if args:  # key and value states, as `update` passes them
+                kv_layer.lazy_initialization(self, *args)
+            else:
+                LinearAttentionLayer.lazy_initialization(self, **kwargs)
+
+    return CustomOpHybridLayer
+
+
+# What a linear-attention cache layer holds besides keys and values: carried over when its keys move to the custom op.
+_STATE_ATTRIBUTES = ("conv_states", "recurrent_states", "is_conv_states_initialized", "is_recurrent_states_initialized",
+                     "has_previous_state", "conv_kernel_size", "device", "dtype", "record_past")
+
+
 def use_custom_ops(model: torch.nn.Module, export: ExportSpec) -> None:
     """Before wrapping: route the model's attention through custom_sdpa (registered here, not at import)."""
     if not export.custom_sdpa:
@@ -110,17 +142,24 @@ def use_custom_ops(model: torch.nn.Module, export: ExportSpec) -> None:
 
 
 def swap_kv_cache(wrapper: torch.nn.Module, export: ExportSpec) -> None:
-    """After wrapping: replace each static cache layer (and its registered buffers) by a CustomOpKVLayer."""
+    """After wrapping: replace each static cache layer (and its registered buffers) by a CustomOpKVLayer; a layer
+    with linear-attention states keeps them (the same tensors, already buffers of the wrapper)."""
     if not export.custom_kv_cache:
         return
+    from transformers.cache_utils import LinearAttentionCacheLayerMixin
+
     import_llama_ops()
 
-    layer_class = _layer_class()
     cache = wrapper.static_cache if hasattr(wrapper, "static_cache") else wrapper.cache
     for index, layer in enumerate(cache.layers):
-        if layer.max_cache_len == 0:
-            continue  # a KV-sharing layer that never reads its own cache
-        replacement = layer_class(layer.max_cache_len)
+        if not getattr(layer, "max_cache_len", 0) or getattr(layer, "keys", None) is None:
+            continue  # a KV-sharing layer that never reads its own cache, or a layer of states only
+        if isinstance(layer, LinearAttentionCacheLayerMixin):
+            replacement = _hybrid_layer_class()(layer.max_cache_len, layer.number_of_states)
+            for name in _STATE_ATTRIBUTES:
+                setattr(replacement, name, getattr(layer, name))
+        else:
+            replacement = _layer_class()(layer.max_cache_len)
         replacement.stock_layout = not export.custom_sdpa
         replacement.lazy_initialization(layer.keys[:, :, :1], layer.values[:, :, :1])
         cache.layers[index] = replacement

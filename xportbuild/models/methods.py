@@ -16,8 +16,11 @@ prompt, pte_tokens, facts) (an app's own runtime on the published .pte).
 
 from __future__ import annotations
 
+import inspect
 import json
+import re
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,11 +36,13 @@ Call = Callable[[str, tuple], torch.Tensor]  # (method, positional tensors) -> i
 
 @dataclass
 class ExportableMethod:
-    """A module exported as one method: example inputs and, per input name, its dynamic dims (or None)."""
+    """A module exported as one method: example inputs, per input name its dynamic dims (or None), and what must
+    hold while it is traced (e.g. a decoder's chunked scans at a fixed length)."""
 
     module: torch.nn.Module
     example: tuple
     dynamic_shapes: dict | None = None
+    tracing: Callable[[], AbstractContextManager] = nullcontext
 
 
 @dataclass
@@ -51,15 +56,39 @@ class Outcome:
 
 def export_method(model_name: str, method: str, exportable: ExportableMethod) -> torch.export.ExportedProgram:
     try:
-        with torch.no_grad(), unused_export_work_skipped():
+        with torch.no_grad(), unused_export_work_skipped(), exportable.tracing():
             # Strict (TorchDynamo): ExecuTorch 1.4.1 cannot decompose what non-strict export makes of these
             # modules ("expected compiled_fn to be GraphModule" in lower), though non-strict would export faster.
-            return torch.export.export(exportable.module, exportable.example, dynamic_shapes=exportable.dynamic_shapes,
-                                       strict=True)
+            program = torch.export.export(exportable.module, exportable.example,
+                                          dynamic_shapes=exportable.dynamic_shapes, strict=True)
     except Exception as err:  # torch.export raises many unrelated types; the user needs model, method and reason
-        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
         raise StageError(f"{model_name}: method {method} is not exportable: {_export_problem(err)}"
-                         f"{_model_line(err)} ({type(err).__name__}: {reason})") from err
+                         f"{_model_line(err)} ({type(err).__name__}: {_reason(err)})") from err
+    _check_dynamic(model_name, method, exportable, program)
+    return program
+
+
+def _check_dynamic(model_name: str, method: str, exportable: ExportableMethod, program) -> None:
+    """A dim declared dynamic that the program fixed to its example's size (a guard torch.export turned into a
+    specialisation instead of an error) would make a program that runs at one length only."""
+    inputs = [node for node in program.graph.nodes if node.op == "placeholder"][-len(exportable.example):]
+    names = list(inspect.signature(exportable.module.forward).parameters)
+    for name, node in zip(names, inputs):
+        for dim in (exportable.dynamic_shapes or {}).get(name) or {}:
+            if _fixed(node.meta["val"].shape[dim], program):
+                guards = "; ".join(getattr(program, "_guards_code", None) or [])
+                raise StageError(f"{model_name}: method {method} is not exportable: the model's code fixes input "
+                                 f"{name} dim {dim} to its example size {node.meta['val'].shape[dim]}, and the method "
+                                 f"must take any length (torch.export's guards: {guards or 'none recorded'})")
+
+
+def _fixed(size, program) -> bool:
+    """A size that is a number, or a symbol whose range holds one value."""
+    expression = getattr(getattr(size, "node", None), "expr", None)
+    if expression is None or not expression.free_symbols:
+        return True
+    bounds = program.range_constraints.get(expression)
+    return bounds is not None and bounds.lower == bounds.upper
 
 
 # What kind of code torch.export could not trace, by the error's type and text.
@@ -75,6 +104,15 @@ def _export_problem(err: BaseException) -> str:
     text = f"{type(err).__name__} {err}"
     return next((problem for needles, problem in _EXPORT_PROBLEMS if any(n in text for n in needles)),
                 "code torch.export cannot trace")
+
+
+def _reason(err: BaseException) -> str:
+    """torch's own first line, or for a violated dynamic range the guard the model's code made (its range)."""
+    lines = [line.strip() for line in str(err).strip().splitlines()]
+    guard = next((line for line in lines if line.startswith("- Not all values of")), None)
+    if guard:
+        return re.sub(r"L\['(\w+)'\]", r"\1", guard.removeprefix("- "))[:300]
+    return lines[0][:200] if lines and lines[0] else type(err).__name__
 
 
 def _model_line(err: BaseException) -> str:

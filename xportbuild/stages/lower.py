@@ -51,7 +51,7 @@ def lower(program_dirs: list[Path], spec: LowerSpec, pass_files: dict[str, str],
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
 
     programs = load_target_programs(program_dirs)
-    functions = {"strip_embedding_padding_idx": passes.strip_embedding_padding_idx}
+    functions = {name: getattr(passes, name) for name in passes.EVERY_LOWERING}
     functions.update({ref: passes.load(ref, file) for ref, file in pass_files.items()})
     table_shapes = _shared_table_shapes(programs) if shared_table else set()
     shortcuts = LoweringShortcuts()
@@ -97,13 +97,14 @@ def lower(program_dirs: list[Path], spec: LowerSpec, pass_files: dict[str, str],
 
 def _check_custom_ops(executorch_program, methods, custom_ops: tuple[str, ...]) -> dict[str, int]:
     """Counts of llama:: ops in the final program (the edge graph still holds update_cache functionalized);
-    raises if one the recipe asked for is gone."""
+    raises if one the recipe asked for, and the method's program held, is gone."""
     from xportbuild.models.custom_attention import llama_op_counts, missing_ops
 
     total: Counter = Counter()
-    for method in methods:
+    for method, program in methods.items():
+        held = llama_op_counts(program)
         counts = llama_op_counts(executorch_program.exported_program(method))
-        if missing := missing_ops(counts, custom_ops):
+        if missing := missing_ops(counts, tuple(op for op in custom_ops if held[op])):
             raise StageError(f"lower: {', '.join(missing)} requested by the recipe but absent from method {method} "
                              "after lowering")
         total += counts

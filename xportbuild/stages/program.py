@@ -121,12 +121,20 @@ def export_part(model, model_dir: Path, part: MethodExport, out_dir: Path) -> di
         raise StageError(f"{part.model_name}: task {part.task!r} exports method {part.method}, but this model provides "
                          f"{', '.join(exportables)}: declare the task that matches the model")
     program = export_method(part.model_name, part.method, exportables[part.method])
-    if missing := missing_ops(llama_op_counts(program), part.export.custom_ops):
+    if missing := missing_ops(llama_op_counts(program), requested_ops(exportables[part.method], part.export)):
         raise StageError(f"export: {', '.join(missing)} requested by the recipe but absent from method {part.method}: "
                          f"this model's attention does not go through transformers' attention interface")
     source = json.loads((model_dir / SOURCE_RECORD).read_text()).get("source")
     (out_dir / MODEL_FACTS_FILE).write_text(json.dumps({"runner": metadata, "source": source}, indent=1))
     return {"methods": save_programs({part.method: program}, out_dir), "runner_metadata": metadata}
+
+
+def requested_ops(exportable, export: ExportSpec) -> tuple[str, ...]:
+    """The recipe's custom attention ops, if the method has attention to give them: a decoder of state-space layers
+    only holds no key/value cache."""
+    holds_cache = any(name.rsplit(".", 1)[-1].startswith("key_cache_") and buffer.numel()
+                      for name, buffer in exportable.module.named_buffers())
+    return export.custom_ops if holds_cache else ()
 
 
 def method_export(node) -> MethodExport:
