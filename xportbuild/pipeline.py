@@ -50,5 +50,5 @@ def code_roots(node) -> tuple[str, ...]:
     if task := node.params.get("task"):
         roots.append(kind_of(task).module)
     if backend := node.params.get("lower", {}).get("backend"):
-        roots.append(backends.REGISTRY[backend].partition(":")[0])
+        roots.append(backends.REGISTRY[backend])
     return tuple(roots)

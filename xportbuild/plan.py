@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from xportbuild import passes
+from xportbuild import backends, passes
 from xportbuild.keys import hash_file
 from xportbuild.models.kinds import kind_of
 from xportbuild.recipe.spec import QuantSpec, Target, as_dict, resolve_relative
@@ -86,9 +86,7 @@ def _program_subject(target: Target) -> str:
 
 
 def _group_scale_dtype(target: Target) -> str:
-    # XNNPACK stores group-wise scales as bfloat16: quantizing with bf16 scales makes the program
-    # we verify against compute exactly what the delegate computes.
-    return "bfloat16" if target.recipe.lower.backend == "xnnpack" else "float32"
+    return backends.backend(target.recipe.lower.backend).GROUP_SCALE_DTYPE
 
 
 def _method_nodes(target: Target, fetch_task: str, reference_task: str) -> dict[str, StageNode]:

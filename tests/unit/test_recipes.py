@@ -70,7 +70,7 @@ def test_knobs_that_would_do_nothing_are_rejected(tmp_path):
     with pytest.raises(RecipeError) as caught:
         load_project(_project(tmp_path, GOOD_MODEL.replace('"xnnpack-fp32"', '"r"'), recipe))
     assert "quantize.embedding_group_size: set, but quantize.embedding is \"none\"" in str(caught.value)
-    assert "lower.per_op_mode: true: only the xnnpack backend partitions per op" in str(caught.value)
+    assert "lower.per_op_mode: true: the portable backend does not partition per op" in str(caught.value)
 
 
 def test_an_app_names_shipped_recipes_without_copying_them_and_its_own_win(tmp_path):

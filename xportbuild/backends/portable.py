@@ -1,5 +1,13 @@
 """Portable backend: no delegate, every op runs on ExecuTorch's portable (and quantized) kernels."""
 
+PER_OP_MODE = False
+GROUP_SCALE_DTYPE = "float32"
+
 
 def partitioners(per_op_mode: bool) -> list:
     return []
+
+
+def weight_problem(scheme: str, group_size: int) -> tuple[str, str] | None:
+    return ("", f"{scheme!r}: the portable backend has no kernels for quantized linears (only embeddings); use "
+                "backend = \"xnnpack\" or \"none\"")

@@ -5,6 +5,20 @@ preprocess what the partitioner accepted (the lowering then fails): such a node 
 runs on portable kernels instead."""
 
 
+PER_OP_MODE = True
+GROUP_SCALE_DTYPE = "bfloat16"
+
+
+def weight_problem(scheme: str, group_size: int) -> tuple[str, str] | None:
+    """(the knob's suffix, why) when XNNPACK has no kernel for weights of `scheme` in groups of `group_size`."""
+    if group_size % 32:
+        return "_group_size", f"{group_size}: XNNPACK needs a multiple of 32 (or 0 for per-channel)"
+    if group_size and scheme.endswith("8w"):
+        return "_group_size", (f"{group_size}: XNNPACK has no group-wise kernels for 8-bit weights (its runtime "
+                               "rejects them); use 0 for per-channel")
+    return None
+
+
 def partitioners(per_op_mode: bool) -> list:
     from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner

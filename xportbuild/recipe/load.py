@@ -9,6 +9,7 @@ import tomllib
 import typing
 from pathlib import Path
 
+from xportbuild import backends
 from xportbuild.errors import RecipeError
 from xportbuild.models.kinds import KINDS, kinds_with
 from xportbuild.recipe.spec import (
@@ -219,8 +220,8 @@ def _load_recipe(file: Path, problems: _Problems) -> RecipeSpec | None:
     _check_quantize(quantize_data if isinstance(quantize_data, dict) else {}, quantize, lower, file, problems)
     if any(spec is None for _, spec in method_quantize):
         return None
-    if lower is not None and lower.backend != "xnnpack" and lower.per_op_mode:
-        problems.add(file, "lower.per_op_mode", f"true: only the xnnpack backend partitions per op, not {lower.backend}")
+    if lower is not None and lower.per_op_mode and not backends.backend(lower.backend).PER_OP_MODE:
+        problems.add(file, "lower.per_op_mode", f"true: the {lower.backend} backend does not partition per op")
     if recipe is not None:
         _check_name(recipe, file, problems)
     return recipe if None not in (quantize, lower, tolerances, export) else None
@@ -300,15 +301,9 @@ def _check_quantize(data: dict, quantize: QuantSpec | None, lower: LowerSpec | N
                                      ("head", quantize.head, quantize.head_group_size)):
         if scheme in ("none", "same"):
             continue
-        key = f"quantize.{part}"
-        if lower.backend == "portable":
-            problems.add(file, key, f"{scheme!r}: the portable backend has no kernels for quantized linears (only "
-                         "embeddings); use backend = \"xnnpack\" or \"none\"")
-        elif lower.backend == "xnnpack" and group_size % 32:
-            problems.add(file, f"{key}_group_size", f"{group_size}: XNNPACK needs a multiple of 32 (or 0 for per-channel)")
-        elif lower.backend == "xnnpack" and group_size and scheme.endswith("8w"):
-            problems.add(file, f"{key}_group_size", f"{group_size}: XNNPACK has no group-wise kernels for 8-bit weights "
-                         "(its runtime rejects them); use 0 for per-channel")
+        if found := backends.backend(lower.backend).weight_problem(scheme, group_size):
+            knob, message = found
+            problems.add(file, f"quantize.{part}{knob}", message)
     if quantize.tied_table == "shared":
         _check_shared_table(quantize, file, problems)
 

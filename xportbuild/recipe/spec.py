@@ -7,11 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
 
+from xportbuild.backends import REGISTRY as BACKENDS
 from xportbuild.models.kinds import KINDS
 
 SourceKind = Literal["hub", "local", "gguf"]
 TaskKind = Literal[tuple(KINDS)]  # type: ignore[valid-type]  # the names come from the kinds table
-Backend = Literal["xnnpack", "portable"]
+Backend = Literal[tuple(BACKENDS)]  # type: ignore[valid-type]  # the names come from the backend registry
 LinearScheme = Literal["none", "8da4w", "8da8w", "4w", "8w"]
 LINEAR_SCHEMES = frozenset(get_args(LinearScheme)) - {"none"}  # the scheme tokens a recipe name can hold
 EmbeddingScheme = Literal["none", "4w", "8w"]
