@@ -174,7 +174,9 @@ def sort_as_topk(program):
 
     graph = program.graph_module.graph
     for node in [n for n in graph.nodes if n.op == "call_function" and n.target == torch.ops.aten.sort.default]:
-        source, dim, descending = (list(node.args) + [-1, False][len(node.args) - 1:])[:3]
+        source = node.args[0]
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", -1)
+        descending = node.args[2] if len(node.args) > 2 else node.kwargs.get("descending", False)
         with graph.inserting_before(node):
             size = _fake_call(graph, torch.ops.aten.sym_size.int, (source, dim))
             topk = _fake_call(graph, torch.ops.aten.topk.default, (source, size, dim, descending, True), like=node)
@@ -205,6 +207,7 @@ def complex_as_real(program):
     import torch
 
     aten = torch.ops.aten
+    same_values, shape_ops = _complex_ops()
     graph = program.graph_module.graph
     complex_nodes = [node for node in graph.nodes if node.op == "call_function" and
                      (_is_complex(node) or node.target == aten.view_as_real.default)]
@@ -226,9 +229,9 @@ def complex_as_real(program):
                 (a, b), (c, d) = parts[node.args[0]], parts[node.args[1]]
                 ac, bd, ad, bc = (_fake_call(graph, aten.mul.Tensor, pair) for pair in ((a, c), (b, d), (a, d), (b, c)))
                 parts[node] = (_fake_call(graph, aten.sub.Tensor, (ac, bd)), _fake_call(graph, aten.add.Tensor, (ad, bc)))
-            elif node.target in _complex_ops()[0]:
+            elif node.target in same_values:
                 parts[node] = parts[node.args[0]]
-            elif node.target in _complex_ops()[1]:
+            elif node.target in shape_ops:
                 parts[node] = tuple(_fake_call(graph, node.target, (part, *node.args[1:])) for part in parts[node.args[0]])
             else:  # view_as_real: the parts side by side in a last dim of 2
                 node.replace_all_uses_with(_fake_call(graph, aten.stack.default, (list(parts[node.args[0]]), -1)))

@@ -66,7 +66,7 @@ def test_decoder_families_build_and_verify_or_are_refused_up_front(app, families
 
 # Families the sweep does not build, refused by validate for what their code shows and by the first stage that loads
 # one without validate: a state kept outside transformers' cache layers or a scan that cannot start from a carried
-# state (tests/unit/test_state_cache.py covers every family of each cause), latent attention wider than the cache.
+# state (tests/unit/test_family_catalogue.py covers every family of each cause), latent attention wider than the cache.
 REFUSED_FOR_THEIR_CODE = {
     "mamba": "its sequence scan mamba_selective_scan (modeling_mamba.py) starts from a zero state",
     "minimax": "it keeps its state in a cache class of its own (MiniMaxCache)",

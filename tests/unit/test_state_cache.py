@@ -99,5 +99,5 @@ def test_a_method_whose_code_fixes_a_dynamic_length_is_not_exportable():
 
 
 def test_state_layers_are_told_from_key_value_layers():
-    assert state_cache.has_state_layers(state_cache.static_layers(tiny_config("lfm2"), 8))
-    assert not state_cache.has_state_layers(state_cache.static_layers(tiny_config("llama"), 8))
+    assert state_cache.has_state_layers(tiny_config("lfm2"))
+    assert not state_cache.has_state_layers(tiny_config("llama"))

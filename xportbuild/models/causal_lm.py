@@ -37,7 +37,7 @@ def export_blocker(config) -> str | None:
                 f"and keeps no cache; it is a masked LM (task \"masked-lm\"), or a decoder once config.json says "
                 f"{flag} = true")
     try:
-        state_cache.static_layers(config.get_text_config(decoder=True), 2)
+        state_cache.static_layers(text, 2)
     except Exception as err:  # noqa: BLE001  whatever transformers raises: it builds no static cache for this config
         return f"transformers builds no static cache for it ({type(err).__name__}: {str(err).splitlines()[0][:120]})"
     if model_class and (reason := state_cache.state_blocker(model_class)):
@@ -105,7 +105,7 @@ def exportables(model: torch.nn.Module, max_seq_len: int, export: ExportSpec = S
     text_limit(model, max_seq_len)
     model.generation_config = GenerationConfig(use_cache=True, cache_implementation="static")
     tracing = nullcontext
-    if state_cache.has_state_layers(state_cache.static_layers(model.config.get_text_config(decoder=True), 2)):
+    if state_cache.has_state_layers(model.config.get_text_config(decoder=True)):
         decoder = state_cache.StatefulDecoder(model, max_seq_len)  # runs the model once: before custom attention
         if decoder.has_attention:  # else there is no attention for custom ops to take over
             custom_attention.use_custom_ops(model, export)

@@ -102,12 +102,10 @@ def _layer_class():
     return CustomOpKVLayer
 
 
-def _hybrid_layer_class():
-    """A CustomOpKVLayer that also keeps a layer's linear-attention states (Zamba 2's hybrid layers), as
+def _hybrid_layer_class(kv_layer):
+    """A CustomOpKVLayer (`kv_layer`) that also keeps a layer's linear-attention states (Zamba 2's hybrid layers), as
     transformers' own LinearAttentionAndStaticFullAttentionLayer pairs them with a StaticLayer."""
     from transformers.cache_utils import LinearAttentionLayer
-
-    kv_layer = _layer_class()
 
     class CustomOpHybridLayer(LinearAttentionLayer, kv_layer):
         def __init__(self, max_cache_len: int, number_of_states: int = 1):
@@ -150,16 +148,18 @@ def swap_kv_cache(wrapper: torch.nn.Module, export: ExportSpec) -> None:
 
     import_llama_ops()
 
+    kv_layer = _layer_class()
+    hybrid_layer = _hybrid_layer_class(kv_layer)
     cache = wrapper.static_cache if hasattr(wrapper, "static_cache") else wrapper.cache
     for index, layer in enumerate(cache.layers):
         if not getattr(layer, "max_cache_len", 0) or getattr(layer, "keys", None) is None:
             continue  # a KV-sharing layer that never reads its own cache, or a layer of states only
         if isinstance(layer, LinearAttentionCacheLayerMixin):
-            replacement = _hybrid_layer_class()(layer.max_cache_len, layer.number_of_states)
+            replacement = hybrid_layer(layer.max_cache_len, layer.number_of_states)
             for name in _STATE_ATTRIBUTES:
                 setattr(replacement, name, getattr(layer, name))
         else:
-            replacement = _layer_class()(layer.max_cache_len)
+            replacement = kv_layer(layer.max_cache_len)
         replacement.stock_layout = not export.custom_sdpa
         replacement.lazy_initialization(layer.keys[:, :, :1], layer.values[:, :, :1])
         cache.layers[index] = replacement

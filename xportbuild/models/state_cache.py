@@ -26,15 +26,15 @@ import torch
 from xportbuild.models.custom_attention import POSITIONS_KWARG
 
 
-
 def state_layer_class():
     from transformers.cache_utils import LinearAttentionCacheLayerMixin
 
     return LinearAttentionCacheLayerMixin
 
 
-def has_state_layers(layers) -> bool:
-    return any(isinstance(layer, state_layer_class()) for layer in layers)
+def has_state_layers(config) -> bool:
+    """Whether transformers' cache for this (text) config holds state layers beside or instead of key/value ones."""
+    return any(isinstance(layer, state_layer_class()) for layer in static_layers(config, 2))
 
 
 def static_layers(config, max_cache_len: int) -> list:
