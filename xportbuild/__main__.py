@@ -69,6 +69,7 @@ def _compare(args: argparse.Namespace) -> int:
 def _targets(args: argparse.Namespace) -> int:
     import json
 
+    from xportbuild import backends
     from xportbuild.plan import plan_targets
     from xportbuild.recipe import load_project
 
@@ -82,7 +83,8 @@ def _targets(args: argparse.Namespace) -> int:
     chosen = [t for t in targets if (not args.model or t.model.name in args.model)
               and (not args.recipe or t.recipe.name in args.recipe)]
     # GitHub Actions' matrix form: `strategy.matrix: ${{ fromJSON(needs.<job>.outputs.<name>) }}`
-    print(json.dumps({"include": [{"target": t.name, "model": t.model.name, "recipe": t.recipe.name}
+    print(json.dumps({"include": [{"target": t.name, "model": t.model.name, "recipe": t.recipe.name,
+                                   "runner": backends.ci_runner(t.recipe.lower.backend, t.recipe.lower.fallback)}
                                   for t in chosen]}))
     return 0
 

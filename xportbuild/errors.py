@@ -57,6 +57,11 @@ class StageError(XportError):
     """A stage could not produce its outputs, or its post-conditions do not hold."""
 
 
+class RuntimeLacksBackend(StageError):
+    """The .pte delegates to a backend this machine's ExecuTorch runtime does not have: it is lowered and cached,
+    and verified where that runtime is."""
+
+
 class VerifyFailed(XportError):
     """The lowered program does not agree with the reference within the recipe's tolerances."""
 

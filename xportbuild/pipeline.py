@@ -49,6 +49,19 @@ def code_roots(node) -> tuple[str, ...]:
     roots = [STAGE_BY_NAME[node.stage].module]
     if task := node.params.get("task"):
         roots.append(kind_of(task).module)
-    if backend := node.params.get("lower", {}).get("backend"):
-        roots.append(backends.REGISTRY[backend])
+    roots += [backends.REGISTRY[name] for name in node_backends(node)]
     return tuple(roots)
+
+
+def node_backends(node) -> tuple[str, ...]:
+    """The backends a lower node lowers with, or whose runtime a verify node runs."""
+    if lower := node.params.get("lower"):
+        return backends.chain(lower["backend"], lower.get("fallback", ""))
+    return tuple(node.params.get("backends", ()))
+
+
+def node_libraries(node) -> dict[str, str]:
+    """The versions of the libraries a stage runs: the fixed stack's, and its backends' packages."""
+    from xportbuild.keys import library_versions
+
+    return {**library_versions(), **backends.package_versions(node_backends(node))}

@@ -79,14 +79,16 @@ def _model_nodes(target: Target) -> dict[str, StageNode]:
 
 
 def _program_subject(target: Target) -> str:
-    """Recipes of a model share its float program unless they export attention differently."""
+    """Recipes of a model share its float program unless they export attention differently or compute in another
+    dtype."""
     export = target.recipe.export
-    variant = "custom-sdpa" if export.custom_sdpa else "custom-kv-cache" if export.custom_kv_cache else ""
-    return f"{target.model.name}.{variant}" if variant else target.model.name
+    attention = "custom-sdpa" if export.custom_sdpa else "custom-kv-cache" if export.custom_kv_cache else ""
+    variants = [variant for variant in (attention, "" if export.dtype == "float32" else export.dtype) if variant]
+    return ".".join([target.model.name, *variants])
 
 
 def _group_scale_dtype(target: Target) -> str:
-    return backends.backend(target.recipe.lower.backend).GROUP_SCALE_DTYPE
+    return backends.group_scale_dtype(target.recipe.lower.backend)
 
 
 def _method_nodes(target: Target, fetch_task: str, reference_task: str) -> dict[str, StageNode]:
@@ -125,8 +127,10 @@ def _calibration(quantize: QuantSpec, recipe_file: str) -> tuple[dict, dict]:
 
 
 def _verify_params(target: Target) -> dict:
+    lower = target.recipe.lower
     return {"tolerances": as_dict(target.tolerances), "task": target.model.task,
-            "max_new_tokens": target.model.verify.max_new_tokens}
+            "max_new_tokens": target.model.verify.max_new_tokens,
+            "backends": list(backends.chain(lower.backend, lower.fallback))}  # whose runtime runs the .pte
 
 
 def plan_targets(targets: list[Target]) -> Plan:

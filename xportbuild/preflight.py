@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from xportbuild import passes
+from xportbuild import backends, passes
 from xportbuild.errors import RecipeError, SourceError, SourceNotHere, ValidationFailed, XportError
 from xportbuild.models.kinds import kind_of, kinds_with
 from xportbuild.facts import SourceFacts, source_facts
@@ -196,9 +196,10 @@ class Validation:
     targets: list[Target]
     problems: list[str] = field(default_factory=list)
     downloads: dict[str, str] = field(default_factory=dict)  # model name -> the command that downloads it
+    installs: dict[str, str] = field(default_factory=dict)  # target name -> what its backend needs installed here
 
     def summary(self) -> str:
-        waiting = [t for t in self.targets if t.model.name in self.downloads]
+        waiting = [t for t in self.targets if t.model.name in self.downloads or t.name in self.installs]
         valid = len(self.targets) - len(waiting)
         lines = [f"{valid} targets valid and buildable here" if not self.problems else
                  f"{len(self.targets)} targets checked"]
@@ -206,6 +207,9 @@ class Validation:
             lines.append(f"{len(waiting)} targets of {len(self.downloads)} models need their weights downloaded "
                          "first (their sources are checked once they are here):")
             lines += [f"  {model}: {command}" for model, command in sorted(self.downloads.items())]
+        if self.installs:
+            lines.append(f"{len(self.installs)} targets need their backend's packages installed first:")
+            lines += [f"  {target}: {why}" for target, why in sorted(self.installs.items())]
         return "\n".join(lines)
 
 
@@ -220,6 +224,10 @@ def validate(targets: list[Target], scratch_root: Path) -> Validation:
             found.problems.extend(err.problems)
     for target in targets:
         model = target.model
+        lower = target.recipe.lower
+        if missing := [f"{name}: {why}" for name in backends.chain(lower.backend, lower.fallback)
+                       if (why := backends.unavailable(name))]:
+            found.installs[target.name] = "; ".join(missing)
         if model.name not in facts_by_model:
             try:
                 facts_by_model[model.name], problems = _model_findings(model, scratch_root)

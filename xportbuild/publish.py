@@ -14,7 +14,8 @@ from xportbuild import __version__
 from xportbuild.build import Resolver, Workspace, checked_entry
 from xportbuild.cache import Entry, Store
 from xportbuild.errors import CacheCorrupt
-from xportbuild.keys import digest_value, hash_file, is_key, library_versions
+from xportbuild.keys import digest_value, hash_file, is_key
+from xportbuild.pipeline import node_libraries
 from xportbuild.plan import Plan
 from xportbuild.published import (MANIFEST, BadManifest, intact, interrupted_targets, read_manifest, recover,
                                   staging_folder, swap_into_place, target_lock)
@@ -50,7 +51,8 @@ def manifest(plan: Plan, resolver: Resolver, target: str) -> dict:
     # The CPU whose kernels produced the verification numbers (a shared cache may have brought them from another).
     verified_on = stages["verify"]["result"].get("machine")
     return {"target": target, "model": target_spec.model.name, "recipe": target_spec.recipe.name,
-            "xportbuild": __version__, "libraries": library_versions(), "verified_on": verified_on, "stages": stages}
+            "xportbuild": __version__, "libraries": node_libraries(plan.nodes[plan.targets[target].verify]),
+            "verified_on": verified_on, "stages": stages}
 
 
 def published_state(plan: Plan, workspace: Workspace, target: str) -> tuple[bool, str]:

@@ -78,6 +78,12 @@ def machine() -> dict:
 
 def describe_machine(facts: dict) -> str:
     """One line for reports: `AMD EPYC (x86_64; avx2 avx512f …), torch kernels AVX512, 2 torch threads`."""
+    backend_facts = "".join(f", {name.replace('_', ' ')} {value}" for name, value in facts.items()
+                            if name not in _MACHINE_FIELDS)
     return (f"{facts['cpu']} ({facts['architecture']}; {' '.join(facts['features']) or 'no listed features'}), "
             f"{facts['cores']} cores, torch kernels {facts['torch_kernels']}, threads: torch {facts['torch_threads']}, "
-            f"ExecuTorch {facts.get('executorch_threads', '?')}")
+            f"ExecuTorch {facts.get('executorch_threads', '?')}{backend_facts}")
+
+
+# What `machine` records; a backend's runtime adds what it chose there (its facts appear after these).
+_MACHINE_FIELDS = ("cpu", "architecture", "features", "cores", "torch_threads", "executorch_threads", "torch_kernels")

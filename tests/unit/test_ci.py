@@ -37,6 +37,10 @@ def test_the_matrix_lists_every_target_or_a_selection():
     both = json.loads(_targets("--model", "gemma3", "--model", "bert-base", "--recipe", "xnnpack-8da8w-shared").stdout)
     assert [row["target"] for row in both["include"]] == ["gemma3-xnnpack-8da8w-shared"]
 
+    runners = {row["recipe"]: row["runner"] for row in json.loads(_targets("--model", "vit-base").stdout)["include"]}
+    assert runners["coreml-fp32"] == runners["coreml-fp32-xnnpack"] == "macos-14"
+    assert runners["openvino-fp32"] == runners["xnnpack-fp32"] == "ubuntu-latest"
+
     unknown = _targets("--model", "gemma9")
     assert unknown.returncode == 2
     assert "--model gemma9: no target has it (known: " in unknown.stderr and "gemma3" in unknown.stderr
@@ -46,6 +50,7 @@ def test_the_workflow_runs_one_job_per_target_and_passes_actionlint(tmp_path):
     text = WORKFLOW.read_text()
     assert "python -m xportbuild targets" in text and "fromJSON(needs.plan.outputs.matrix)" in text
     assert 'doit "export:${{ matrix.target }}"' in text and "path: artifacts/${{ matrix.target }}" in text
+    assert "runs-on: ${{ matrix.runner }}" in text and "runner.os == 'macOS'" in text
     checked = _actionlint(WORKFLOW)
     assert checked.returncode == 0, checked.stdout + checked.stderr
 

@@ -249,3 +249,48 @@ def test_an_image_classifier_needs_no_sequence_length(tmp_path):
     (target,) = load_project(_project(tmp_path, IMAGE_CLASSIFIER.replace("samples = 0", "samples = 3"),
                                       'doc = "x"\nbackend = "xnnpack"\n'))
     assert target.model.max_seq_len == 0 and target.model.verify.samples == 3
+
+
+def _recipe_problems(tmp_path, model: str, recipe: str) -> str:
+    with pytest.raises(RecipeError) as err:
+        load_project(_project(tmp_path, model.replace('"xnnpack-fp32"', '"r"'), recipe))
+    return str(err.value)
+
+
+IMAGE_MODEL = """doc = "x"\ntask = "image-classification"\nrecipes = ["xnnpack-fp32"]
+[source]\nkind = "local"\npath = "w"\n[verify]\nsamples = 2\n"""
+
+
+@pytest.mark.parametrize("recipe, key, says", [
+    ('doc = "x"\nbackend = "coreml"\n[lower.options]\ncompute_precision = "float8"\n',
+     "lower.options.compute_precision", "'float8' is not one of"),
+    ('doc = "x"\nbackend = "openvino"\n[lower.options]\nthreads = 4\n', "lower.options.threads", "unknown key"),
+    ('doc = "x"\nbackend = "xnnpack"\n[lower]\nfallback = "xnnpack"\n', "lower.fallback", "is that backend"),
+    ('doc = "x"\nbackend = "portable"\n[lower]\nfallback = "xnnpack"\n', "lower.fallback", "partitions nothing"),
+    ('doc = "x"\nbackend = "openvino"\ndtype = "float16"\n', "dtype", "lowers programs in float32"),
+    ('doc = "x"\nbackend = "xnnpack"\ndtype = "float16"\n[quantize]\nlinear = "8da8w"\nlinear_group_size = 0\n',
+     "dtype", "quantized recipes compute in float32"),
+    ('doc = "x"\nbackend = "xnnpack"\ndtype = "half"\n', "dtype", "'half' is not one of"),
+])
+def test_backend_knobs_and_dtype_are_checked_naming_file_and_key(tmp_path, recipe, key, says):
+    message = _recipe_problems(tmp_path, IMAGE_MODEL, recipe)
+    assert f"r.toml: {key}: " in message and says in message, message
+
+
+def test_a_name_promising_a_precision_must_compute_in_it(tmp_path):
+    recipes = _project(tmp_path, GOOD_MODEL) / "recipes"
+    (recipes / "xnnpack-fp16-mine.toml").write_text('doc = "x"\nbackend = "xnnpack"\n')
+    (recipes / "coreml-fp32-mine.toml").write_text('doc = "x"\nbackend = "coreml"\n')  # Core ML computes in fp16 by default
+    with pytest.raises(RecipeError) as err:
+        load_project(recipes.parent)
+    assert "xnnpack-fp16-mine.toml: dtype: 'float32', but the name" in str(err.value)
+    assert "coreml-fp32-mine.toml: lower.options.compute_precision: 'float16', but the name" in str(err.value)
+
+
+def test_a_backend_that_cannot_lower_the_kind_is_refused_before_any_work(tmp_path):
+    message = _recipe_problems(tmp_path / "vulkan", GOOD_MODEL, 'doc = "x"\nbackend = "vulkan"\n')
+    assert "r.toml: backend: 'vulkan' cannot lower model m" in message and "FuseBatchNormPass" in message
+    message = _recipe_problems(tmp_path / "openvino", GOOD_MODEL, 'doc = "x"\nbackend = "openvino"\n')
+    assert "r.toml: backend: 'openvino' cannot lower model m" in message and "dynamic length" in message
+    message = _recipe_problems(tmp_path / "half", IMAGE_MODEL, 'doc = "x"\nbackend = "xnnpack"\ndtype = "bfloat16"\n')
+    assert "r.toml: dtype: 'bfloat16': model m" in message and "take float inputs" in message

@@ -26,13 +26,14 @@ def test_a_max_xnnpack_would_refuse_runs_on_portable_kernels_and_one_it_takes_st
     from executorch.extension.pybindings.portable_lib import _load_for_executorch_from_buffer
 
     from xportbuild import backends
+    from xportbuild.recipe.spec import LowerSpec
 
     example = (torch.randn(1, 2, 3, 4),)
     refused = torch.export.export(MaxOver(-1), example)
     with pytest.raises(RuntimeError, match="amax.default only supports dim == 2 or dim == 3"):
         to_edge_transform_and_lower(refused, partitioner=[XnnpackPartitioner()]).to_executorch()  # stock
 
-    lowered = to_edge_transform_and_lower(refused, partitioner=backends.partitioners("xnnpack", False))
+    lowered = to_edge_transform_and_lower(refused, partitioner=backends.partitioners(LowerSpec("xnnpack")))
     assert any("max" in op for op in _top_level_ops(lowered))  # left out of the delegate
     assert any("executorch_call_delegate" in op for op in _top_level_ops(lowered))  # relu, mul still delegated
     program = lowered.to_executorch().buffer  # held: the runtime reads the program from this memory
@@ -40,5 +41,5 @@ def test_a_max_xnnpack_would_refuse_runs_on_portable_kernels_and_one_it_takes_st
     torch.testing.assert_close(output, MaxOver(-1)(*example))
 
     taken = to_edge_transform_and_lower(torch.export.export(MaxOver(3), example),
-                                        partitioner=backends.partitioners("xnnpack", False))
+                                        partitioner=backends.partitioners(LowerSpec("xnnpack")))
     assert not any("max" in op for op in _top_level_ops(taken))  # dim 3 with keepdim: XNNPACK runs it

@@ -2,16 +2,34 @@
 
 A backend module defines (without importing torch or ExecuTorch at import time, so validate and `doit list` stay
 light):
-- `partitioners(per_op_mode) -> list`: what lowering delegates to it (empty: portable kernels run everything);
+- `DELEGATE`: the backend id its delegates carry in a .pte, which the runtime must have registered to run it (None:
+  no delegate);
+- `RUNS_ON`: where a runtime with that backend lives, for the message on a machine without it;
+
+and, unless it is refused for every model (`refusal`):
+- `partitioners(options, per_op_mode) -> list`: what lowering delegates to it (empty: portable kernels run everything);
+- `DTYPES`: the dtypes a program may compute in for it;
 - `PER_OP_MODE`: whether it can partition op by op;
 - `GROUP_SCALE_DTYPE`: the dtype it stores group-wise weight scales in (quantize rounds with it, so the program
   verified against computes what the delegate computes);
 - `weight_problem(scheme, group_size) -> (knob, message) | None`: why a linear quantization scheme cannot run on it.
+
+and, where it has them (the accessors below give the defaults):
+- `Options`: a frozen dataclass of its recipe knobs (`[lower.options]`), with their defaults;
+- `option_problems(options) -> list[(knob, message)]`: knob values it cannot honour;
+- `PACKAGES`: distributions it lowers or runs with beyond the fixed stack (their versions enter the lower and verify
+  keys and the provenance), and `EXTRA`: the pyproject extra that installs them;
+- `unavailable() -> str | None`: why it cannot lower on this machine (a package missing or of the wrong version);
+- `refusal(task) -> str | None`: why it cannot lower a model of that task kind at all;
+- `runtime_facts() -> dict`: what the report records of the runtime that ran it (e.g. the precision it chose);
+- `CI_RUNNER`: the GitHub Actions runner whose runtime has it (default: Linux).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import importlib.metadata
 from types import ModuleType
 
 # The ExecuTorch version the lowering shortcuts (shortcuts.py: retrace.py, decompose.py, patterns.py, fake_values.py,
@@ -21,6 +39,10 @@ CHECKED_EXECUTORCH = "1.4.1"
 REGISTRY: dict[str, str] = {
     "xnnpack": "xportbuild.backends.xnnpack",
     "portable": "xportbuild.backends.portable",
+    "openvino": "xportbuild.backends.openvino",
+    "coreml": "xportbuild.backends.coreml",
+    "vulkan": "xportbuild.backends.vulkan",
+    "qnn": "xportbuild.backends.qnn",
 }
 
 
@@ -31,9 +53,134 @@ def backend(name: str) -> ModuleType:
     return importlib.import_module(REGISTRY[name])
 
 
-def partitioners(name: str, per_op_mode: bool) -> list:
-    """The partitioner list for backend `name` (empty for the portable CPU kernels)."""
-    return backend(name).partitioners(per_op_mode)
+@dataclasses.dataclass(frozen=True)
+class NoOptions:
+    """A backend without knobs of its own."""
+
+
+def dtypes(name: str) -> tuple[str, ...]:
+    return getattr(backend(name), "DTYPES", ("float32",))
+
+
+def per_op_mode(name: str) -> bool:
+    return getattr(backend(name), "PER_OP_MODE", False)
+
+
+def group_scale_dtype(name: str) -> str:
+    return getattr(backend(name), "GROUP_SCALE_DTYPE", "float32")
+
+
+def weight_problem(name: str, scheme: str, group_size: int) -> tuple[str, str] | None:
+    check = getattr(backend(name), "weight_problem", None)
+    return check(scheme, group_size) if check else None
+
+
+def options_class(name: str) -> type:
+    return getattr(backend(name), "Options", NoOptions)
+
+
+def option_problems(name: str, options) -> list[tuple[str, str]]:
+    check = getattr(backend(name), "option_problems", None)
+    return check(options) if check else []
+
+
+def packages(name: str) -> tuple[str, ...]:
+    return getattr(backend(name), "PACKAGES", ())
+
+
+def extra(name: str) -> str:
+    return getattr(backend(name), "EXTRA", "")
+
+
+def unavailable(name: str) -> str | None:
+    """Why backend `name` cannot lower on this machine (None: it can)."""
+    check = getattr(backend(name), "unavailable", None)
+    return check() if check else None
+
+
+def refusal(name: str, task: str) -> str | None:
+    """Why backend `name` cannot lower a model of task kind `task` (None: it can)."""
+    check = getattr(backend(name), "refusal", None)
+    return check(task) if check else None
+
+
+def sequence_refusal(task: str, why: str) -> str | None:
+    """For a backend that lowers fixed input shapes only: the refusal of a kind whose methods take a sequence of
+    dynamic length (prefill and decode in one method)."""
+    from xportbuild.models.kinds import KINDS
+
+    if not KINDS[task].has_sequence:
+        return None
+    fixed = ", ".join(kind.task for kind in KINDS.values() if not kind.has_sequence)
+    return (f"a {task} program takes a sequence of dynamic length, and {why}; it lowers {fixed} models (fixed input "
+            "shapes)")
+
+
+def ci_runner(backend_name: str, fallback: str) -> str:
+    """The GitHub Actions runner whose ExecuTorch runtime runs every backend of a recipe (a module's `CI_RUNNER`)."""
+    runners = {getattr(backend(name), "CI_RUNNER", LINUX_RUNNER) for name in chain(backend_name, fallback)}
+    return (runners - {LINUX_RUNNER} or {LINUX_RUNNER}).pop()
+
+
+LINUX_RUNNER = "ubuntu-latest"
+
+
+def runtime_facts(name: str) -> dict:
+    facts = getattr(backend(name), "runtime_facts", None)
+    return facts() if facts else {}
+
+
+def chain(backend_name: str, fallback: str) -> tuple[str, ...]:
+    """The backends a recipe lowers with, in partitioning order: its backend, then its fallback if it names one."""
+    return (backend_name, fallback) if fallback else (backend_name,)
+
+
+def partitioners(lower) -> list:
+    """The partitioners of a LowerSpec: its backend's, then its fallback's (which take what the first left)."""
+    found = []
+    for name in chain(lower.backend, lower.fallback):
+        options = lower.options if name == lower.backend else default_options(name)
+        found += backend(name).partitioners(options_class(name)(**options), lower.per_op_mode)
+    return found
+
+
+def default_options(name: str) -> dict:
+    return dataclasses.asdict(options_class(name)())
+
+
+def package_versions(names: tuple[str, ...]) -> dict[str, str]:
+    """Installed versions of the backends' packages, from package metadata (nothing imported)."""
+    versions = {}
+    for name in names:
+        for package in packages(name):
+            try:
+                versions[package] = importlib.metadata.version(package)
+            except importlib.metadata.PackageNotFoundError:
+                versions[package] = "absent"
+    return versions
+
+
+def version_problem(package: str, wanted: str, extra: str) -> str | None:
+    """Why `package` is not usable: absent, or not of the version series `wanted` (a prefix such as "2025.")."""
+    try:
+        version = importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return f"{package} is not installed: pip install -e '.[{extra}]'"
+    if not version.startswith(wanted):
+        return f"{package} {version} is installed, it needs {wanted}x: pip install -e '.[{extra}]'"
+    return None
+
+
+def missing_delegates(pte_delegates: set[str]) -> set[str]:
+    """The backend ids among `pte_delegates` this ExecuTorch runtime has not registered."""
+    from executorch.extension.pybindings.portable_lib import _get_registered_backend_names
+
+    return set(pte_delegates) - set(_get_registered_backend_names())
+
+
+def by_delegate(delegate: str) -> ModuleType | None:
+    """The backend module whose delegates carry the id `delegate`."""
+    return next((backend(name) for name in REGISTRY if backend(name).DELEGATE == delegate), None)
 
 
 def executorch_is_checked() -> bool:

@@ -1,10 +1,13 @@
 """Portable backend: no delegate, every op runs on ExecuTorch's portable (and quantized) kernels."""
 
+DELEGATE = None
+RUNS_ON = "every ExecuTorch runtime"
+DTYPES = ("float32", "float16", "bfloat16")
 PER_OP_MODE = False
 GROUP_SCALE_DTYPE = "float32"
 
 
-def partitioners(per_op_mode: bool) -> list:
+def partitioners(options, per_op_mode: bool) -> list:
     return []
 
 

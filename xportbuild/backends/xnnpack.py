@@ -4,7 +4,11 @@ Its partitioner takes ExecuTorch's own configs, with one constraint added where 
 preprocess what the partitioner accepted (the lowering then fails): such a node is left out of the partition and
 runs on portable kernels instead."""
 
+from __future__ import annotations
 
+DELEGATE = "XnnpackBackend"
+RUNS_ON = "every ExecuTorch runtime built with XNNPACK (the pip package's among them)"
+DTYPES = ("float32", "float16", "bfloat16")
 PER_OP_MODE = True
 GROUP_SCALE_DTYPE = "bfloat16"
 
@@ -19,7 +23,7 @@ def weight_problem(scheme: str, group_size: int) -> tuple[str, str] | None:
     return None
 
 
-def partitioners(per_op_mode: bool) -> list:
+def partitioners(options, per_op_mode: bool) -> list:
     from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 

@@ -35,6 +35,9 @@ class Kind:
     # take a gigabyte in float32: half precision moves a logit by at most 0.016 below 64, under every tolerance, but
     # can flip a near-tie's top-1, so kinds whose outputs are small keep float32.
     reference_logits: str = "float32"
+    # Every method takes integers only (token ids, positions, masks): a program may compute in half precision, since
+    # nothing recorded in float32 (pixels, audio features, another method's outputs) is fed to it.
+    integer_inputs: bool = False
 
     @property
     def has_sequence(self) -> bool:
@@ -61,9 +64,9 @@ REFUSED_DECODERS = {
 KINDS: dict[str, Kind] = {kind.task: kind for kind in (
     Kind("causal-lm", "xportbuild.models.causal_lm", ("forward",), ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",),
          ("forward",), True, refused=REFUSED_DECODERS, custom_attention=True, from_gguf=True, prompt_continued=True,
-         reference_logits="float16"),
+         reference_logits="float16", integer_inputs=True),
     Kind("masked-lm", "xportbuild.models.masked_lm", ("forward",), ("MODEL_FOR_MASKED_LM_MAPPING_NAMES",),
-         ("forward",), False),
+         ("forward",), False, integer_inputs=True),
     Kind("image-classification", "xportbuild.models.image_classifier", ("forward",),
          ("MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES",), ("forward",), False, prompted=False),
     Kind("text2text", "xportbuild.models.seq2seq", ("encoder", "text_decoder"),

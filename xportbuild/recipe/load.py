@@ -200,10 +200,12 @@ def _load_recipe(file: Path, problems: _Problems) -> RecipeSpec | None:
     quantize = _build(QuantSpec, quantize_data, file, "quantize.", problems)
     backend = _check_value(typing.get_type_hints(LowerSpec)["backend"], data.pop("backend", None), file, "backend",
                            problems)
-    lower = _build(LowerSpec, data.pop("lower", {}), file, "lower.", problems, fixed={"backend": backend})
-    lower = lower if backend is not None else None
+    lower = _load_lower(data.pop("lower", {}), backend, file, problems)
     tolerances = _build(Tolerances, data.pop("verify", {}), file, "verify.", problems)
-    export = _build(ExportSpec, data.pop("export", {}), file, "export.", problems)
+    dtype = _check_value(typing.get_type_hints(ExportSpec)["dtype"], data.pop("dtype", "float32"), file, "dtype",
+                         problems)
+    export = _build(ExportSpec, data.pop("export", {}), file, "export.", problems, fixed={"dtype": dtype})
+    export = export if dtype is not None else None
     if export is not None and export.custom_sdpa and not export.custom_kv_cache:
         problems.add(file, "export.custom_sdpa", "true needs custom_kv_cache = true: llama::custom_sdpa reads the "
                      "cache in the layout llama::update_cache writes")
@@ -216,15 +218,47 @@ def _load_recipe(file: Path, problems: _Problems) -> RecipeSpec | None:
     fixed = {"name": file.stem, "file": str(file), "quantize": quantize, "lower": lower, "tolerances": tolerances,
              "export": export, "method_quantize": tuple(method_quantize)}
     recipe = _build(RecipeSpec, data, file, "", problems, fixed=fixed,
-                    tables=("backend", "quantize", "lower", "verify", "export"))
+                    tables=("backend", "dtype", "quantize", "lower", "verify", "export"))
     _check_quantize(quantize_data if isinstance(quantize_data, dict) else {}, quantize, lower, file, problems)
     if any(spec is None for _, spec in method_quantize):
         return None
-    if lower is not None and lower.per_op_mode and not backends.backend(lower.backend).PER_OP_MODE:
-        problems.add(file, "lower.per_op_mode", f"true: the {lower.backend} backend does not partition per op")
+    if lower is not None and export is not None:
+        _check_dtype(export.dtype, lower, quantize, file, problems)
     if recipe is not None:
         _check_name(recipe, file, problems)
     return recipe if None not in (quantize, lower, tolerances, export) else None
+
+
+def _load_lower(data, backend: str | None, file: Path, problems: _Problems) -> LowerSpec | None:
+    """[lower], its backend's own knobs ([lower.options]) checked by the backend module, and its fallback."""
+    if not isinstance(data, dict) or backend is None:
+        return _build(LowerSpec, data, file, "lower.", problems, fixed={"backend": backend}) and None
+    data = dict(data)
+    options = _build(backends.options_class(backend), data.pop("options", {}), file, "lower.options.", problems)
+    lower = _build(LowerSpec, data, file, "lower.", problems, fixed={"backend": backend},
+                   tables=("options",))
+    if options is None or lower is None:
+        return None
+    for knob, message in backends.option_problems(backend, options):
+        problems.add(file, f"lower.options.{knob}", message)
+    if lower.per_op_mode and not backends.per_op_mode(backend):
+        problems.add(file, "lower.per_op_mode", f"true: the {backend} backend does not partition per op")
+    if lower.fallback and (lower.fallback == backend or backends.backend(backend).DELEGATE is None):
+        problems.add(file, "lower.fallback", f"{lower.fallback!r}: a fallback takes what another backend's partitioner "
+                     f"left; backend {backend!r} " + ("is that backend" if lower.fallback == backend else
+                                                       "partitions nothing"))
+    return dataclasses.replace(lower, options=dataclasses.asdict(options))
+
+
+def _check_dtype(dtype: str, lower: LowerSpec, quantize: QuantSpec | None, file: Path, problems: _Problems) -> None:
+    """A program computes in `dtype` only on backends that run it, and in float32 where it is quantized."""
+    for name in backends.chain(lower.backend, lower.fallback):
+        if dtype not in backends.dtypes(name):
+            problems.add(file, "dtype", f"{dtype!r}: the {name} backend lowers programs in "
+                         f"{', '.join(backends.dtypes(name))}")
+    if dtype != "float32" and quantize is not None and quantize.enabled:
+        problems.add(file, "dtype", f"{dtype!r}: quantized recipes compute in float32 (their activations' "
+                     "quantization is calibrated in it); drop dtype or the [quantize] schemes")
 
 
 def _check_name(recipe: RecipeSpec, file: Path, problems: _Problems) -> None:
@@ -232,16 +266,31 @@ def _check_name(recipe: RecipeSpec, file: Path, problems: _Problems) -> None:
     linear scheme) quantizes the linears with it; those of the method a later name token names, if it has a table."""
     tokens = recipe.name.split("-")
     for index, token in enumerate(tokens):
-        if token == "fp32":
+        if token in _FLOAT_TOKENS:
             for key, scheme in _quantized_parts(recipe):
-                problems.add(file, key, f"{scheme!r}, but the name {recipe.name!r} (token 'fp32') promises float32 "
-                             "weights")
+                problems.add(file, key, f"{scheme!r}, but the name {recipe.name!r} (token {token!r}) promises "
+                             f"{_FLOAT_TOKENS[token]} weights")
+            key, computes_in = _compute_dtype(recipe)
+            if computes_in != _FLOAT_TOKENS[token]:
+                problems.add(file, key, f"{computes_in!r}, but the name {recipe.name!r} (token {token!r}) promises "
+                             f"computation in {_FLOAT_TOKENS[token]}")
         elif token in LINEAR_SCHEMES:
             method, spec = _named_method(recipe, tokens[index + 1:])
             if spec.linear != token:
                 key = f"quantize.{method}.linear" if method else "quantize.linear"
                 problems.add(file, key, f"{spec.linear!r}, but the name {recipe.name!r} (token {token!r}) promises "
                              f"{token} linears: rename the recipe or quantize its linears with {token}")
+
+
+_FLOAT_TOKENS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def _compute_dtype(recipe: RecipeSpec) -> tuple[str, str]:
+    """(the knob, the dtype) a target computes in: its backend's compute precision where the backend has that knob
+    (Core ML runs a float32 program in float16), else its program's dtype."""
+    if "compute_precision" in recipe.lower.options:
+        return "lower.options.compute_precision", recipe.lower.options["compute_precision"]
+    return "dtype", recipe.export.dtype
 
 
 def _quantized_parts(recipe: RecipeSpec) -> list[tuple[str, str]]:
@@ -301,7 +350,7 @@ def _check_quantize(data: dict, quantize: QuantSpec | None, lower: LowerSpec | N
                                      ("head", quantize.head, quantize.head_group_size)):
         if scheme in ("none", "same"):
             continue
-        if found := backends.backend(lower.backend).weight_problem(scheme, group_size):
+        if found := backends.weight_problem(lower.backend, scheme, group_size):
             knob, message = found
             problems.add(file, f"quantize.{part}{knob}", message)
     if quantize.tied_table == "shared":
@@ -361,6 +410,19 @@ def _custom_attention_problems(model: ModelSpec, recipe: RecipeSpec) -> list[str
             f"{model.task!r}; list a recipe without it (e.g. xnnpack-8da8w)" for knob in knobs]
 
 
+def _backend_problems(model: ModelSpec, recipe: RecipeSpec) -> list[str]:
+    """What the recipe's backends cannot lower for this model's kind, and a half-precision program of a kind whose
+    methods take float inputs recorded in float32."""
+    problems = [f"{recipe.file}: backend: {name!r} cannot lower model {model.name} ({model.file}): {reason}"
+                for name in backends.chain(recipe.lower.backend, recipe.lower.fallback)
+                if (reason := backends.refusal(name, model.task))]
+    if recipe.export.dtype != "float32" and not KINDS[model.task].integer_inputs:
+        problems.append(f"{recipe.file}: dtype: {recipe.export.dtype!r}: model {model.name} ({model.file}) is task "
+                        f"{model.task!r}, whose methods take float inputs; only a "
+                        f"{' or '.join(kinds_with('integer_inputs'))} model computes in half precision")
+    return problems
+
+
 def _pair(model: ModelSpec, overrides: dict, recipes: dict[str, RecipeSpec], problems: _Problems) -> list[Target]:
     file = Path(model.file)
     targets = []
@@ -373,6 +435,7 @@ def _pair(model: ModelSpec, overrides: dict, recipes: dict[str, RecipeSpec], pro
             problems.add(file, "recipes", f"unknown recipe {name!r} (known: {', '.join(sorted(recipes))})")
             continue
         problems.extend(_custom_attention_problems(model, recipe))
+        problems.extend(_backend_problems(model, recipe))
         methods = KINDS[model.task].methods
         for method, _ in recipe.method_quantize:
             if method not in methods:

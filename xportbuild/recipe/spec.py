@@ -13,6 +13,8 @@ from xportbuild.models.kinds import KINDS
 SourceKind = Literal["hub", "local", "gguf"]
 TaskKind = Literal[tuple(KINDS)]  # type: ignore[valid-type]  # the names come from the kinds table
 Backend = Literal[tuple(BACKENDS)]  # type: ignore[valid-type]  # the names come from the backend registry
+Fallback = Literal[("", *BACKENDS)]  # type: ignore[valid-type]
+ComputeDtype = Literal["float32", "float16", "bfloat16"]
 LinearScheme = Literal["none", "8da4w", "8da8w", "4w", "8w"]
 LINEAR_SCHEMES = frozenset(get_args(LinearScheme)) - {"none"}  # the scheme tokens a recipe name can hold
 EmbeddingScheme = Literal["none", "4w", "8w"]
@@ -105,11 +107,14 @@ class QuantSpec:
 
 @dataclass(frozen=True)
 class ExportSpec:
-    """How a decoder's attention is exported: ExecuTorch's custom ops (`llama::custom_sdpa` reading a KV cache
-    that `llama::update_cache` writes in [batch, position, head, dim] layout) or the model's own stock ops."""
+    """How a model is exported: the dtype its program computes in (the recipe's top-level `dtype`: weights,
+    activations and caches; verify still compares with the float32 model), and a decoder's attention: ExecuTorch's
+    custom ops (`llama::custom_sdpa` reading a KV cache that `llama::update_cache` writes in [batch, position, head,
+    dim] layout) or the model's own stock ops."""
 
     custom_sdpa: bool = False
     custom_kv_cache: bool = False
+    dtype: ComputeDtype = "float32"
 
     @property
     def custom_ops(self) -> tuple[str, ...]:
@@ -122,12 +127,17 @@ STOCK_OPS = ExportSpec()  # the model's own attention and cache ops: what kinds 
 
 @dataclass(frozen=True)
 class LowerSpec:
-    """Backend lowering options and extra graph passes (registry names or `module:attr`)."""
+    """Backend lowering options and extra graph passes (registry names or `module:attr`).
+
+    `options`: the backend's own knobs (`[lower.options]`, every one with its value, defaults included);
+    `fallback`: a second backend whose partitioner takes what the first one left (e.g. Core ML, then XNNPACK)."""
 
     backend: Backend
     passes: tuple[str, ...] = ()
     extract_delegate_segments: bool = True
     per_op_mode: bool = False
+    fallback: Fallback = ""
+    options: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from xportbuild.backends.shortcuts import LoweringShortcuts
 from xportbuild.console import progress
 from xportbuild.errors import StageError
 from xportbuild.keys import code_digests, digest_value, library_versions
-from xportbuild.pipeline import code_roots
+from xportbuild.pipeline import code_roots, node_backends
 from xportbuild.recipe.spec import LowerSpec
 from xportbuild.stages.program import MODEL_FACTS_FILE, load_target_programs, program_inputs
 
@@ -22,6 +22,7 @@ PTE_FILE = "model.pte"
 DATA_FILE = "model.ptd"
 _DATA_TAG = DATA_FILE.removesuffix(".ptd")
 PROVENANCE_METHOD = "get_provenance"
+DELEGATES_FILE = "delegates.json"  # the backend ids the .pte's delegates carry: what its runtime must have registered
 
 
 def _delegation(edge, methods) -> dict:
@@ -39,7 +40,8 @@ def constant_methods(program_dir: Path, provenance: dict) -> dict:
     """Runner metadata recorded by the program stage, plus `get_provenance`: a JSON string saying what built this.
     (Every program of a target records the same metadata: the first one is read.)"""
     facts = json.loads((program_dir / MODEL_FACTS_FILE).read_text())
-    record = {**provenance, "source": facts["source"], "xportbuild": __version__, "libraries": library_versions()}
+    libraries = {**library_versions(), **backends.package_versions(tuple(provenance.get("backends", ())))}
+    record = {**provenance, "source": facts["source"], "xportbuild": __version__, "libraries": libraries}
     return {**facts["runner"], PROVENANCE_METHOD: json.dumps(record, sort_keys=True)}
 
 
@@ -69,7 +71,7 @@ def lower(program_dirs: list[Path], spec: LowerSpec, pass_files: dict[str, str],
                     programs,
                     constant_methods=constant_methods(program_dirs[0], provenance or {}),
                     transform_passes=[_tag_tables(table_shapes)] if table_shapes else None,
-                    partitioner=backends.partitioners(spec.backend, spec.per_op_mode),
+                    partitioner=backends.partitioners(spec),
                     compile_config=EdgeCompileConfig(_check_ir_validity=False),
                 )
             delegation = _delegation(edge, programs)
@@ -85,14 +87,24 @@ def lower(program_dirs: list[Path], spec: LowerSpec, pass_files: dict[str, str],
     llama_ops = _check_custom_ops(executorch_program, programs, custom_ops)
     path = out_dir / PTE_FILE
     path.write_bytes(executorch_program.buffer)
+    delegates = sorted({delegate.id for plan in executorch_program.executorch_program.execution_plan
+                        for delegate in plan.delegates})
+    (out_dir / DELEGATES_FILE).write_text(json.dumps(delegates))
     facts = {"pte_bytes": path.stat().st_size, "backend": spec.backend, "delegation": delegation, "llama_ops": llama_ops,
-             **shortcuts.facts()}
+             "delegates": delegates, **shortcuts.facts()}
     if table_shapes:
         executorch_program.write_tensor_data_to_file(str(out_dir))
         facts["ptd_bytes"] = (out_dir / DATA_FILE).stat().st_size
         facts["shared_table"] = _check_stored_once(table_shapes, facts["ptd_bytes"])
     facts["artifact_bytes"] = facts["pte_bytes"] + facts.get("ptd_bytes", 0)
     return facts
+
+
+def _check_available(names: tuple[str, ...]) -> None:
+    """Stop before loading anything when a backend cannot lower on this machine (validate says so too)."""
+    for name in names:
+        if why := backends.unavailable(name):
+            raise StageError(f"lower: the {name} backend cannot lower here: {why}")
 
 
 def _check_custom_ops(executorch_program, methods, custom_ops: tuple[str, ...]) -> dict[str, int]:
@@ -195,7 +207,8 @@ def run(node, inputs: dict[str, Path], out_dir: Path, workspace) -> dict:
     spec = LowerSpec(**{**lower_params, "passes": tuple(lower_params["passes"])})
     # An entry's folder is named by its key: the provenance names the exact programs lowered.
     programs = program_inputs(inputs)
-    provenance = {"target": node.subject, "lower_params": node.params,
+    _check_available(node_backends(node))
+    provenance = {"target": node.subject, "lower_params": node.params, "backends": list(node_backends(node)),
                   "lower_code": digest_value(code_digests(code_roots(node)))}
     if "program" in programs:
         provenance["program_key"] = programs["program"].name

@@ -115,6 +115,7 @@ def export_part(model, model_dir: Path, part: MethodExport, out_dir: Path) -> di
     from xportbuild.models.methods import export_method
 
     wrapper = kind_of(part.task).wrapper()
+    model = in_dtype(model, part.export.dtype)
     metadata = wrapper.metadata(model, model_dir, part.max_seq_len, part.export)
     exportables = wrapper.exportables(model, part.max_seq_len, part.export)
     if part.method not in exportables:
@@ -127,6 +128,13 @@ def export_part(model, model_dir: Path, part: MethodExport, out_dir: Path) -> di
     source = json.loads((model_dir / SOURCE_RECORD).read_text()).get("source")
     (out_dir / MODEL_FACTS_FILE).write_text(json.dumps({"runner": metadata, "source": source}, indent=1))
     return {"methods": save_programs({part.method: program}, out_dir), "runner_metadata": metadata}
+
+
+def in_dtype(model, dtype: str):
+    """The model computing in `dtype` (weights and the caches it builds from them); float32 as loaded."""
+    import torch
+
+    return model if dtype == "float32" else model.to(getattr(torch, dtype))
 
 
 def requested_ops(exportable, export: ExportSpec) -> tuple[str, ...]:

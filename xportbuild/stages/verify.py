@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from xportbuild.console import progress
-from xportbuild.errors import VerifyFailed
+from xportbuild.errors import RuntimeLacksBackend, VerifyFailed
 from xportbuild.gates import Missed, accepting, accepting_tolerances, missed, threshold_checks
 from xportbuild.models.kinds import Kind, kind_of
 from xportbuild.quality import first_divergence, merge, method_quality, position_kl, sample_quality
@@ -183,21 +183,41 @@ def verify(pte_path: Path, inputs: Verifying, tolerances: Tolerances, target: st
     return numbers
 
 
+def check_runtime(lower_dir: Path, target: str) -> None:
+    """Stop, before reading anything else, when this runtime cannot run the .pte's delegates: say where it runs, that
+    the lowered program waits in the cache under its key, and how to verify it there."""
+    from xportbuild import backends
+    from xportbuild.stages.lower import DELEGATES_FILE
+
+    missing = sorted(backends.missing_delegates(set(json.loads((lower_dir / DELEGATES_FILE).read_text()))))
+    if not missing:
+        return
+    where = "; ".join(f"{name} runs on {module.RUNS_ON}" for name in missing if (module := backends.by_delegate(name)))
+    raise RuntimeLacksBackend(
+        f"this machine's ExecuTorch runtime has no {', '.join(missing)} ({where}); the .pte is lowered and cached "
+        f"(lower entry {lower_dir.name}); to verify and publish it, run `doit export:{target}` on such a machine "
+        "sharing this cache (XPORTBUILD_REMOTE_CACHE): it pulls every stage up to lower and builds nothing else")
+
+
 def run(node, inputs: dict[str, Path], out_dir: Path, workspace) -> dict:
     from xportbuild.stages.lower import PTE_FILE
     from xportbuild.stages.program import program_inputs
 
+    check_runtime(inputs["lower"], node.subject)
     reading = Verifying(list(program_inputs(inputs).values()), inputs["replay"], inputs["reference"], inputs["fetch"])
     numbers = verify(inputs["lower"] / PTE_FILE, reading, Tolerances(**node.params["tolerances"]), node.subject,
                      node.params["task"], node.params["max_new_tokens"])
-    return _write(numbers, out_dir)
+    return _write(numbers, out_dir, tuple(node.params["backends"]))
 
 
-def _write(numbers: dict, out_dir: Path) -> dict:
+def _write(numbers: dict, out_dir: Path, backend_names: tuple[str, ...]) -> dict:
     """verification.json, with the machine that measured it: the same .pte's numbers differ by CPU in their
-    last bits, and a shared cache may serve them elsewhere."""
+    last bits, and a shared cache may serve them elsewhere. A backend's runtime may choose its own precision there."""
+    from xportbuild import backends
     from xportbuild.runtime import machine
 
     numbers["machine"] = machine()
+    for name in backend_names:
+        numbers["machine"].update(backends.runtime_facts(name))
     (out_dir / "verification.json").write_text(json.dumps(numbers, indent=1))
     return numbers
