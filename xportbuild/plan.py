@@ -83,7 +83,8 @@ def _program_subject(target: Target) -> str:
     dtype."""
     export = target.recipe.export
     attention = "custom-sdpa" if export.custom_sdpa else "custom-kv-cache" if export.custom_kv_cache else ""
-    variants = [variant for variant in (attention, "" if export.dtype == "float32" else export.dtype) if variant]
+    variants = [variant for variant in (attention, "" if export.dtype == "float32" else export.dtype,
+                                        "one-token" if export.one_token else "") if variant]
     return ".".join([target.model.name, *variants])
 
 

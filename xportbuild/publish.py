@@ -79,12 +79,14 @@ def published_state(plan: Plan, workspace: Workspace, target: str) -> tuple[bool
 @dataclass(frozen=True)
 class Published:
     """A published folder at a glance, from its manifest: its files' bytes on disk, the .pte's numbers against the
-    float model, the C++ runner's figures, when it was published (seconds since the epoch)."""
+    float model, the C++ runner's figures, when it was published (seconds since the epoch), and how long its
+    lowering took where it was built."""
 
     size: int
     against_float: dict
     runner: dict
     published_at: float
+    lower_seconds: float | None = None
 
 
 def read_published(folder: Path) -> Published | None:
@@ -96,7 +98,8 @@ def read_published(folder: Path) -> Published | None:
     verify = manifest["stages"]["verify"].get("result") or {}
     files = [folder / name for name in manifest["files"] if (folder / name).is_file()]
     return Published(sum(file.stat().st_size for file in files), verify.get("vs_reference") or {},
-                     verify.get("runner") or {}, (folder / MANIFEST).stat().st_mtime)
+                     verify.get("runner") or {}, (folder / MANIFEST).stat().st_mtime,
+                     manifest["stages"].get("lower", {}).get("seconds"))
 
 
 def damaged_files(folder: Path, published: dict) -> list[str]:

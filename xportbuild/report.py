@@ -115,6 +115,16 @@ def _runner_rows(runner: dict) -> list[str]:
             f"{'yes' if runner['matches_pte_greedy'] else 'NO'})", ""]
 
 
+def _computed_by(stages: dict) -> str:
+    """Which runtimes run the .pte, and the dtype its program computes in (what `get_dtype` reports)."""
+    delegates = stages["lower"]["result"].get("delegates", [])
+    runners = [stage["result"].get("runner_metadata", {}) for name, stage in stages.items()
+               if name.split(".")[0] in ("program", "quantize")]
+    dtypes = sorted({runner["get_dtype"] for runner in runners if "get_dtype" in runner})
+    return (f"Delegates: {', '.join(delegates) or 'none (portable kernels)'}"
+            + (f"; the program computes in {', '.join(dtypes)}" if dtypes else "") + ".")
+
+
 def render_report(manifest: dict) -> str:
     stages = manifest["stages"]
     verify = stages["verify"]["result"]
@@ -124,6 +134,8 @@ def render_report(manifest: dict) -> str:
         "",
         f"model `{manifest['model']}`, recipe `{manifest['recipe']}`, backend `{lower['backend']}`, "
         f"{_sizes(lower)}",
+        "",
+        _computed_by(stages),
         "",
         "## Quality by stage",
         "Each method on the float model's recorded calls (a decoder teacher-forced on the float model's greedy text: "

@@ -41,6 +41,27 @@ def test_openvino_lowers_the_whole_graph_and_verifies_here(project, run_folder):
     assert manifest["libraries"]["openvino"].startswith("2025.") and manifest["libraries"]["nncf"].startswith("3.2.")
 
 
+def test_openvino_runs_a_decoder_one_token_per_call_as_the_cpp_runner_does(project, weights):
+    from xportbuild.stages.program import load_programs
+
+    project.write_model("tiny-llama", model_toml(local(weights / "tiny-llama"), ["openvino-fp32"]))
+    project.doit("export:tiny-llama-openvino-fp32")
+    manifest = _manifest(project, "tiny-llama-openvino-fp32")
+    program = manifest["stages"]["program"]["result"]
+    assert program["runner_metadata"]["enable_dynamic_shape"] is False
+    exported = load_programs(project.entry("program:tiny-llama.one-token").path)["forward"]
+    shapes = [tuple(node.meta["val"].shape) for node in exported.graph.nodes
+              if node.op == "placeholder" and node.name in exported.graph_signature.user_inputs]
+    assert shapes == [(1, 1), (1,)] and all(isinstance(size, int) for shape in shapes for size in shape)
+    lower = manifest["stages"]["lower"]["result"]
+    assert lower["delegates"] == ["OpenvinoBackend"]
+    assert lower["delegation"]["forward"]["delegate_calls"] == 1
+    verify = manifest["stages"]["verify"]["result"]
+    # the prompts' whole sequences went through one token per call, and ExecuTorch's C++ runner generated with it
+    assert verify["vs_reference"]["positions"] > len(verify["greedy"]) and verify["vs_reference"]["top1"] == 1.0
+    assert verify["runner"]["matches_pte_greedy"] is True and verify["runner"]["expected"].strip()
+
+
 def test_core_ml_lowers_here_stops_at_verify_and_a_machine_sharing_the_cache_builds_nothing_before_verify(
         project, run_folder, tmp_path):
     target = "tiny-vit-coreml-fp32"
@@ -68,12 +89,14 @@ def test_core_ml_lowers_here_stops_at_verify_and_a_machine_sharing_the_cache_bui
                for line in (second.stdout + second.stderr).splitlines())
 
 
-def test_core_ml_holds_one_delegate_per_method_and_falls_back_to_xnnpack(project, run_folder):
+def test_core_ml_holds_one_delegate_per_method_and_falls_back_to_xnnpack(project, run_folder, weights):
     from executorch.exir._serialize._program import deserialize_pte_binary
 
     project.write_model("tiny-vit", _vit_toml(_vit(run_folder), ["coreml-fp16", "coreml-fp32-xnnpack"]))
-    project.doit("lower:tiny-vit-coreml-fp16", "lower:tiny-vit-coreml-fp32-xnnpack")
-    for target in ("tiny-vit-coreml-fp16", "tiny-vit-coreml-fp32-xnnpack"):
+    project.write_model("tiny-llama", model_toml(local(weights / "tiny-llama"), ["coreml-fp16"]))
+    targets = ("tiny-vit-coreml-fp16", "tiny-vit-coreml-fp32-xnnpack", "tiny-llama-coreml-fp16")
+    project.doit(*(f"lower:{target}" for target in targets))
+    for target in targets:
         program = deserialize_pte_binary((project.entry(f"lower:{target}").path / "model.pte").read_bytes()).program
         (plan,) = [plan for plan in program.execution_plan if plan.name == "forward"]
         assert [delegate.id for delegate in plan.delegates][:1] == ["CoreMLBackend"]
@@ -96,3 +119,21 @@ def test_a_float16_program_is_verified_against_the_float32_model(project, weight
     verify = manifest["stages"]["verify"]["result"]
     assert verify["vs_reference"]["top1"] == 1.0
     assert verify["vs_reference"]["max_abs"] > 1e-5  # compared with the float32 model, not with itself
+
+
+def test_a_program_that_overflows_its_dtype_stops_before_lowering(project, weights, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "loud-llama"
+    shutil.copytree(weights / "tiny-llama", folder)
+    tensors = load_file(folder / "model.safetensors")
+    tensors = {name: value * 1e7 if "embed_tokens" in name else value for name, value in tensors.items()}
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})  # past float16's 65504
+    project.write_model("loud-llama", model_toml(local(folder), ["xnnpack-fp16"]))
+    result = project.doit("export:loud-llama-xnnpack-fp16", check=False)
+    assert result.returncode != 0
+    assert "replay:loud-llama-xnnpack-fp16: the exported program's output holds NaN or infinite values" in \
+        result.stdout + result.stderr
+    assert not any(event["task"] == "lower:loud-llama-xnnpack-fp16" for event in project.events())

@@ -48,10 +48,14 @@ def test_a_package_missing_or_of_another_series_is_named_with_its_install_comman
     assert problem.startswith("xxhash ") and problem.endswith("it needs 0.x: pip install -e '.[y]'")
 
 
-def test_fixed_shape_backends_refuse_sequence_kinds_and_take_images():
+def test_fixed_shape_backends_take_images_and_decoders_one_token_per_call_and_refuse_other_sequences():
     for name in ("openvino", "coreml"):
-        assert "dynamic length" in backends.refusal(name, "causal-lm")
+        assert backends.fixed_shapes(name)
+        assert "dynamic length" in backends.refusal(name, "masked-lm")
+        assert "dynamic length" in backends.refusal(name, "text2text")
         assert backends.refusal(name, "image-classification") is None
+        assert backends.refusal(name, "causal-lm") is None
+    assert not backends.fixed_shapes("xnnpack")
     assert "Qualcomm" in backends.refusal("qnn", "image-classification") or "no QNN lowering" in \
         backends.refusal("qnn", "image-classification")
     assert "Vulkan" in backends.refusal("vulkan", "causal-lm")

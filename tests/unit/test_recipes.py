@@ -287,10 +287,18 @@ def test_a_name_promising_a_precision_must_compute_in_it(tmp_path):
     assert "coreml-fp32-mine.toml: lower.options.compute_precision: 'float16', but the name" in str(err.value)
 
 
+def test_a_fixed_shape_backend_exports_a_decoder_one_token_per_call(tmp_path):
+    (target,) = load_project(_project(tmp_path, GOOD_MODEL.replace('"xnnpack-fp32"', '"openvino-fp32"')))
+    assert target.recipe.export.one_token
+    (target,) = load_project(_project(tmp_path / "x", GOOD_MODEL))
+    assert not target.recipe.export.one_token
+
+
 def test_a_backend_that_cannot_lower_the_kind_is_refused_before_any_work(tmp_path):
     message = _recipe_problems(tmp_path / "vulkan", GOOD_MODEL, 'doc = "x"\nbackend = "vulkan"\n')
     assert "r.toml: backend: 'vulkan' cannot lower model m" in message and "FuseBatchNormPass" in message
-    message = _recipe_problems(tmp_path / "openvino", GOOD_MODEL, 'doc = "x"\nbackend = "openvino"\n')
+    masked = GOOD_MODEL.replace('task = "causal-lm"', 'task = "masked-lm"').replace('prompts = ["hi"]', 'prompts = ["hi <mask>"]')
+    message = _recipe_problems(tmp_path / "openvino", masked, 'doc = "x"\nbackend = "openvino"\n')
     assert "r.toml: backend: 'openvino' cannot lower model m" in message and "dynamic length" in message
     message = _recipe_problems(tmp_path / "half", IMAGE_MODEL, 'doc = "x"\nbackend = "xnnpack"\ndtype = "bfloat16"\n')
     assert "r.toml: dtype: 'bfloat16': model m" in message and "take float inputs" in message

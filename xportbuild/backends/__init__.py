@@ -22,7 +22,8 @@ and, where it has them (the accessors below give the defaults):
 - `unavailable() -> str | None`: why it cannot lower on this machine (a package missing or of the wrong version);
 - `refusal(task) -> str | None`: why it cannot lower a model of that task kind at all;
 - `runtime_facts() -> dict`: what the report records of the runtime that ran it (e.g. the precision it chose);
-- `CI_RUNNER`: the GitHub Actions runner whose runtime has it (default: Linux).
+- `CI_RUNNER`: the GitHub Actions runner whose runtime has it (default: Linux);
+- `FIXED_SHAPES`: it lowers fixed input shapes only (default: False).
 """
 
 from __future__ import annotations
@@ -104,16 +105,22 @@ def refusal(name: str, task: str) -> str | None:
     return check(task) if check else None
 
 
+def fixed_shapes(name: str) -> bool:
+    """Whether backend `name` lowers fixed input shapes only (`FIXED_SHAPES`): a decoder is then exported for one
+    token per call."""
+    return getattr(backend(name), "FIXED_SHAPES", False)
+
+
 def sequence_refusal(task: str, why: str) -> str | None:
     """For a backend that lowers fixed input shapes only: the refusal of a kind whose methods take a sequence of
-    dynamic length (prefill and decode in one method)."""
+    dynamic length and cannot be exported one token per call."""
     from xportbuild.models.kinds import KINDS
 
-    if not KINDS[task].has_sequence:
+    if not KINDS[task].has_sequence or KINDS[task].token_by_token:
         return None
-    fixed = ", ".join(kind.task for kind in KINDS.values() if not kind.has_sequence)
+    fixed = ", ".join(kind.task for kind in KINDS.values() if not kind.has_sequence or kind.token_by_token)
     return (f"a {task} program takes a sequence of dynamic length, and {why}; it lowers {fixed} models (fixed input "
-            "shapes)")
+            "shapes, or a decoder one token per call)")
 
 
 def ci_runner(backend_name: str, fallback: str) -> str:

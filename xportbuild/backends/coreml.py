@@ -15,6 +15,7 @@ CI_RUNNER = "macos-14"  # Apple silicon: executorch's macOS wheel has the Core M
 PACKAGES = ("coremltools",)
 EXTRA = ""  # coremltools is an executorch dependency
 DTYPES = ("float32",)
+FIXED_SHAPES = True  # a dynamic sequence length fails in coremltools' conversion (refusal)
 PER_OP_MODE = False
 GROUP_SCALE_DTYPE = "float32"
 _COMPUTE_UNITS = {"all": "ALL", "cpu_only": "CPU_ONLY", "cpu_and_gpu": "CPU_AND_GPU", "cpu_and_ne": "CPU_AND_NE"}
@@ -39,7 +40,7 @@ def refusal(task: str) -> str | None:
     from xportbuild.backends import sequence_refusal
 
     return sequence_refusal(task, "coremltools 9.0 fails to convert its slices (\"Input squeeze_0 has rank 1 != "
-                                  "other inputs rank 0\"); a one-token program lowers")
+                                  "other inputs rank 0\")")
 
 
 def weight_problem(scheme: str, group_size: int) -> tuple[str, str] | None:
@@ -54,4 +55,18 @@ def partitioners(options: Options, per_op_mode: bool) -> list:
     precision = {"float16": ct.precision.FLOAT16, "float32": ct.precision.FLOAT32}[options.compute_precision]
     specs = CoreMLBackend.generate_compile_specs(compute_unit=getattr(ct.ComputeUnit, _COMPUTE_UNITS[options.compute_units]),
                                                  minimum_deployment_target=ct.target.iOS18, compute_precision=precision)
-    return [CoreMLPartitioner(compile_specs=specs, take_over_mutable_buffer=True)]
+    class FloatStatePartitioner(CoreMLPartitioner):
+        """Float buffers (a KV cache) become Core ML state; an integer one (a sliding-window cache's position
+        counter) stays outside: Core ML keeps state in float16 only, and coremltools fails on an integer state
+        ("KeyError: coreml_update_state(state=cumulative_length)"). The delegate then returns its new value."""
+
+        def partition(self, exported_program):
+            result = super().partition(exported_program)
+            buffers = exported_program.graph_signature.inputs_to_buffers
+            for node in exported_program.graph.nodes:
+                value = node.meta.get("val")
+                if node.name in buffers and "delegation_tag" in node.meta and not value.dtype.is_floating_point:
+                    del node.meta["delegation_tag"]
+            return result
+
+    return [FloatStatePartitioner(compile_specs=specs, take_over_mutable_buffer=True)]

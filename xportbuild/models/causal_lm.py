@@ -94,7 +94,7 @@ class DecoderForward(torch.nn.Module):
 
 def exportables(model: torch.nn.Module, max_seq_len: int, export: ExportSpec = STOCK_OPS) -> dict[str, ExportableMethod]:
     """`forward` with a static KV cache (and a decoder's state caches) and a dynamic sequence length up to
-    max_seq_len - 1; with the recipe's custom ops, attention and cache updates go through ExecuTorch's llama:: ops."""
+    max_seq_len - 1 (or one token per call: `export.one_token`); with the recipe's custom ops, attention and cache updates go through ExecuTorch's llama:: ops."""
     from functools import partial
 
     from transformers import GenerationConfig
@@ -116,6 +116,9 @@ def exportables(model: torch.nn.Module, max_seq_len: int, export: ExportSpec = S
         # The outer wrapper's forward drops cache_position; its inner module is what export traces.
         decoder = TorchExportableModuleForDecoderOnlyLM(model, batch_size=1, max_cache_len=max_seq_len).model
     custom_attention.swap_kv_cache(decoder, export)
+    if export.one_token:  # for backends that lower fixed shapes: an app prefills token by token
+        example = (torch.tensor([[1]], dtype=torch.long), torch.zeros(1, dtype=torch.long))
+        return {"forward": ExportableMethod(DecoderForward(decoder).eval(), example, None, tracing)}
     seq_len = torch.export.Dim("seq_len", min=1, max=max_seq_len - 1)
     example = (torch.tensor([[1, 2]], dtype=torch.long), torch.arange(2, dtype=torch.long))
     return {"forward": ExportableMethod(DecoderForward(decoder).eval(), example,
@@ -175,7 +178,7 @@ def metadata(model: torch.nn.Module, model_dir: Path, max_seq_len: int, export: 
         "get_eos_ids": eos_ids(model),
         "use_kv_cache": True,
         "use_sdpa_with_kv_cache": export.custom_sdpa,
-        "enable_dynamic_shape": True,  # exportables makes the sequence length dynamic
+        "enable_dynamic_shape": not export.one_token,  # else exportables fixes one token per call
         "get_n_layers": config.num_hidden_layers,
         "get_dtype": str(model.dtype).removeprefix("torch."),  # the logits' dtype: what the .pte really returns
     }

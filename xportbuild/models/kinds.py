@@ -38,6 +38,9 @@ class Kind:
     # Every method takes integers only (token ids, positions, masks): a program may compute in half precision, since
     # nothing recorded in float32 (pixels, audio features, another method's outputs) is fed to it.
     integer_inputs: bool = False
+    # Its sequence can be exported one token per call (an app then prefills token by token): what backends that
+    # lower fixed shapes only (OpenVINO, Core ML) take of a kind with a sequence.
+    token_by_token: bool = False
 
     @property
     def has_sequence(self) -> bool:
@@ -64,7 +67,7 @@ REFUSED_DECODERS = {
 KINDS: dict[str, Kind] = {kind.task: kind for kind in (
     Kind("causal-lm", "xportbuild.models.causal_lm", ("forward",), ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",),
          ("forward",), True, refused=REFUSED_DECODERS, custom_attention=True, from_gguf=True, prompt_continued=True,
-         reference_logits="float16", integer_inputs=True),
+         reference_logits="float16", integer_inputs=True, token_by_token=True),
     Kind("masked-lm", "xportbuild.models.masked_lm", ("forward",), ("MODEL_FOR_MASKED_LM_MAPPING_NAMES",),
          ("forward",), False, integer_inputs=True),
     Kind("image-classification", "xportbuild.models.image_classifier", ("forward",),

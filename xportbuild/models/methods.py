@@ -274,6 +274,19 @@ def as_tensors(arrays: list[np.ndarray]) -> tuple:
     return tuple(torch.from_numpy(np.array(a)) for a in arrays)
 
 
+def sequence_call(call: Call, runner_metadata: dict) -> Call:
+    """`call` taking a decoder's whole sequence per call (a prompt's prefill, as recorded): itself, or for a program
+    of one token per call (`enable_dynamic_shape` false), one call per token, the logits joined along the sequence."""
+    if runner_metadata.get("enable_dynamic_shape", True):
+        return call
+
+    def token_by_token(method: str, args: tuple) -> torch.Tensor:
+        tokens, positions = args
+        return torch.cat([call(method, (tokens[:, i:i + 1], positions[i:i + 1])) for i in range(tokens.shape[1])], dim=1)
+
+    return token_by_token
+
+
 def replay(call: Call, sample: RecordedSample, methods: set[str]) -> list[np.ndarray | None]:
     """Each recorded call of `methods` made again through `call`, in the recorded order (a decoder's cache sees the
     same sequence of positions); None for calls of other methods."""

@@ -204,7 +204,10 @@ def _load_recipe(file: Path, problems: _Problems) -> RecipeSpec | None:
     tolerances = _build(Tolerances, data.pop("verify", {}), file, "verify.", problems)
     dtype = _check_value(typing.get_type_hints(ExportSpec)["dtype"], data.pop("dtype", "float32"), file, "dtype",
                          problems)
-    export = _build(ExportSpec, data.pop("export", {}), file, "export.", problems, fixed={"dtype": dtype})
+    one_token = lower is not None and any(backends.fixed_shapes(name) for name in backends.chain(lower.backend,
+                                                                                                  lower.fallback))
+    export = _build(ExportSpec, data.pop("export", {}), file, "export.", problems,
+                    fixed={"dtype": dtype, "one_token": one_token})
     export = export if dtype is not None else None
     if export is not None and export.custom_sdpa and not export.custom_kv_cache:
         problems.add(file, "export.custom_sdpa", "true needs custom_kv_cache = true: llama::custom_sdpa reads the "

@@ -115,6 +115,8 @@ class ExportSpec:
     custom_sdpa: bool = False
     custom_kv_cache: bool = False
     dtype: ComputeDtype = "float32"
+    # One token per call, for backends that lower fixed shapes only (derived from the recipe's backends).
+    one_token: bool = False
 
     @property
     def custom_ops(self) -> tuple[str, ...]:

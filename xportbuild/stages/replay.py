@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from xportbuild.console import progress
+from xportbuild.errors import StageError
 from xportbuild.cache import reading_entry
 from xportbuild.models.kinds import kind_of
 from xportbuild.quality import one_thread
@@ -28,13 +29,13 @@ OUTPUTS_FILE = "program_outputs.npz"
 def program_results(program_dirs: list[Path], samples: list, task: str) -> Iterator[tuple[list, Outcome]]:
     """Per sample: the programs' output on each recorded call (None where the call is not theirs), and their
     forced run (fed the float outcome: their choice and scores at each step)."""
-    from xportbuild.models.methods import Memo, program_call, replay
+    from xportbuild.models.methods import Memo, program_call, replay, sequence_call
     from xportbuild.stages.program import MODEL_FACTS_FILE, load_target_programs
 
     kind = kind_of(task)
     wrapper, methods = kind.wrapper(), set(kind.methods)
-    call = program_call(load_target_programs(program_dirs))
     facts = json.loads((program_dirs[0] / MODEL_FACTS_FILE).read_text())["runner"]
+    call = sequence_call(program_call(load_target_programs(program_dirs)), facts)
     for sample in progress(samples, desc="the programs on the reference's samples", unit="sample"):
         memo = Memo(call)  # the forced run repeats the replayed calls (a causal LM's): answered from memory
         outputs = replay(memo, sample, methods)
@@ -50,6 +51,7 @@ def replay_programs(program_dirs: list[Path], reference_dir: Path, task: str, ou
         for i, (outputs, forced) in enumerate(program_results(program_dirs, samples, task)):
             for j, output in enumerate(outputs):
                 if output is not None:
+                    _check_finite(output, i, j)
                     arrays.add(f"s{i}.c{j}.out", output)
             arrays.add(f"s{i}.forced.tokens", np.array(forced.tokens, dtype=np.int64))
             scores = np.stack(forced.scores)
@@ -58,6 +60,14 @@ def replay_programs(program_dirs: list[Path], reference_dir: Path, task: str, ou
             else:
                 arrays.add(f"s{i}.forced.in", np.array(j))
     return {"samples": len(samples)}
+
+
+def _check_finite(output: np.ndarray, sample: int, call: int) -> None:
+    """A program whose outputs overflow (a model computing in float16 past 65504: Gemma 3's activations do) is
+    stopped here, before its lowering: no .pte of it could pass verify."""
+    if output.dtype.kind == "f" and not np.isfinite(output).all():
+        raise StageError(f"the exported program's output holds NaN or infinite values (sample {sample}, call {call}): "
+                         "it overflows its dtype; export it in bfloat16 or float32 (recipe key dtype)")
 
 
 def _holding(outputs: list[np.ndarray | None], scores: np.ndarray) -> int | None:

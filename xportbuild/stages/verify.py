@@ -156,7 +156,7 @@ def verify(pte_path: Path, inputs: Verifying, tolerances: Tolerances, target: st
     """The .pte against its programs (as replayed) and the float reference, and in the app's own runtime if the kind
     has one; raises VerifyFailed."""
     from xportbuild import runtime
-    from xportbuild.models.methods import load_samples
+    from xportbuild.models.methods import load_samples, sequence_call
     from xportbuild.stages.program import MODEL_FACTS_FILE
     from xportbuild.stages.reference import TEXTS_FILE
     from xportbuild.stages.replay import load_replay
@@ -165,7 +165,7 @@ def verify(pte_path: Path, inputs: Verifying, tolerances: Tolerances, target: st
     samples = load_samples(inputs.reference_dir)
     program_dirs, reference_dir, model_dir = inputs.program_dirs, inputs.reference_dir, inputs.model_dir
     facts = json.loads((program_dirs[0] / MODEL_FACTS_FILE).read_text())["runner"]
-    pte_runs = run_pte(runtime.pte_call(pte_path), samples, kind, facts, max_new_tokens)
+    pte_runs = run_pte(sequence_call(runtime.pte_call(pte_path), facts), samples, kind, facts, max_new_tokens)
     numbers = measure(pte_runs, load_replay(inputs.replay_dir, samples), samples, kind)
     eager, eager_kl = quantized_eager_numbers(program_dirs, kind.logit_methods)
     if eager:  # quantized methods: where the loss starts
