@@ -18,7 +18,7 @@ from xportbuild import console, isolation
 from xportbuild.cache import Entry, Store, write_atomic
 from xportbuild.remote import RemoteCache
 from xportbuild.errors import CacheCorrupt, DamagedEntry, StageError, VerifyFailed
-from xportbuild.keys import SCHEMA, canonical_json, code_digests, digest_value
+from xportbuild.keys import SCHEMA, canonical_json, code_digests, digest_value, public_versions
 from xportbuild.pipeline import STAGE_BY_NAME, code_roots, node_libraries
 from xportbuild.plan import Plan, StageNode
 from xportbuild.report import stage_facts
@@ -115,7 +115,7 @@ class Resolver:
             "params": node.params,
             "inputs": inputs,
             "code": code_digests(code_roots(node)),
-            "libraries": node_libraries(node),
+            "libraries": public_versions(node_libraries(node)),
         }, ""
 
     def _source_fingerprint(self, node: StageNode) -> dict:

@@ -155,6 +155,13 @@ def library_versions(names: tuple[str, ...] = LIBRARIES) -> dict[str, str]:
     return dict(_installed_versions(names))
 
 
+def public_versions(versions: dict[str, str]) -> dict[str, str]:
+    """Versions as a key holds them: without a local build label (torch `2.13.0+cpu` on Linux is `2.13.0` on macOS,
+    one source release), so a Mac reuses what a Linux machine built up to a backend only the Mac runs. The manifest
+    and the .pte's provenance keep the whole version."""
+    return {name: version.split("+")[0] for name, version in versions.items()}
+
+
 @functools.lru_cache(maxsize=None)
 def _installed_versions(names: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
     """Read once per process: a build does not install packages while it runs."""

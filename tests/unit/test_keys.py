@@ -23,6 +23,12 @@ def test_nan_cannot_enter_a_key():
         keys.digest_value({"tol": float("nan")})
 
 
+def test_a_key_holds_public_versions_and_the_manifest_the_whole_one():
+    assert keys.public_versions({"torch": "2.13.0+cpu", "executorch": "1.4.1"}) == \
+        {"torch": "2.13.0", "executorch": "1.4.1"}
+    assert keys.public_versions({"torch": "2.13.0+cu128"}) == keys.public_versions({"torch": "2.13.0"})
+
+
 def test_library_versions_do_not_import_libraries():
     import sys
 
