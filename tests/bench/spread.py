@@ -73,7 +73,8 @@ def pte_runs_to(entries: dict[str, str], out: Path) -> None:
     from xportbuild.stages import verify
 
     kind, facts, samples, max_new_tokens = _verifying(entries, Path(entries["reference"]))
-    runs = verify.run_pte(runtime.pte_call(Path(entries["lower"]) / "model.pte"), samples, kind, facts, max_new_tokens)
+    pte = verify.pte_sequence_call(Path(entries["lower"]) / "model.pte", facts)
+    runs = verify.run_pte(pte, samples, kind, facts, max_new_tokens)
     arrays = {f"out_{i}_{j}": output for i, run in enumerate(runs) for j, output in enumerate(run.outputs)
               if output is not None}
     arrays.update({f"tokens_{i}": np.array(run.tokens) for i, run in enumerate(runs)})
@@ -127,8 +128,8 @@ def measure_one(entries: dict[str, str], threads: int) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
         reference.reference(Path(entries["fetch"]), model.task, model.verify, model.max_seq_len, Path(scratch))
         kind, facts, samples, max_new_tokens = _verifying(entries, Path(scratch))
-        runs = verify.run_pte(runtime.pte_call(Path(entries["lower"]) / "model.pte"), samples, kind, facts,
-                              max_new_tokens)
+        pte = verify.pte_sequence_call(Path(entries["lower"]) / "model.pte", facts)
+        runs = verify.run_pte(pte, samples, kind, facts, max_new_tokens)
         return _with_worst_margin(_measure(runs, entries, Path(scratch)), runtime.machine())
 
 

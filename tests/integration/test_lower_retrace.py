@@ -20,13 +20,14 @@ def _lower_programs_bytes(programs, patched: bool, backend: str = "xnnpack") -> 
 
     from xportbuild.backends import partitioners
     from xportbuild.backends.shortcuts import LoweringShortcuts
+    from xportbuild.recipe.spec import LowerSpec
 
     if not patched:
-        return to_edge_transform_and_lower(programs, partitioner=partitioners(backend, False)).to_executorch().buffer, {}
+        return to_edge_transform_and_lower(programs, partitioner=partitioners(LowerSpec(backend))).to_executorch().buffer, {}
     shortcuts = LoweringShortcuts()
     with shortcuts.lowering(), shortcuts.executorch():
         with shortcuts.edge_conversion():
-            edge = to_edge_transform_and_lower(programs, partitioner=partitioners(backend, False))
+            edge = to_edge_transform_and_lower(programs, partitioner=partitioners(LowerSpec(backend)))
         buffer = edge.to_executorch().buffer
     return buffer, _flat(shortcuts.facts())
 
@@ -237,7 +238,7 @@ def test_the_lower_stage_output_is_byte_identical_without_the_patch(project, wei
     assert counts["skipped"] > 0 and counts["decompositions skipped"] == 1 and counts["patterns skipped"] > 0, counts
     assert counts["fake_values reused"] > 0 and counts["lazy_modules"] > 0, counts
     assert counts["provenance shared_records"] > 0 and counts["cia_ops skipped"] > 0, counts
-    assert len(fast) == 2 and fast == stock  # .pte and .ptd
+    assert len(fast) == 3 and fast == stock  # delegates.json, .pte and .ptd
 
 
 def test_the_lower_stage_without_a_partitioner_is_byte_identical(project, weights, tmp_path, monkeypatch):
@@ -247,7 +248,7 @@ def test_the_lower_stage_without_a_partitioner_is_byte_identical(project, weight
     fast, stock, counts = _lower_stage_twice(project, tmp_path, monkeypatch, "tiny-llama", "portable-fp32")
     assert counts["fake_values reused"] > 0 and counts["lazy_modules"] > 0, counts
     assert counts["provenance shared_records"] > 0 and counts["cia_ops skipped"] > 0, counts
-    assert len(fast) == 1 and fast == stock
+    assert len(fast) == 2 and fast == stock  # delegates.json (none) and .pte
 
 
 def test_a_module_whose_code_is_generated_late_still_runs_and_shows_its_code():

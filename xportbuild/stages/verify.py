@@ -33,6 +33,15 @@ class PteRun:
     seconds: float
 
 
+def pte_sequence_call(pte_path: Path, runner_metadata: dict):
+    """The .pte's methods, called as recorded: a prompt's whole sequence per call, token by token for a program of
+    one token per call."""
+    from xportbuild import runtime
+    from xportbuild.models.methods import sequence_call
+
+    return sequence_call(runtime.pte_call(pte_path), runner_metadata)
+
+
 def run_pte(pte_call, samples: list, kind: Kind, facts: dict, max_new_tokens: int) -> list[PteRun]:
     from xportbuild.models.methods import replay
 
@@ -155,8 +164,7 @@ def verify(pte_path: Path, inputs: Verifying, tolerances: Tolerances, target: st
            max_new_tokens: int) -> dict:
     """The .pte against its programs (as replayed) and the float reference, and in the app's own runtime if the kind
     has one; raises VerifyFailed."""
-    from xportbuild import runtime
-    from xportbuild.models.methods import load_samples, sequence_call
+    from xportbuild.models.methods import load_samples
     from xportbuild.stages.program import MODEL_FACTS_FILE
     from xportbuild.stages.reference import TEXTS_FILE
     from xportbuild.stages.replay import load_replay
@@ -165,7 +173,7 @@ def verify(pte_path: Path, inputs: Verifying, tolerances: Tolerances, target: st
     samples = load_samples(inputs.reference_dir)
     program_dirs, reference_dir, model_dir = inputs.program_dirs, inputs.reference_dir, inputs.model_dir
     facts = json.loads((program_dirs[0] / MODEL_FACTS_FILE).read_text())["runner"]
-    pte_runs = run_pte(sequence_call(runtime.pte_call(pte_path), facts), samples, kind, facts, max_new_tokens)
+    pte_runs = run_pte(pte_sequence_call(pte_path, facts), samples, kind, facts, max_new_tokens)
     numbers = measure(pte_runs, load_replay(inputs.replay_dir, samples), samples, kind)
     eager, eager_kl = quantized_eager_numbers(program_dirs, kind.logit_methods)
     if eager:  # quantized methods: where the loss starts
