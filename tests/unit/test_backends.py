@@ -46,6 +46,7 @@ def test_a_package_missing_or_of_another_series_is_named_with_its_install_comman
         "no-such-package-xportbuild is not installed: pip install -e '.[x]'"
     problem = backends.version_problem("xxhash", "0.", "y")
     assert problem.startswith("xxhash ") and problem.endswith("it needs 0.x: pip install -e '.[y]'")
+    assert backends.version_problem("no-such-package-xportbuild", "1.", "").endswith(": pip install -e .")
 
 
 def test_fixed_shape_backends_take_images_and_decoders_one_token_per_call_and_refuse_other_sequences():

@@ -89,10 +89,6 @@ def packages(name: str) -> tuple[str, ...]:
     return getattr(backend(name), "PACKAGES", ())
 
 
-def extra(name: str) -> str:
-    return getattr(backend(name), "EXTRA", "")
-
-
 def unavailable(name: str) -> str | None:
     """Why backend `name` cannot lower on this machine (None: it can)."""
     check = getattr(backend(name), "unavailable", None)
@@ -123,13 +119,13 @@ def sequence_refusal(task: str, why: str) -> str | None:
             "shapes, or a decoder one token per call)")
 
 
+LINUX_RUNNER = "ubuntu-latest"
+
+
 def ci_runner(backend_name: str, fallback: str) -> str:
     """The GitHub Actions runner whose ExecuTorch runtime runs every backend of a recipe (a module's `CI_RUNNER`)."""
     runners = {getattr(backend(name), "CI_RUNNER", LINUX_RUNNER) for name in chain(backend_name, fallback)}
     return (runners - {LINUX_RUNNER} or {LINUX_RUNNER}).pop()
-
-
-LINUX_RUNNER = "ubuntu-latest"
 
 
 def runtime_facts(name: str) -> dict:
@@ -168,13 +164,15 @@ def package_versions(names: tuple[str, ...]) -> dict[str, str]:
 
 
 def version_problem(package: str, wanted: str, extra: str) -> str | None:
-    """Why `package` is not usable: absent, or not of the version series `wanted` (a prefix such as "2025.")."""
+    """Why `package` is not usable: absent, or not of the version series `wanted` (a prefix such as "2025."), with
+    the install that brings it (the project's extra `extra`, or the project itself)."""
+    install = f"pip install -e '.[{extra}]'" if extra else "pip install -e ."
     try:
         version = importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
-        return f"{package} is not installed: pip install -e '.[{extra}]'"
+        return f"{package} is not installed: {install}"
     if not version.startswith(wanted):
-        return f"{package} {version} is installed, it needs {wanted}x: pip install -e '.[{extra}]'"
+        return f"{package} {version} is installed, it needs {wanted}x: {install}"
     return None
 
 

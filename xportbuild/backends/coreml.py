@@ -33,7 +33,7 @@ class Options:
 def unavailable() -> str | None:
     from xportbuild.backends import version_problem
 
-    return version_problem("coremltools", "9.", "coreml")
+    return version_problem("coremltools", "9.", EXTRA)
 
 
 def refusal(task: str) -> str | None:

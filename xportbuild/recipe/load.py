@@ -204,8 +204,8 @@ def _load_recipe(file: Path, problems: _Problems) -> RecipeSpec | None:
     tolerances = _build(Tolerances, data.pop("verify", {}), file, "verify.", problems)
     dtype = _check_value(typing.get_type_hints(ExportSpec)["dtype"], data.pop("dtype", "float32"), file, "dtype",
                          problems)
-    one_token = lower is not None and any(backends.fixed_shapes(name) for name in backends.chain(lower.backend,
-                                                                                                  lower.fallback))
+    chain = backends.chain(lower.backend, lower.fallback) if lower is not None else ()
+    one_token = any(backends.fixed_shapes(name) for name in chain)
     export = _build(ExportSpec, data.pop("export", {}), file, "export.", problems,
                     fixed={"dtype": dtype, "one_token": one_token})
     export = export if dtype is not None else None
@@ -235,7 +235,8 @@ def _load_recipe(file: Path, problems: _Problems) -> RecipeSpec | None:
 def _load_lower(data, backend: str | None, file: Path, problems: _Problems) -> LowerSpec | None:
     """[lower], its backend's own knobs ([lower.options]) checked by the backend module, and its fallback."""
     if not isinstance(data, dict) or backend is None:
-        return _build(LowerSpec, data, file, "lower.", problems, fixed={"backend": backend}) and None
+        _build(LowerSpec, data, file, "lower.", problems, fixed={"backend": backend})  # for its problems
+        return None
     data = dict(data)
     options = _build(backends.options_class(backend), data.pop("options", {}), file, "lower.options.", problems)
     lower = _build(LowerSpec, data, file, "lower.", problems, fixed={"backend": backend},
