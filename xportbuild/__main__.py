@@ -84,7 +84,7 @@ def _targets(args: argparse.Namespace) -> int:
               and (not args.recipe or t.recipe.name in args.recipe)]
     # GitHub Actions' matrix form: `strategy.matrix: ${{ fromJSON(needs.<job>.outputs.<name>) }}`
     print(json.dumps({"include": [{"target": t.name, "model": t.model.name, "recipe": t.recipe.name,
-                                   "runner": backends.ci_runner(t.recipe.lower.backend, t.recipe.lower.fallback)}
+                                   "runner": backends.ci_runner(t.recipe.lower.backends)}
                                   for t in chosen]}))
     return 0
 

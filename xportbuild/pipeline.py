@@ -56,7 +56,7 @@ def code_roots(node) -> tuple[str, ...]:
 def node_backends(node) -> tuple[str, ...]:
     """The backends a lower node lowers with, or whose runtime a verify node runs."""
     if lower := node.params.get("lower"):
-        return backends.chain(lower["backend"], lower.get("fallback", ""))
+        return tuple(name for name in (lower["backend"], lower.get("fallback", "")) if name)
     return tuple(node.params.get("backends", ()))
 
 

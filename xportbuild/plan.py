@@ -128,10 +128,9 @@ def _calibration(quantize: QuantSpec, recipe_file: str) -> tuple[dict, dict]:
 
 
 def _verify_params(target: Target) -> dict:
-    lower = target.recipe.lower
     return {"tolerances": as_dict(target.tolerances), "task": target.model.task,
             "max_new_tokens": target.model.verify.max_new_tokens,
-            "backends": list(backends.chain(lower.backend, lower.fallback))}  # whose runtime runs the .pte
+            "backends": list(target.recipe.lower.backends)}  # whose runtime runs the .pte
 
 
 def plan_targets(targets: list[Target]) -> Plan:

@@ -224,10 +224,8 @@ def validate(targets: list[Target], scratch_root: Path) -> Validation:
             found.problems.extend(err.problems)
     for target in targets:
         model = target.model
-        lower = target.recipe.lower
-        if missing := [f"{name}: {why}" for name in backends.chain(lower.backend, lower.fallback)
-                       if (why := backends.unavailable(name))]:
-            found.installs[target.name] = "; ".join(missing)
+        if missing := backends.unavailable_here(target.recipe.lower.backends):
+            found.installs[target.name] = missing
         if model.name not in facts_by_model:
             try:
                 facts_by_model[model.name], problems = _model_findings(model, scratch_root)

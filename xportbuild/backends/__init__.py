@@ -5,18 +5,16 @@ light):
 - `DELEGATE`: the backend id its delegates carry in a .pte, which the runtime must have registered to run it (None:
   no delegate);
 - `RUNS_ON`: where a runtime with that backend lives, for the message on a machine without it;
+- `partitioners(options, per_op_mode) -> list`, unless it is refused for every model (`refusal`): what lowering
+  delegates to it (empty: portable kernels run everything);
 
-and, unless it is refused for every model (`refusal`):
-- `partitioners(options, per_op_mode) -> list`: what lowering delegates to it (empty: portable kernels run everything);
-- `DTYPES`: the dtypes a program may compute in for it;
-- `PER_OP_MODE`: whether it can partition op by op;
-- `GROUP_SCALE_DTYPE`: the dtype it stores group-wise weight scales in (quantize rounds with it, so the program
-  verified against computes what the delegate computes);
-- `weight_problem(scheme, group_size) -> (knob, message) | None`: why a linear quantization scheme cannot run on it.
-
-and, where it has them (the accessors below give the defaults):
+and, where it differs from the defaults the accessors below give:
+- `DTYPES`: the dtypes a program may compute in for it (float32);
+- `PER_OP_MODE`: whether it can partition op by op (no);
+- `GROUP_SCALE_DTYPE`: the dtype it stores group-wise weight scales in (float32; quantize rounds with it, so the
+  program verified against computes what the delegate computes);
+- `weight_problem(scheme, group_size) -> (knob, message) | None`: why a linear quantization scheme cannot run on it;
 - `Options`: a frozen dataclass of its recipe knobs (`[lower.options]`), with their defaults;
-- `option_problems(options) -> list[(knob, message)]`: knob values it cannot honour;
 - `PACKAGES`: distributions it lowers or runs with beyond the fixed stack (their versions enter the lower and verify
   keys and the provenance), and `EXTRA`: the pyproject extra that installs them;
 - `unavailable() -> str | None`: why it cannot lower on this machine (a package missing or of the wrong version);
@@ -80,11 +78,6 @@ def options_class(name: str) -> type:
     return getattr(backend(name), "Options", NoOptions)
 
 
-def option_problems(name: str, options) -> list[tuple[str, str]]:
-    check = getattr(backend(name), "option_problems", None)
-    return check(options) if check else []
-
-
 def packages(name: str) -> tuple[str, ...]:
     return getattr(backend(name), "PACKAGES", ())
 
@@ -93,6 +86,11 @@ def unavailable(name: str) -> str | None:
     """Why backend `name` cannot lower on this machine (None: it can)."""
     check = getattr(backend(name), "unavailable", None)
     return check() if check else None
+
+
+def unavailable_here(names: tuple[str, ...]) -> str:
+    """What the backends `names` lack on this machine ("" when they can all lower here)."""
+    return "; ".join(f"{name}: {why}" for name in names if (why := unavailable(name)))
 
 
 def refusal(name: str, task: str) -> str | None:
@@ -122,9 +120,9 @@ def sequence_refusal(task: str, why: str) -> str | None:
 LINUX_RUNNER = "ubuntu-latest"
 
 
-def ci_runner(backend_name: str, fallback: str) -> str:
+def ci_runner(names: tuple[str, ...]) -> str:
     """The GitHub Actions runner whose ExecuTorch runtime runs every backend of a recipe (a module's `CI_RUNNER`)."""
-    runners = {getattr(backend(name), "CI_RUNNER", LINUX_RUNNER) for name in chain(backend_name, fallback)}
+    runners = {getattr(backend(name), "CI_RUNNER", LINUX_RUNNER) for name in names}
     return (runners - {LINUX_RUNNER} or {LINUX_RUNNER}).pop()
 
 
@@ -133,15 +131,10 @@ def runtime_facts(name: str) -> dict:
     return facts() if facts else {}
 
 
-def chain(backend_name: str, fallback: str) -> tuple[str, ...]:
-    """The backends a recipe lowers with, in partitioning order: its backend, then its fallback if it names one."""
-    return (backend_name, fallback) if fallback else (backend_name,)
-
-
 def partitioners(lower) -> list:
     """The partitioners of a LowerSpec: its backend's, then its fallback's (which take what the first left)."""
     found = []
-    for name in chain(lower.backend, lower.fallback):
+    for name in lower.backends:
         options = lower.options if name == lower.backend else default_options(name)
         found += backend(name).partitioners(options_class(name)(**options), lower.per_op_mode)
     return found

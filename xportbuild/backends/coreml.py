@@ -14,10 +14,7 @@ RUNS_ON = "macOS or iOS: ExecuTorch's Apple builds, the pip package on an Apple-
 CI_RUNNER = "macos-14"  # Apple silicon: executorch's macOS wheel has the Core ML runtime
 PACKAGES = ("coremltools",)
 EXTRA = ""  # coremltools is an executorch dependency
-DTYPES = ("float32",)
 FIXED_SHAPES = True  # a dynamic sequence length fails in coremltools' conversion (refusal)
-PER_OP_MODE = False
-GROUP_SCALE_DTYPE = "float32"
 _COMPUTE_UNITS = {"all": "ALL", "cpu_only": "CPU_ONLY", "cpu_and_gpu": "CPU_AND_GPU", "cpu_and_ne": "CPU_AND_NE"}
 
 

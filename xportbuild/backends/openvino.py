@@ -17,10 +17,7 @@ RUNS_ON = "an ExecuTorch runtime built with OpenVINO (the pip package's, with `o
 PACKAGES = ("openvino", "nncf")
 EXTRA = "openvino"
 _SERIES = {"openvino": "2025.", "nncf": "3.2."}
-DTYPES = ("float32",)
 FIXED_SHAPES = True  # a dynamic sequence length fails in OpenVINO's compile (refusal)
-PER_OP_MODE = False
-GROUP_SCALE_DTYPE = "float32"
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,6 @@
 DELEGATE = None
 RUNS_ON = "every ExecuTorch runtime"
 DTYPES = ("float32", "float16", "bfloat16")
-PER_OP_MODE = False
-GROUP_SCALE_DTYPE = "float32"
 
 
 def partitioners(options, per_op_mode: bool) -> list:

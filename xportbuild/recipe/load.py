@@ -204,8 +204,7 @@ def _load_recipe(file: Path, problems: _Problems) -> RecipeSpec | None:
     tolerances = _build(Tolerances, data.pop("verify", {}), file, "verify.", problems)
     dtype = _check_value(typing.get_type_hints(ExportSpec)["dtype"], data.pop("dtype", "float32"), file, "dtype",
                          problems)
-    chain = backends.chain(lower.backend, lower.fallback) if lower is not None else ()
-    one_token = any(backends.fixed_shapes(name) for name in chain)
+    one_token = lower is not None and any(backends.fixed_shapes(name) for name in lower.backends)
     export = _build(ExportSpec, data.pop("export", {}), file, "export.", problems,
                     fixed={"dtype": dtype, "one_token": one_token})
     export = export if dtype is not None else None
@@ -243,8 +242,6 @@ def _load_lower(data, backend: str | None, file: Path, problems: _Problems) -> L
                    tables=("options",))
     if options is None or lower is None:
         return None
-    for knob, message in backends.option_problems(backend, options):
-        problems.add(file, f"lower.options.{knob}", message)
     if lower.per_op_mode and not backends.per_op_mode(backend):
         problems.add(file, "lower.per_op_mode", f"true: the {backend} backend does not partition per op")
     if lower.fallback and (lower.fallback == backend or backends.backend(backend).DELEGATE is None):
@@ -256,7 +253,7 @@ def _load_lower(data, backend: str | None, file: Path, problems: _Problems) -> L
 
 def _check_dtype(dtype: str, lower: LowerSpec, quantize: QuantSpec | None, file: Path, problems: _Problems) -> None:
     """A program computes in `dtype` only on backends that run it, and in float32 where it is quantized."""
-    for name in backends.chain(lower.backend, lower.fallback):
+    for name in lower.backends:
         if dtype not in backends.dtypes(name):
             problems.add(file, "dtype", f"{dtype!r}: the {name} backend lowers programs in "
                          f"{', '.join(backends.dtypes(name))}")
@@ -418,7 +415,7 @@ def _backend_problems(model: ModelSpec, recipe: RecipeSpec) -> list[str]:
     """What the recipe's backends cannot lower for this model's kind, and a half-precision program of a kind whose
     methods take float inputs recorded in float32."""
     problems = [f"{recipe.file}: backend: {name!r} cannot lower model {model.name} ({model.file}): {reason}"
-                for name in backends.chain(recipe.lower.backend, recipe.lower.fallback)
+                for name in recipe.lower.backends
                 if (reason := backends.refusal(name, model.task))]
     if recipe.export.dtype != "float32" and not KINDS[model.task].integer_inputs:
         problems.append(f"{recipe.file}: dtype: {recipe.export.dtype!r}: model {model.name} ({model.file}) is task "

@@ -141,6 +141,11 @@ class LowerSpec:
     fallback: Fallback = ""
     options: dict = dataclasses.field(default_factory=dict)
 
+    @property
+    def backends(self) -> tuple[str, ...]:
+        """The backends it lowers with, in partitioning order: its backend, then its fallback if it names one."""
+        return (self.backend, self.fallback) if self.fallback else (self.backend,)
+
 
 @dataclass(frozen=True)
 class Tolerances:

@@ -12,7 +12,7 @@ from xportbuild.backends.shortcuts import LoweringShortcuts
 from xportbuild.console import progress
 from xportbuild.errors import StageError
 from xportbuild.keys import code_digests, digest_value, library_versions
-from xportbuild.pipeline import code_roots, node_backends
+from xportbuild.pipeline import code_roots, node_backends, node_libraries
 from xportbuild.recipe.spec import LowerSpec
 from xportbuild.stages.program import MODEL_FACTS_FILE, load_target_programs, program_inputs
 
@@ -40,8 +40,7 @@ def constant_methods(program_dir: Path, provenance: dict) -> dict:
     """Runner metadata recorded by the program stage, plus `get_provenance`: a JSON string saying what built this.
     (Every program of a target records the same metadata: the first one is read.)"""
     facts = json.loads((program_dir / MODEL_FACTS_FILE).read_text())
-    libraries = {**library_versions(), **backends.package_versions(tuple(provenance.get("backends", ())))}
-    record = {**provenance, "source": facts["source"], "xportbuild": __version__, "libraries": libraries}
+    record = {"libraries": library_versions(), **provenance, "source": facts["source"], "xportbuild": __version__}
     return {**facts["runner"], PROVENANCE_METHOD: json.dumps(record, sort_keys=True)}
 
 
@@ -98,13 +97,6 @@ def lower(program_dirs: list[Path], spec: LowerSpec, pass_files: dict[str, str],
         facts["shared_table"] = _check_stored_once(table_shapes, facts["ptd_bytes"])
     facts["artifact_bytes"] = facts["pte_bytes"] + facts.get("ptd_bytes", 0)
     return facts
-
-
-def _check_available(names: tuple[str, ...]) -> None:
-    """Stop before loading anything when a backend cannot lower on this machine (validate says so too)."""
-    for name in names:
-        if why := backends.unavailable(name):
-            raise StageError(f"lower: the {name} backend cannot lower here: {why}")
 
 
 def _check_custom_ops(executorch_program, methods, custom_ops: tuple[str, ...]) -> dict[str, int]:
@@ -207,8 +199,9 @@ def run(node, inputs: dict[str, Path], out_dir: Path, workspace) -> dict:
     spec = LowerSpec(**{**lower_params, "passes": tuple(lower_params["passes"])})
     # An entry's folder is named by its key: the provenance names the exact programs lowered.
     programs = program_inputs(inputs)
-    _check_available(node_backends(node))
-    provenance = {"target": node.subject, "lower_params": node.params, "backends": list(node_backends(node)),
+    if missing := backends.unavailable_here(node_backends(node)):  # validate says so too, before any work
+        raise StageError(f"lower: a backend cannot lower here: {missing}")
+    provenance = {"target": node.subject, "lower_params": node.params, "libraries": node_libraries(node),
                   "lower_code": digest_value(code_digests(code_roots(node)))}
     if "program" in programs:
         provenance["program_key"] = programs["program"].name
