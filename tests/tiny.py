@@ -242,6 +242,10 @@ def save_image_classifier(folder: Path, arch: str = "vit", seed: int = 0) -> Pat
     model = AutoModelForImageClassification.from_config(config).eval()
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
+    if arch == "vit":  # what an app prepares an image with (ViT's own processor at the tiny size)
+        from transformers import ViTImageProcessor
+
+        ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
     if arch == "resnet":  # no image_size in its config: the processor says what it takes
         (folder / "preprocessor_config.json").write_text('{"image_processor_type": "ConvNextImageProcessor", '
                                                           '"size": {"shortest_edge": 48}, "crop_pct": 1.0}')
@@ -330,6 +334,15 @@ def save_speech(folder: Path, arch: str = "whisper", seed: int = 0) -> Path:
                                    max_source_positions=64)
         extractor = Speech2TextFeatureExtractor(feature_size=16, num_mel_bins=16)
     _save_random(folder, AutoModelForSpeechSeq2Seq, config, _spread)
+    if arch == "whisper":  # multilingual, as Whisper's checkpoints: language and task tokens start the decoder
+        from transformers import GenerationConfig
+
+        generation = GenerationConfig.from_pretrained(folder)
+        generation.lang_to_id, generation.task_to_id = {"<|en|>": 100, "<|fr|>": 101}, {"transcribe": 102,
+                                                                                        "translate": 103}
+        generation.no_timestamps_token_id, generation.is_multilingual = 104, True
+        generation._from_model_config = False  # else transformers rebuilds it from the model's config on load
+        generation.save_pretrained(folder)
     extractor.save_pretrained(folder)
     save_tokenizer(folder)
     return folder
@@ -368,4 +381,32 @@ def save_multimodal(folder: Path, arch: str = "llava", seed: int = 0) -> Path:
     if audio_model:
         WhisperFeatureExtractor(feature_size=16, chunk_length=1).save_pretrained(folder)
     save_tokenizer(folder)
+    return folder
+
+
+def save_sentence_encoder(folder: Path, arch: str = "bert", seed: int = 0) -> Path:
+    """A tiny sentence encoder laid out as sentence-transformers saves one (modules.json, 1_Pooling/config.json):
+    BERT mean-pooled and normalised, or RoBERTa on its first token, not normalised."""
+    import json
+
+    import torch
+    from transformers import AutoModel, BertConfig, RobertaConfig
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config = BertConfig(**common, max_position_embeddings=64) if arch == "bert" else \
+        RobertaConfig(**common, max_position_embeddings=66)
+    _save_random(folder, AutoModel, config, lambda model: None)
+    save_tokenizer(folder, mask=True)
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    if arch == "bert":
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+    (folder / "modules.json").write_text(json.dumps(modules))
+    (folder / "1_Pooling").mkdir(exist_ok=True)
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({
+        "word_embedding_dimension": 32, "pooling_mode_cls_token": arch != "bert",
+        "pooling_mode_mean_tokens": arch == "bert", "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_sqrt_len_tokens": False}))
     return folder

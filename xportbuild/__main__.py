@@ -1,7 +1,8 @@
 """Command line.
 
     python -m xportbuild validate [recipes_dir]      every problem of every target, before any work starts
-    python -m xportbuild run ARTIFACT --prompt TEXT  generate with a published .pte, as an app would
+    python -m xportbuild run ARTIFACT [--prompt P | --text T | --image F | --audio F]
+                                                     use a published .pte as an app does (by its task)
     python -m xportbuild fsck [recipes_dir]          read the whole cache and artifacts/ against their hashes
     python -m xportbuild status [recipes_dir]        every target: up to date or why not, size, quality, speed
     python -m xportbuild compare [recipes_dir] [--model M]   a model's targets side by side, with a plot
@@ -90,23 +91,60 @@ def _targets(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from xportbuild.llm_runner import generate
-
-    artifact = Path(args.artifact)
-    pte = artifact / "model.pte" if artifact.is_dir() else artifact
-    tokenizer = Path(args.tokenizer) if args.tokenizer else pte.parent / "tokenizer.json"
-    for what, path in (("program", pte), ("tokenizer", tokenizer)):
-        if not path.is_file():
-            print(f"run: {what} {path} does not exist", file=sys.stderr)
-            return 2
-    # The text as it comes, and one line of figures; the runner's own log (its load and timing lines) to a file.
-    shown = os.fdopen(os.dup(1), "w", buffering=1)
+    """What the artifact's kind gives, and one line of figures; what the libraries print (the runtime's and the C++
+    runner's own log lines) goes to a log file."""
+    shown, figures = os.fdopen(os.dup(1), "w", buffering=1), os.fdopen(os.dup(2), "w", buffering=1)
     log = Path(tempfile.gettempdir()) / "xportbuild-run.log"
-    with output_to(log):
-        figures = generate(pte, tokenizer, args.prompt, args.max_new_tokens, args.temperature, shown.write)
-    shown.write("\n")
-    shown.close()
-    print(figures.summary(), file=sys.stderr)
+    try:
+        with output_to(log):
+            try:
+                return _run_artifact(args, shown, figures)
+            except XportError:
+                raise
+            except Exception as err:  # noqa: BLE001  one line for the user, the traceback in the log
+                import traceback
+
+                traceback.print_exc()
+                first = (str(err).strip().splitlines() or [""])[0][:300]
+                raise XportError(f"run: {type(err).__name__}: {first} (log: {log})") from err
+    finally:
+        shown.close()
+        figures.close()
+
+
+def _run_artifact(args: argparse.Namespace, shown, figures) -> int:
+    import numpy as np
+
+    from xportbuild import app
+
+    artifact = app.load(args.artifact)
+    needs = {app.TextGenerator: "prompt", app.MaskFiller: "text", app.TextToText: "text", app.Embedder: "text",
+             app.ImageClassifier: "image", app.SpeechRecognizer: "audio"}[type(artifact)]
+    if not getattr(args, needs):
+        raise app.ArtifactError(f"run: a {artifact.task} artifact takes --{needs.replace('_', '-')}")
+    if isinstance(artifact, app.TextGenerator):
+        artifact.generate(args.prompt, args.max_new_tokens, args.temperature, shown.write)
+        shown.write("\n")
+    elif isinstance(artifact, app.MaskFiller):
+        fills = artifact.fill_mask(args.text[0], args.top_k)
+        for rows in fills if isinstance(fills[0], list) else [fills]:
+            shown.write("  ".join(f"{row['token_str'].strip()!r} {row['score']:.3f}" for row in rows) + "\n")
+    elif isinstance(artifact, app.ImageClassifier):
+        for row in artifact.classify(args.image, args.top_k):
+            shown.write(f"{row['score']:.3f}  {row['label']}\n")
+    elif isinstance(artifact, app.TextToText):
+        shown.write(artifact.generate(args.text[0], args.max_new_tokens) + "\n")
+    elif isinstance(artifact, app.SpeechRecognizer):
+        shown.write(artifact.transcribe(args.audio, language=args.language, task=args.task,
+                                        max_new_tokens=args.max_new_tokens) + "\n")
+    else:
+        vectors = artifact.embed(args.text)
+        for i in range(len(vectors)):
+            for j in range(i + 1, len(vectors)):
+                shown.write(f"cosine {app.cosine(vectors[i], vectors[j]):.4f}  {args.text[i]!r} ~ {args.text[j]!r}\n")
+        if len(vectors) == 1:
+            shown.write(f"embedding of {len(vectors[0])} values, norm {float(np.linalg.norm(vectors[0])):.4f}\n")
+    figures.write(artifact.figures.summary() + "\n")
     return 0
 
 
@@ -135,12 +173,19 @@ def main(argv: list[str] | None = None) -> int:
     targets.add_argument("--model", action="append", help="only this model's targets (repeatable)")
     targets.add_argument("--recipe", action="append", help="only this recipe's targets (repeatable)")
     targets.set_defaults(handler=_targets)
-    run = commands.add_parser("run", help="generate text with a published causal-LM .pte (ExecuTorch's LLM runner)")
+    run = commands.add_parser("run", help="use a published .pte as an app does: generate text, fill masks, classify "
+                                          "an image, transcribe audio, embed sentences (by the .pte's task)")
     run.add_argument("artifact", help="artifacts/<target> folder, or a .pte file (a .ptd beside it is used)")
-    run.add_argument("--prompt", required=True)
-    run.add_argument("--tokenizer", help="tokenizer.json (default: the one beside the .pte)")
+    run.add_argument("--prompt", help="causal LM: the text to continue")
+    run.add_argument("--text", action="append", help="masked LM: a text with <mask>; text-to-text: the input; "
+                                                     "embeddings: a sentence (repeat it to compare several)")
+    run.add_argument("--image", help="image classification: an image file (PNG, JPEG, ...)")
+    run.add_argument("--audio", help="speech recognition: a WAV file, any sampling rate")
+    run.add_argument("--language", help="speech recognition: the spoken language (default: detected)")
+    run.add_argument("--task", help="speech recognition: transcribe (default) or translate, if the model has tasks")
+    run.add_argument("--top-k", type=int, default=5, help="masked LM and image classification: how many to show")
     run.add_argument("--max-new-tokens", type=int, default=32)
-    run.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    run.add_argument("--temperature", type=float, default=0.0, help="causal LM: 0 (default) is greedy")
     run.set_defaults(handler=_run)
     args = parser.parse_args(argv)
     try:

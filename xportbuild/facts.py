@@ -156,11 +156,11 @@ def _gguf_facts(path: Path) -> SourceFacts:
                        remote_code="", linear_widths=linears, embedding_widths=embeddings)
 
 
-def source_folder(source: SourceSpec, model_file: str) -> tuple[Path, dict[str, Path]]:
+def source_folder(source: SourceSpec, model_file: str, scratch_root: Path) -> tuple[Path, dict[str, Path]]:
     """The folder of a local or hub source and its files (read as data: sources.model_files), which must include
     safetensors weights."""
     if source.kind == "local":
-        folder = sources.local_dir(source, model_file)
+        folder = sources.local_dir(source, model_file, scratch_root)
         within = folder
     else:
         folder = sources.hub_snapshot(source, model_file)[0]
@@ -182,7 +182,7 @@ def source_facts(source: SourceSpec, model_file: str, scratch_root: Path) -> Sou
     if source.kind == "gguf":
         path = sources.gguf_path(source, model_file, scratch_root)
     else:
-        path, files = source_folder(source, model_file)
+        path, files = source_folder(source, model_file, scratch_root)
     try:
         return _gguf_facts(path) if source.kind == "gguf" else _folder_facts(path, files)
     except SourceError as err:

@@ -19,7 +19,7 @@ from xportbuild.pipeline import node_libraries
 from xportbuild.plan import Plan
 from xportbuild.published import (MANIFEST, BadManifest, intact, interrupted_targets, read_manifest, recover,
                                   staging_folder, swap_into_place, target_lock)
-from xportbuild.report import QUALITY_PLOT, render_report
+from xportbuild.report import QUALITY_PLOT, has_kl, render_report
 from xportbuild.stages.lower import DATA_FILE, PTE_FILE
 from xportbuild.stages.program import KL_BY_POSITION
 
@@ -142,10 +142,10 @@ def _publish_folder(entries: dict[str, Entry], record: dict, artifacts_dir: Path
         record["files"] = files
         (staging / MANIFEST).write_text(json.dumps(record, indent=1, sort_keys=True))
         (staging / "report.md").write_text(render_report(record))
-        if kl_by_position := record["stages"]["verify"]["result"].get(KL_BY_POSITION):
+        if has_kl(record["stages"]["verify"]["result"]):
             from xportbuild.plots import kl_along_sequence
 
-            kl_along_sequence(kl_by_position, staging / QUALITY_PLOT)
+            kl_along_sequence(record["stages"]["verify"]["result"][KL_BY_POSITION], staging / QUALITY_PLOT)
         _readable_by_everyone(staging)
         swap_into_place(staging, artifacts_dir / target)
     finally:

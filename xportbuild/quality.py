@@ -133,3 +133,27 @@ def first_divergence(a: list[int], b: list[int]) -> int | None:
         if x != y:
             return index
     return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def similarities(vectors: list[np.ndarray]) -> np.ndarray:
+    """Cosine similarity of every vector with every other ([n, n]; -inf on the diagonal, so a row's argmax is its
+    nearest neighbour among the others)."""
+    stacked = np.stack([np.asarray(v, dtype=np.float64).reshape(-1) for v in vectors])
+    stacked /= np.linalg.norm(stacked, axis=1, keepdims=True).clip(min=1e-12)
+    similarity = stacked @ stacked.T
+    np.fill_diagonal(similarity, -np.inf)
+    return similarity
+
+
+def neighbour_rows(pte: list[np.ndarray], program: list[np.ndarray], reference: list[np.ndarray]) -> dict:
+    """Each vector's nearest neighbour among the others by the .pte's outputs, against the float model's; where they
+    differ, how much lower the program (its own outputs) ranks the .pte's neighbour than its own choice."""
+    by_pte, by_program, by_reference = similarities(pte), similarities(program), similarities(reference)
+    rows = []
+    for index in range(len(pte)):
+        chosen, expected = int(by_pte[index].argmax()), int(by_reference[index].argmax())
+        margin = None if chosen == expected else float(by_program[index].max() - by_program[index, chosen])
+        rows.append({"pte": chosen, "reference": expected, "program": int(by_program[index].argmax()),
+                     "program_margin": margin})
+    agreement = sum(row["pte"] == row["reference"] for row in rows) / max(len(rows), 1)
+    return {"agreement": agreement, "samples": len(rows), "rows": rows}

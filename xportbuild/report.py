@@ -25,7 +25,13 @@ def stage_facts(stage: str, record: dict) -> str:
         facts.append(f"{result.get('samples')} samples, {result.get('positions')} positions")
     elif stage == "verify" and isinstance(result.get("vs_reference"), dict):
         against = result["vs_reference"]
-        facts.append(f"vs float: top-1 {with_interval(against, 'top1', '.3f')}, mean KL {with_interval(against, 'kl_mean', '.4f')}")
+        if "top1" in against:
+            facts.append(f"vs float: top-1 {with_interval(against, 'top1', '.3f')}, "
+                         f"mean KL {with_interval(against, 'kl_mean', '.4f')}")
+        else:  # outputs that are not scores (embeddings)
+            facts.append(f"vs float: min cosine {against['cosine_min']:.4f}")
+        if neighbours := result.get("neighbours"):
+            facts.append(f"nearest neighbours as float {neighbours['agreement']:.3f}")
     return ", ".join(facts)
 
 
@@ -144,13 +150,16 @@ def render_report(manifest: dict) -> str:
         "",
         *quality_rows(verify["quality_by_stage"]),
         "",
-        *([f"![KL from the float model along the sequence]({QUALITY_PLOT})", ""] if "kl_by_position" in verify else []),
+        *([f"![KL from the float model along the sequence]({QUALITY_PLOT})", ""] if has_kl(verify) else []),
         "## Verification",
         *_verify_rows(verify),
         "",
     ]
     if verify.get("machine"):
         lines += [f"Measured on {describe_machine(verify['machine'])}.", ""]
+    if neighbours := verify.get("neighbours"):
+        lines += [f"nearest neighbour of each of {neighbours['samples']} samples (cosine, among the others) equals the "
+                  f"float model's: {neighbours['agreement']:.3f}", ""]
     rate = verify.get("generate_tokens_per_s")
     if rate:
         lines += [f"greedy generation with the .pte (Python bindings, one call per token): {rate:.1f} tokens/s", ""]
@@ -180,3 +189,8 @@ def sensitivity_rows(variants: dict) -> list[str]:
         rows.append(f"| {label} | {n['weight_bytes'] / 2**20:.3f} | {with_interval(n, 'top1', '.3f')} | "
                     f"{n['cosine_mean']:.4f} | {with_interval(n, 'kl_mean', '.4f')} |")
     return rows
+
+
+def has_kl(verify: dict) -> bool:
+    """Whether verify measured KL along the sequence (outputs that are scores), which the quality plot shows."""
+    return any(any(len(row) for row in rows) for rows in (verify.get("kl_by_position") or {}).values())

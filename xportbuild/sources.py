@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 import os
 import re
@@ -23,10 +24,14 @@ def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
-def local_dir(source: SourceSpec, model_file: str) -> Path:
-    path = resolve_relative(model_file, source.path)
+def local_dir(source: SourceSpec, model_file: str, scratch_root: Path) -> Path:
+    """The model folder of a local source: its path, or the folder an installed package ships (unpacked once into
+    `scratch_root` when it ships a zip)."""
+    path = _packaged_folder(source.package, model_file, scratch_root) if source.package else \
+        resolve_relative(model_file, source.path)
     if not (path / "config.json").is_file():
-        raise SourceError(f"{model_file}: source.path: {path} is not a saved model folder (no config.json)")
+        field = "package" if source.package else "path"
+        raise SourceError(f"{model_file}: source.{field}: {path} is not a saved model folder (no config.json)")
     return path
 
 
@@ -67,25 +72,66 @@ def gguf_path(source: SourceSpec, model_file: str, scratch_root: Path) -> Path:
 
 
 def _packaged_gguf(package: str, model_file: str, scratch_root: Path) -> Path:
-    try:
-        module = importlib.import_module(package)
-    except ImportError as err:
-        raise SourceError(
-            f"{model_file}: source.package: {package!r} is not installed (pip install {package.replace('_', '-')})"
-        ) from err
+    module = _package_module(package, model_file)
     shipped = sorted(Path(module.__file__).parent.rglob("*.gguf"))
     if shipped:
         return shipped[0]
     if not hasattr(module, "assemble"):
         raise SourceError(f"{model_file}: source.package: {package!r} ships no .gguf file and has no assemble()")
+    return _made_once(package, getattr(module, "MODEL_NAME", f"{package}.gguf"), scratch_root, module.assemble)
+
+
+def _packaged_folder(package: str, model_file: str, scratch_root: Path) -> Path:
+    """A model folder a package ships: as a folder holding config.json, or as a zip of one. Found without importing
+    the package (its code is not run)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise SourceError(f"{model_file}: source.package: {package!r} is not installed "
+                          f"(pip install {package.replace('_', '-')})")
+    root = Path(next(iter(spec.submodule_search_locations)))
+    folders = sorted(config.parent for config in root.rglob("config.json")
+                     if any(config.parent.glob("*.safetensors")))
+    if folders:
+        return folders[0]
+    archives = sorted(root.rglob("*.zip"))
+    if not archives:
+        raise SourceError(f"{model_file}: source.package: {package!r} ships no model folder (config.json beside "
+                          "safetensors weights) and no .zip of one")
+    return _made_once(package, "model", scratch_root, lambda folder: unpack_zip(archives[0], folder))
+
+
+def unpack_zip(archive: Path, folder: Path) -> None:
+    """Unpack a zip of a model folder, refusing any member that would land outside `folder` or is a link."""
+    import zipfile
+
+    with zipfile.ZipFile(archive) as opened:
+        for member in opened.infolist():
+            parts = Path(member.filename).parts
+            is_link = stat.S_ISLNK(member.external_attr >> 16)
+            if Path(member.filename).is_absolute() or ".." in parts or is_link:
+                raise SourceError(f"{archive}: member {member.filename!r} is "
+                                  f"{'a link' if is_link else 'a path outside the folder'}: refused")
+        opened.extractall(folder)
+
+
+def _package_module(package: str, model_file: str):
+    try:
+        return importlib.import_module(package)
+    except ImportError as err:
+        raise SourceError(
+            f"{model_file}: source.package: {package!r} is not installed (pip install {package.replace('_', '-')})"
+        ) from err
+
+
+def _made_once(package: str, name: str, scratch_root: Path, make) -> Path:
+    """scratch_root/<package>-<version>/<name>, made by `make(path)` the first time (atomically)."""
     version = library_versions((package.replace("_", "-"),))[package.replace("_", "-")]
-    name = getattr(module, "MODEL_NAME", f"{package}.gguf")
     final = scratch_root / f"{package}-{version}" / name
-    if not final.is_file():
+    if not final.exists():
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=final.parent)) / name
-        log.info("assembling %s from package %s", name, package)
-        module.assemble(tmp)
+        log.info("unpacking %s from package %s", name, package)
+        make(tmp)
         os.replace(tmp, final)
         tmp.parent.rmdir()
     return final
@@ -148,7 +194,7 @@ def fingerprint(source: SourceSpec, model_file: str, stats: StatCache, scratch_r
         _, commit = hub_snapshot(source, model_file)
         return {"repo": source.repo, "commit": commit, "reproducible": bool(_COMMIT.match(source.revision))}
     if source.kind == "local":
-        folder = local_dir(source, model_file)
+        folder = local_dir(source, model_file, scratch_root)
         return {"tree": tree_digest({name: stats.digest(path) for name, path in model_files(folder).items()})}
     path = gguf_path(source, model_file, scratch_root)
     return {"gguf": stats.digest(path), "versions": library_versions(("gguf",))}

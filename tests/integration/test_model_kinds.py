@@ -17,6 +17,7 @@ from tests.integration.models import QUANT_TOLERANCES, local
 # task -> (tiny builder, first architecture, second architecture)
 KINDS = {
     "masked-lm": ("save_masked_lm", "bert", "roberta"),
+    "feature-extraction": ("save_sentence_encoder", "bert", "roberta"),
     "image-classification": ("save_image_classifier", "vit", "resnet"),
     "text2text": ("save_seq2seq", "t5", "bart"),
     "speech-recognition": ("save_speech", "whisper", "speech_to_text"),
@@ -97,6 +98,8 @@ def _check_target(project, target: str, task: str, fp32: bool) -> dict:
             assert quantized.get("linear", {}).get("scheme", "8da8w") == "8da8w", (method, quantized)
         assert any("linear" in manifest["stages"][_stage_name("quantize", kind, m)]["result"]["quantized"]
                    for m in kind.methods)
+    if kind.compares_neighbours:
+        assert verify["neighbours"]["samples"] == len(PROMPTS) and verify["neighbours"]["agreement"] == 1.0
     files = set(manifest["files"])
     assert "model.pte" in files
     if task in ("image-classification",):
@@ -133,6 +136,145 @@ def test_each_kind_builds_two_architectures_fp32_and_quantized(project, kind_wei
         assert "get_provenance" in methods
     report = (project.root / "artifacts" / f"tiny-{second}-{QUANTIZED}" / "report.md").read_text()
     assert "| method | vs |" in report
+    # What an app gets from the fp32 .pte (API and command) is what transformers gives with the float model.
+    if task in APP_CHECKS:  # image- and audio-text-to-text have no app call yet
+        APP_CHECKS[task](project, project.root / "artifacts" / f"tiny-{first}-xnnpack-fp32", kind_weights(task, first))
+
+
+def _run_command(project, folder: Path, *options: str) -> list[str]:
+    """`python -m xportbuild run` on the artifact: its output lines, after checking its one line of figures."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "xportbuild", "run", str(folder), *options], cwd=project.root,
+                            env=project.env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (figures,) = result.stderr.strip().splitlines()  # the libraries' output goes to a log
+    assert figures.startswith("load ") and "first output" in figures, figures
+    return result.stdout.strip().splitlines()
+
+
+def _fill_mask_app(project, folder: Path, weights: Path) -> None:
+    from transformers import pipeline
+
+    from xportbuild import app
+
+    text = "the capital of france is <mask>"
+    fills = app.load(folder).fill_mask(text, top_k=3)
+    expected = pipeline("fill-mask", model=str(weights), top_k=3)(text)
+    assert [row["token"] for row in fills] == [row["token"] for row in expected]
+    assert [row["sequence"] for row in fills] == [row["sequence"] for row in expected]
+    assert max(abs(a["score"] - b["score"]) for a, b in zip(fills, expected)) < 1e-4, (fills, expected)
+    (line,) = _run_command(project, folder, "--text", text, "--top-k", "3")
+    assert line.startswith(repr(expected[0]["token_str"].strip())), (line, expected)
+
+
+def _write_png(path: Path, size: int = 48) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:size, 0:size]
+    pixels = np.stack([(x * 5) % 256, (y * 3) % 256, ((x + y) * 7) % 256], axis=-1).astype(np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def _classify_app(project, folder: Path, weights: Path) -> None:
+    from transformers import pipeline
+
+    from xportbuild import app
+
+    image = _write_png(project.root / "photo.png")
+    labels = app.load(folder).classify(image, top_k=3)
+    expected = pipeline("image-classification", model=str(weights), top_k=3)(str(image))
+    assert [row["label"] for row in labels] == [row["label"] for row in expected]
+    assert max(abs(a["score"] - b["score"]) for a, b in zip(labels, expected)) < 1e-4, (labels, expected)
+    lines = _run_command(project, folder, "--image", str(image), "--top-k", "3")
+    assert [line.split("  ", 1)[1] for line in lines] == [row["label"] for row in expected]
+
+
+def _text_to_text_app(project, folder: Path, weights: Path) -> None:
+    """transformers 5 has no text2text pipeline: its generate and tokenizer, as that pipeline ran them."""
+    import torch
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from xportbuild import app
+
+    text = "hello world one two"
+    tokenizer, model = AutoTokenizer.from_pretrained(weights), AutoModelForSeq2SeqLM.from_pretrained(weights)
+    with torch.no_grad():
+        generated = model.generate(**tokenizer(text, return_tensors="pt"), max_new_tokens=6, do_sample=False,
+                                   num_beams=1)[0]
+    expected = tokenizer.decode(generated, skip_special_tokens=True)
+    assert expected.strip(), "the float model generated nothing: the comparison could not fail"
+    assert app.load(folder).generate(text, max_new_tokens=6) == expected
+    assert _run_command(project, folder, "--text", text, "--max-new-tokens", "6") == [expected.strip()]
+
+
+def _write_wav(path: Path, rate: int, seconds: float = 1.0) -> Path:
+    import wave
+
+    import numpy as np
+
+    t = np.arange(int(rate * seconds)) / rate
+    samples = (0.4 * np.sin(2 * np.pi * 440 * t) + 0.2 * np.sin(2 * np.pi * 1250 * t * t)) * 32767
+    with wave.open(str(path), "wb") as clip:
+        clip.setnchannels(1)
+        clip.setsampwidth(2)
+        clip.setframerate(rate)
+        clip.writeframes(samples.astype("<i2").tobytes())
+    return path
+
+
+def _transcribe_app(project, folder: Path, weights: Path) -> None:
+    """Whisper's pipeline decodes with Whisper's own tokenizer, which the tiny model has not: its generate (with
+    the language and task tokens, and language detection) and tokenizer, as the pipeline runs them."""
+    import numpy as np
+    import torch
+    from transformers import AutoFeatureExtractor, AutoModelForSpeechSeq2Seq, AutoTokenizer
+
+    from xportbuild import app
+    from xportbuild.app import read_audio
+
+    clip = _write_wav(project.root / "clip.wav", 16000)
+    extractor, model = AutoFeatureExtractor.from_pretrained(weights), AutoModelForSpeechSeq2Seq.from_pretrained(weights)
+    tokenizer = AutoTokenizer.from_pretrained(weights)
+    samples, rate = read_audio(clip)
+    features = extractor(samples, sampling_rate=rate, return_tensors="pt").input_features
+    loaded = app.load(folder)
+    texts = set()
+    for language, task in ((None, None), ("fr", "translate")):
+        with torch.no_grad():
+            generated = model.generate(features, language=language, task=task, max_new_tokens=6, do_sample=False,
+                                       num_beams=1)[0]
+        expected = tokenizer.decode(generated, skip_special_tokens=True).strip()
+        assert loaded.transcribe(clip, language=language, task=task, max_new_tokens=6) == expected
+        texts.add(expected)
+    assert len(texts) == 2, f"language and task changed nothing ({texts}): the comparison could not fail"
+    options = ("--language", "fr", "--task", "translate", "--max-new-tokens", "6")
+    assert _run_command(project, folder, "--audio", str(clip), *options) == [expected]
+    # Another sampling rate is resampled to the model's (the same sound: nearly the same features)
+    slower = _write_wav(project.root / "clip-8k.wav", 8000)
+    assert _run_command(project, folder, "--audio", str(slower), *options)
+    assert np.isclose(read_audio(slower)[0].mean(), samples.mean(), atol=1e-2)
+
+
+def _embed_app(project, folder: Path, weights: Path) -> None:
+    import numpy as np
+    from sentence_transformers import SentenceTransformer
+
+    from xportbuild import app
+
+    texts = ["the capital of france is paris", "hello world one two", "water boils at ten degrees"]
+    expected = SentenceTransformer(str(weights), device="cpu").encode(texts)
+    vectors = app.load(folder).embed(texts)
+    assert np.abs(vectors - expected).max() < 1e-4, np.abs(vectors - expected).max()
+    lines = _run_command(project, folder, "--text", texts[0], "--text", texts[1])
+    assert lines == [f"cosine {app.cosine(expected[0], expected[1]):.4f}  {texts[0]!r} ~ {texts[1]!r}"]
+
+
+APP_CHECKS = {"masked-lm": _fill_mask_app, "image-classification": _classify_app, "text2text": _text_to_text_app,
+              "speech-recognition": _transcribe_app, "feature-extraction": _embed_app}
 
 
 def test_changing_one_methods_quantization_reruns_only_that_method(project, kind_weights):

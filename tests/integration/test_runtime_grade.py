@@ -37,7 +37,7 @@ def test_runner_metadata_and_provenance(project, weights):
         "get_max_seq_len": MAX_SEQ_LEN, "get_max_context_len": MAX_SEQ_LEN, "get_bos_id": 1, "get_eos_ids": [2, 7],
         "get_vocab_size": config["vocab_size"], "use_kv_cache": True, "use_sdpa_with_kv_cache": False,
         "enable_dynamic_shape": True, "get_n_layers": 2, "get_n_kv_heads": 1, "get_head_dim": 48,
-        "get_dtype": "float32",
+        "get_dtype": "float32", "get_task": "causal-lm",
     }
     manifest = json.loads((folder / "manifest.json").read_text())
     assert provenance["target"] == TARGET
@@ -65,7 +65,7 @@ def test_run_command_generates_the_verified_text(project, weights):
     assert "## ExecuTorch LLM runner" in report and "equals the .pte's greedy text: yes" in report
     missing = subprocess.run([sys.executable, "-m", "xportbuild", "run", str(folder / "nope.pte"), "--prompt", "x"],
                              cwd=project.root, env=project.env, capture_output=True, text=True, timeout=300)
-    assert missing.returncode == 2 and f"run: program {folder / 'nope.pte'} does not exist" in missing.stderr
+    assert missing.returncode == 2 and f"program {folder / 'nope.pte'} does not exist" in missing.stderr
 
 
 def _ending_early(weights, folder):

@@ -100,7 +100,7 @@ def test_source_fields_must_match_kind(tmp_path):
     model = GOOD_MODEL.replace('path = "w"', 'repo = "org/x"')
     with pytest.raises(RecipeError) as caught:
         load_project(_project(tmp_path, model))
-    assert "source.path: required for a local source" in str(caught.value)
+    assert "source: a local source takes exactly one of `path` or `package`" in str(caught.value)
     assert "source.repo: not used by a local source" in str(caught.value)
 
 

@@ -50,3 +50,20 @@ def test_numbers_that_are_not_numbers_fail_every_gate_and_no_tolerance_accepts_t
     assert [f.text for f in failures] == ["vs float: max abs error is nan (the outputs hold NaN or infinite values)",
                                           "vs float: mean cosine is -inf (the outputs hold NaN or infinite values)"]
     assert accepting_tolerances(failures) == {}
+
+
+def test_nearest_neighbours_are_compared_and_a_departure_is_weighed_by_the_program():
+    """Sentence 0's nearest neighbour is 1 by the float vectors; the .pte's vectors move it to 2, and the program
+    either agrees with the .pte (margin 0: the departure is the program's) or prefers 1 by a measured margin."""
+    import numpy as np
+
+    from xportbuild.quality import neighbour_rows
+
+    reference = [np.array([1.0, 0.0]), np.array([0.9, 0.1]), np.array([0.0, 1.0])]
+    pte = [np.array([0.1, 1.0]), np.array([0.9, 0.1]), np.array([0.0, 1.0])]
+    same = neighbour_rows(pte, pte, reference)
+    assert same["agreement"] == 1 / 3 and same["rows"][0] == {"pte": 2, "reference": 1, "program": 2,
+                                                              "program_margin": 0.0}
+    differs = neighbour_rows(pte, reference, reference)["rows"][0]
+    assert differs["program"] == 1 and differs["program_margin"] > 0.9
+    assert neighbour_rows(reference, reference, reference)["agreement"] == 1.0

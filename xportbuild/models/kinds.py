@@ -41,6 +41,9 @@ class Kind:
     # Its sequence can be exported one token per call (an app then prefills token by token): what backends that
     # lower fixed shapes only (OpenVINO, Core ML) take of a kind with a sequence.
     token_by_token: bool = False
+    # Its outputs are vectors an app compares with each other (embeddings): verify also compares, across the samples,
+    # each one's nearest neighbour with the float model's.
+    compares_neighbours: bool = False
 
     @property
     def has_sequence(self) -> bool:
@@ -70,6 +73,8 @@ KINDS: dict[str, Kind] = {kind.task: kind for kind in (
          reference_logits="float16", integer_inputs=True, token_by_token=True),
     Kind("masked-lm", "xportbuild.models.masked_lm", ("forward",), ("MODEL_FOR_MASKED_LM_MAPPING_NAMES",),
          ("forward",), False, integer_inputs=True),
+    Kind("feature-extraction", "xportbuild.models.sentence_embedding", ("forward",), ("MODEL_MAPPING_NAMES",), (),
+         False, integer_inputs=True, compares_neighbours=True),
     Kind("image-classification", "xportbuild.models.image_classifier", ("forward",),
          ("MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES",), ("forward",), False, prompted=False),
     Kind("text2text", "xportbuild.models.seq2seq", ("encoder", "text_decoder"),

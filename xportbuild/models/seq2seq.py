@@ -103,7 +103,11 @@ def _start_token(model) -> int:
 
 def samples(model_dir: Path, model, verify: VerifyInputs) -> list[dict[str, np.ndarray]]:
     if model.main_input_name != "input_ids":
-        return [{"inputs": inputs.audio_features(model_dir, index, model.main_input_name)}
+        facts = metadata(model, model_dir, 0)
+        # Verified in the first language the model names (no detection: a generated clip has no language).
+        languages = json.loads(facts.get("get_languages", "{}"))
+        prefix = np.array(decoder_prefix(facts, next(iter(languages), None), None), dtype=np.int64)
+        return [{"inputs": inputs.audio_features(model_dir, index, model.main_input_name), "decoder_prefix": prefix}
                 for index in range(verify.samples)]
     from transformers import AutoTokenizer
 
@@ -112,17 +116,60 @@ def samples(model_dir: Path, model, verify: VerifyInputs) -> list[dict[str, np.n
             for prompt in verify.prompts]
 
 
+DETECTED = -1  # in a decoder prefix: the language the model detects there
+
+
+def decoder_prefix(facts: dict, language: str | None, task: str | None) -> list[int]:
+    """The tokens a speech decoder starts from, as transformers' Whisper generation builds them: the start token and
+    the generation config's forced tokens, the language (`language` None on a multilingual model: DETECTED, the
+    model's own choice among its languages), the task (given, or transcribe once a language is given), and the
+    no-timestamps token."""
+    languages, tasks = (json.loads(facts.get(name, "{}")) for name in ("get_languages", "get_tasks"))
+    for chosen, known, what in ((language, languages, "language"), (task, tasks, "task")):
+        if chosen is not None and chosen not in known:
+            raise StageError(f"{what} {chosen!r} is not one this model knows"
+                             f"{': ' + ', '.join(known) if known else ' (its generation config names none)'}")
+    prefix = list(facts.get("get_prefix_ids") or [facts["get_decoder_start_token_id"]])
+    if language is not None or (languages and (len(prefix) == 1 or prefix[1] == DETECTED)):
+        chosen = languages[language] if language is not None else DETECTED
+        prefix[1:2] = [chosen]
+    task_ids = set(tasks.values())
+    if task is not None or (language is not None and tasks and not task_ids & set(prefix)):
+        prefix = [t for t in prefix if t not in task_ids] + [tasks[task or "transcribe"]]
+    if facts.get("get_no_timestamps_id", -1) >= 0 and prefix[-1] != facts["get_no_timestamps_id"]:
+        prefix.append(facts["get_no_timestamps_id"])
+    return prefix
+
+
+def _masked(logits: torch.Tensor, banned: list[int]) -> torch.Tensor:
+    if not banned:
+        return logits
+    logits = logits.clone()
+    logits[..., banned] = -torch.inf
+    return logits
+
+
 def run(call: Call, sample: dict[str, np.ndarray], facts: dict, max_new_tokens: int,
         forced: list[int] | None = None) -> Outcome:
-    """Greedy generation as an app chains the methods: encode once, then one decoder call per token. `forced`: fed
-    those tokens instead of its own choices."""
+    """Greedy generation as an app chains the methods: encode once, feed the decoder prefix (a DETECTED language
+    chosen among the model's languages), then one decoder call per token, with the generation config's suppressed
+    tokens. `forced`: fed those tokens instead of its own choices."""
     hidden = call("encoder", (torch.from_numpy(sample["inputs"]),))
-    outcome, token = Outcome([]), facts["get_decoder_start_token_id"]
-    for position in range(max_new_tokens if forced is None else len(forced)):
+    prefix = [int(t) for t in sample.get("decoder_prefix", [facts["get_decoder_start_token_id"]])]
+    languages = list(json.loads(facts.get("get_languages", "{}")).values())
+    outcome, logits = Outcome([]), None
+    for position, token in enumerate(prefix):
+        if token == DETECTED:
+            token = languages[int(logits[0, -1, languages].argmax())]
         logits = call("text_decoder", (torch.tensor([[token]]), hidden, torch.tensor([position])))
-        token = greedy_token(logits, outcome) if forced is None else follow(logits, outcome, forced)
-        if forced is None and token in facts["get_eos_ids"]:
+    suppressed, steps = list(facts.get("get_suppress_tokens", ())), max_new_tokens if forced is None else len(forced)
+    for step in range(steps):
+        banned = suppressed + list(facts.get("get_begin_suppress_tokens", ())) if step == 0 else suppressed
+        scores = _masked(logits, banned)
+        token = greedy_token(scores, outcome) if forced is None else follow(scores, outcome, forced)
+        if step + 1 == steps or forced is None and token in facts["get_eos_ids"]:
             break
+        logits = call("text_decoder", (torch.tensor([[token]]), hidden, torch.tensor([len(prefix) + step])))
     return outcome
 
 
@@ -130,4 +177,31 @@ def metadata(model, model_dir: Path, max_seq_len: int, export: ExportSpec = STOC
     config = model.config.get_text_config(decoder=True)
     return {"get_max_seq_len": max_seq_len, "get_vocab_size": config.vocab_size,
             "get_decoder_start_token_id": _start_token(model), "get_eos_ids": eos_ids(model),
-            "get_encoder_input": model.main_input_name}
+            "get_encoder_input": model.main_input_name, **_audio_shape(model), **_speech_prompting(model)}
+
+
+def _speech_prompting(model) -> dict:
+    """What a speech decoder starts from and must not say, from the generation config (Whisper's languages, tasks,
+    no-timestamps token, suppressed tokens): JSON maps of name -> token id, and id lists."""
+    config = model.generation_config
+    facts = {}
+    if getattr(config, "lang_to_id", None):
+        facts["get_languages"] = json.dumps({name.strip("<|>"): int(i) for name, i in config.lang_to_id.items()})
+    if getattr(config, "task_to_id", None):
+        facts["get_tasks"] = json.dumps({name: int(i) for name, i in config.task_to_id.items()})
+    if getattr(config, "forced_decoder_ids", None):  # [[1, language or None], [2, task], ...]
+        forced = [token if token is not None else DETECTED for _, token in sorted(config.forced_decoder_ids)]
+        facts["get_prefix_ids"] = [_start_token(model), *forced]
+    if getattr(config, "no_timestamps_token_id", None) is not None:
+        facts["get_no_timestamps_id"] = int(config.no_timestamps_token_id)
+    for name in ("suppress_tokens", "begin_suppress_tokens"):
+        if getattr(config, name, None):
+            facts[f"get_{name}"] = [int(i) for i in getattr(config, name)]
+    return facts
+
+
+def _audio_shape(model) -> dict:
+    """For audio, the features' shape the encoder was exported at (an app pads or cuts a clip's frames to it)."""
+    if model.main_input_name == "input_ids":
+        return {}
+    return {"get_input_shape": list(inputs.audio_features(model.name_or_path, 0, model.main_input_name).shape)}

@@ -26,7 +26,7 @@ from xportbuild.recipe.spec import (
     resolve_relative,
 )
 
-_SOURCE_FIELDS = {"hub": {"repo", "revision"}, "local": {"path"}, "gguf": set()}
+_SOURCE_FIELDS = {"hub": {"repo", "revision"}}  # local and gguf: exactly one of path or package
 # The recipes this checkout ships, which any project's models may name.
 SHIPPED_RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "recipes"
 # Names become task names and folder names under artifacts/ and the state dir: keep them plain.
@@ -114,9 +114,11 @@ def _read_toml(file: Path, problems: _Problems) -> dict | None:
 
 def _check_source(source: SourceSpec, file: Path, problems: _Problems) -> None:
     set_fields = {f for f in ("repo", "revision", "path", "package") if getattr(source, f)}
-    if source.kind == "gguf":
-        if len(set_fields & {"path", "package"}) != 1 or set_fields - {"path", "package"}:
-            problems.add(file, "source", "a gguf source takes exactly one of `path` or `package`")
+    if source.kind in ("gguf", "local"):
+        for extra in sorted(set_fields - {"path", "package"}):
+            problems.add(file, f"source.{extra}", f"not used by a {source.kind} source")
+        if len(set_fields & {"path", "package"}) != 1:
+            problems.add(file, "source", f"a {source.kind} source takes exactly one of `path` or `package`")
         return
     needed = _SOURCE_FIELDS[source.kind]
     for missing in sorted(needed - set_fields):

@@ -29,7 +29,8 @@ class SourceSpec:
     """Where weights come from. Exactly the fields of its kind are set.
 
     hub: repo + revision (a commit SHA is reproducible, a branch is not);
-    local: path (a directory saved with save_pretrained);
+    local: path (a directory saved with save_pretrained), or package (an installed Python package shipping one, or
+      a zip of one);
     gguf: path to a .gguf file, or package (an installed Python package shipping one).
     """
 
@@ -154,7 +155,9 @@ class Tolerances:
     *_vs_program compare the .pte with the program it was lowered from (tight);
     the others compare the .pte with the float eager model (quantization loss included).
     Greedy tokens of the .pte must equal the program's; `greedy_tie_margin` (logits) admits a first
-    difference only where the program itself ranks the two tokens within that margin.
+    difference only where the program itself ranks the two tokens within that margin; `neighbour_tie_margin`
+    (cosine) the same for embeddings: a nearest neighbour other than the float model's only where the program ranks
+    the two within it.
     `max_kl` bounds the mean KL divergence of the .pte's next-token distribution from the float model's, and
     `max_kl_vs_program` from its program's: pooled means, stable where worst-position numbers are not.
     """
@@ -165,6 +168,7 @@ class Tolerances:
     min_cosine_vs_program: float = 0.9999
     max_abs_vs_program: float = 0.05
     greedy_tie_margin: float = 0.0
+    neighbour_tie_margin: float = 0.0
     max_kl: float = 100.0  # mean KL(float || .pte) per position, in nats
     max_kl_vs_program: float = 100.0  # mean KL(program || .pte) per position, in nats
 

@@ -41,18 +41,34 @@ def fetch(source: SourceSpec, model_file: str, out_dir: Path, scratch_root: Path
     (out_dir / SOURCE_RECORD).write_text(json.dumps({"source": identity}))
     config = json.loads((out_dir / "config.json").read_text())
     return {"model_type": config.get("model_type"), "architectures": config.get("architectures"),
-            "files": sorted(p.name for p in out_dir.iterdir())}
+            "files": sorted(p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*") if p.is_file())}
 
 
 def _copy_folder(files: dict[str, Path], out_dir: Path) -> None:
-    """The folder's top-level files (already checked: regular, inside it), without pickles or reserved names."""
+    """The folder's top-level files (already checked: regular, inside it) and its sentence-transformers modules'
+    configs, without pickles or reserved names."""
+    wanted = module_configs(files)
     for name, file in files.items():
-        if "/" in name or file.suffix in _PICKLE_SUFFIXES:
+        if ("/" in name and name not in wanted) or file.suffix in _PICKLE_SUFFIXES:
             continue
         if name in RESERVED:
             log.warning("%s: not copied: xportbuild writes a file of that name itself", file)
             continue
+        (out_dir / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(file, out_dir / name)
+
+
+def module_configs(files: dict[str, Path]) -> set[str]:
+    """The config.json of each module folder sentence-transformers' modules.json names (1_Pooling/config.json):
+    how an embedding model pools and normalises its token states."""
+    if "modules.json" not in files:
+        return set()
+    try:
+        modules = json.loads(files["modules.json"].read_text())
+        paths = {module["path"] for module in modules if module.get("path")}
+    except (ValueError, TypeError, KeyError) as err:
+        raise SourceError(f"{files['modules.json']}: not sentence-transformers' list of modules ({err})") from err
+    return {f"{path}/config.json" for path in paths} & set(files)
 
 
 def _convert_gguf(path: Path, out_dir: Path, model_file: str) -> None:

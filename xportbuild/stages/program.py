@@ -19,6 +19,7 @@ from xportbuild.stages.fetch import SOURCE_RECORD
 METHODS_FILE = "methods.json"
 # Runner metadata and the source's identity, for the lower stage to write into the .pte.
 MODEL_FACTS_FILE = "model_facts.json"
+TASK_METHOD = "get_task"
 # Written by the quantize stage: the quantized eager model's quality, before export and lowering.
 EAGER_QUALITY_FILE = "eager_quality.json"
 KL_BY_POSITION = "kl_by_position"  # beside the numbers of a quantized or lowered stage: KL from float, per position
@@ -116,7 +117,8 @@ def export_part(model, model_dir: Path, part: MethodExport, out_dir: Path) -> di
 
     wrapper = kind_of(part.task).wrapper()
     model = in_dtype(model, part.export.dtype)
-    metadata = wrapper.metadata(model, model_dir, part.max_seq_len, part.export)
+    # The task first: an app reading a bare .pte learns from it how to call it (xportbuild.app.load).
+    metadata = {TASK_METHOD: part.task, **wrapper.metadata(model, model_dir, part.max_seq_len, part.export)}
     exportables = wrapper.exportables(model, part.max_seq_len, part.export)
     if part.method not in exportables:
         raise StageError(f"{part.model_name}: task {part.task!r} exports method {part.method}, but this model provides "

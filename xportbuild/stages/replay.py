@@ -54,7 +54,7 @@ def replay_programs(program_dirs: list[Path], reference_dir: Path, task: str, ou
                     _check_finite(output, i, j)
                     arrays.add(f"s{i}.c{j}.out", output)
             arrays.add(f"s{i}.forced.tokens", np.array(forced.tokens, dtype=np.int64))
-            scores = np.stack(forced.scores)
+            scores = np.stack(forced.scores) if forced.scores else np.zeros((0, 0), np.float32)  # no choice made
             if (j := _holding(outputs, scores)) is None:
                 arrays.add(f"s{i}.forced.scores", scores)
             else:

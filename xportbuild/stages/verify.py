@@ -18,7 +18,8 @@ from xportbuild.console import progress
 from xportbuild.errors import RuntimeLacksBackend, VerifyFailed
 from xportbuild.gates import Missed, accepting, accepting_tolerances, missed, threshold_checks
 from xportbuild.models.kinds import Kind, kind_of
-from xportbuild.quality import first_divergence, merge, method_quality, position_kl, sample_quality
+from xportbuild.quality import (first_divergence, merge, method_quality, neighbour_rows, position_kl,
+                                sample_quality)
 from xportbuild.recipe.spec import Tolerances
 from xportbuild.stages.program import KL_BY_POSITION
 
@@ -98,7 +99,11 @@ def measure(pte_runs: list[PteRun], program_results: list[tuple[list, object]], 
               ".pte": {**overall["vs_reference"],
                        "greedy_departs_at": [outcome["diverges_from_reference_at"] for outcome in outcomes]}}
     seconds, tokens = sum(run.seconds for run in pte_runs), sum(len(run.tokens) for run in pte_runs)
-    return {"methods": {method: {name: per_method[name][method] for name in compared} for method in per_method["vs_reference"]},
+    neighbours = {"neighbours": neighbour_rows([run.outputs[0] for run in pte_runs],
+                                               [outputs[0] for outputs, _ in program_results],
+                                               [sample.outputs[0] for sample in samples])} \
+        if kind.compares_neighbours else {}
+    return {**neighbours, "methods": {method: {name: per_method[name][method] for name in compared} for method in per_method["vs_reference"]},
             "vs_reference": overall["vs_reference"], "vs_program": overall["vs_program"],
             "greedy": outcomes, "quality_by_stage": stages, KL_BY_POSITION: kl_by_position,
             "seconds_per_sample": seconds / max(len(samples), 1),
@@ -132,6 +137,13 @@ def judge(numbers: dict, tolerances: Tolerances, several_methods: bool) -> list[
         elif margin is None and item["lengths_differ"]:  # no tolerance accepts an outcome of another length
             failures.append(Missed(f"sample {index}: the .pte's outcome has {len(item['pte'])} tokens, the float "
                                    f"model's {len(item['reference'])}", "", "", 0.0))
+    for index, row in enumerate(numbers.get("neighbours", {}).get("rows", ())):
+        if row["program_margin"] is not None and row["program_margin"] > tolerances.neighbour_tie_margin:
+            failures.append(Missed(f"sample {index}: its nearest neighbour by the .pte is sample {row['pte']}, by the "
+                                   f"float model sample {row['reference']}; its program ranks the .pte's "
+                                   f"{row['program_margin']:.3g} (cosine) below its own choice (allowed tie margin "
+                                   f"{tolerances.neighbour_tie_margin:g})", "neighbour_tie_margin", "<=",
+                                   accepting(row["program_margin"], "<=")))
     return failures
 
 
