@@ -381,7 +381,40 @@ def save_multimodal(folder: Path, arch: str = "llava", seed: int = 0) -> Path:
     if audio_model:
         WhisperFeatureExtractor(feature_size=16, chunk_length=1).save_pretrained(folder)
     save_tokenizer(folder)
+    if not audio_model:
+        _save_image_processing(folder, arch)
     return folder
+
+
+# A chat template in the shape of the real ones: the user's turn holds an image part and a text part.
+CHAT_TEMPLATE = ("{% for message in messages %}{% for part in message['content'] %}{% if part['type'] == 'image' %}"
+                 "<image>{% else %} {{ part['text'] }}{% endif %}{% endfor %}{% endfor %}"
+                 "{% if add_generation_prompt %} model{% endif %}")
+
+
+def _save_image_processing(folder: Path, arch: str) -> None:
+    """What the model's processor needs, as its checkpoint ships it: the placeholder (and, for SmolVLM, the tile
+    tokens) in the tokenizer at the ids the config names (120 on), an image processor at the tiny size and a chat
+    template. SmolVLM splits a 48-pixel image into 2 x 2 tiles of 32 plus the whole image."""
+    from transformers import AutoTokenizer, CLIPImageProcessor, SmolVLMImageProcessor
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tiles = ["<fake_token_around_image>", "<global-img>", "<row_1_col_1>", "<row_1_col_2>", "<row_2_col_1>",
+             "<row_2_col_2>"] if arch == "smolvlm" else []
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>", *tiles]})
+    assert tokenizer.convert_tokens_to_ids("<image>") == 120
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    if arch == "smolvlm":  # its processor needs torchvision (for videos): the image processor alone
+        processor = SmolVLMImageProcessor(do_image_splitting=True, size={"longest_edge": 64},
+                                          max_image_size={"longest_edge": 32})
+        processor.save_pretrained(folder)
+    else:  # LLaVA's whole processor (its image-text-to-text pipeline loads it): 16 patches, the CLS row dropped
+        from transformers import LlavaProcessor
+
+        image = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+        LlavaProcessor(image_processor=image, tokenizer=tokenizer, patch_size=8, num_additional_image_tokens=1,
+                       vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE).save_pretrained(folder)
 
 
 def save_sentence_encoder(folder: Path, arch: str = "bert", seed: int = 0) -> Path:

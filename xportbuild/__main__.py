@@ -118,10 +118,12 @@ def _run_artifact(args: argparse.Namespace, shown, figures) -> int:
     from xportbuild import app
 
     artifact = app.load(args.artifact)
-    needs = {app.TextGenerator: "prompt", app.MaskFiller: "text", app.TextToText: "text", app.Embedder: "text",
-             app.ImageClassifier: "image", app.SpeechRecognizer: "audio"}[type(artifact)]
-    if not getattr(args, needs):
-        raise app.ArtifactError(f"run: a {artifact.task} artifact takes --{needs.replace('_', '-')}")
+    media = "audio" if artifact.task.startswith("audio") else "image"
+    needs = {app.TextGenerator: ("prompt",), app.MaskFiller: ("text",), app.TextToText: ("text",),
+             app.Embedder: ("text",), app.ImageClassifier: ("image",), app.SpeechRecognizer: ("audio",),
+             app.MediaTextToText: ("prompt", media)}[type(artifact)]
+    if missing := [name for name in needs if not getattr(args, name)]:
+        raise app.ArtifactError(f"run: a {artifact.task} artifact takes {' and '.join(f'--{n}' for n in missing)}")
     if isinstance(artifact, app.TextGenerator):
         artifact.generate(args.prompt, args.max_new_tokens, args.temperature, shown.write)
         shown.write("\n")
@@ -134,6 +136,9 @@ def _run_artifact(args: argparse.Namespace, shown, figures) -> int:
             shown.write(f"{row['score']:.3f}  {row['label']}\n")
     elif isinstance(artifact, app.TextToText):
         shown.write(artifact.generate(args.text[0], args.max_new_tokens) + "\n")
+    elif isinstance(artifact, app.MediaTextToText):
+        shown.write(artifact.generate(args.prompt, image=args.image, audio=args.audio,
+                                      max_new_tokens=args.max_new_tokens) + "\n")
     elif isinstance(artifact, app.SpeechRecognizer):
         shown.write(artifact.transcribe(args.audio, language=args.language, task=args.task,
                                         max_new_tokens=args.max_new_tokens) + "\n")
@@ -176,11 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     run = commands.add_parser("run", help="use a published .pte as an app does: generate text, fill masks, classify "
                                           "an image, transcribe audio, embed sentences (by the .pte's task)")
     run.add_argument("artifact", help="artifacts/<target> folder, or a .pte file (a .ptd beside it is used)")
-    run.add_argument("--prompt", help="causal LM: the text to continue")
+    run.add_argument("--prompt", help="causal LM: the text to continue; image/audio-text-to-text: the question")
     run.add_argument("--text", action="append", help="masked LM: a text with <mask>; text-to-text: the input; "
                                                      "embeddings: a sentence (repeat it to compare several)")
-    run.add_argument("--image", help="image classification: an image file (PNG, JPEG, ...)")
-    run.add_argument("--audio", help="speech recognition: a WAV file, any sampling rate")
+    run.add_argument("--image", help="image classification, image-text-to-text: an image file (PNG, JPEG, ...)")
+    run.add_argument("--audio", help="speech recognition, audio-text-to-text: a WAV file, any sampling rate")
     run.add_argument("--language", help="speech recognition: the spoken language (default: detected)")
     run.add_argument("--task", help="speech recognition: transcribe (default) or translate, if the model has tasks")
     run.add_argument("--top-k", type=int, default=5, help="masked LM and image classification: how many to show")

@@ -243,6 +243,41 @@ class SpeechRecognizer(_Generating):
         return self._decode(self._generate(sample, max_new_tokens)).strip()
 
 
+class MediaTextToText(_Generating):
+    """Image- or audio-text-to-text: the prompt in the model's chat template, the media as its processor prepares
+    it (SmolVLM's tiles and their wrapping tokens included)."""
+
+    def generate(self, prompt: str, image=None, audio=None, max_new_tokens: int = 32) -> str:
+        from xportbuild.models.multimodal import prepared
+
+        if (image is None) == (audio is None):
+            raise ArtifactError("give one image or one audio clip")
+        if self.facts["get_encoder_method"] == ("vision_encoder" if audio is not None else "audio_encoder"):
+            raise ArtifactError(f"this model reads {'images' if audio is not None else 'audio'}")
+        media = self._picture(image) if image is not None else self._audio_features(audio)
+        try:
+            sample = prepared(self.folder, self.facts, prompt, media)
+        except XportError as err:
+            raise ArtifactError(str(err)) from err
+        return self._decode(self._generate(sample, max_new_tokens)).strip()
+
+    @staticmethod
+    def _picture(image):
+        from PIL import Image
+
+        return Image.open(image).convert("RGB") if isinstance(image, (str, Path)) else image.convert("RGB")
+
+    def _audio_features(self, audio) -> np.ndarray:
+        from transformers import AutoFeatureExtractor
+
+        self._processor_file("feature extractor")
+        extractor = AutoFeatureExtractor.from_pretrained(self.folder, trust_remote_code=False)
+        samples, rate = read_audio(Path(audio)) if isinstance(audio, (str, Path)) else audio
+        clip = resampled(np.asarray(samples, dtype=np.float32), rate, extractor.sampling_rate)
+        features = extractor(clip, sampling_rate=extractor.sampling_rate, return_tensors="np")["input_features"]
+        return _fit(np.asarray(features, dtype=np.float32), list(self.facts["get_media_shape"]))
+
+
 class Embedder(Artifact):
     def embed(self, texts: list[str] | str) -> np.ndarray:
         """One embedding per text ([n, dim]), pooled and normalised as the model's sentence-transformers files say."""
@@ -269,7 +304,8 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 # The API class of each task kind.
 APPS = {"causal-lm": TextGenerator, "masked-lm": MaskFiller, "image-classification": ImageClassifier,
-        "text2text": TextToText, "speech-recognition": SpeechRecognizer, "feature-extraction": Embedder}
+        "text2text": TextToText, "speech-recognition": SpeechRecognizer, "feature-extraction": Embedder,
+        "image-text-to-text": MediaTextToText, "audio-text-to-text": MediaTextToText}
 
 
 def read_facts(module, methods: list[str]) -> dict:

@@ -25,7 +25,8 @@ from xportbuild.stages.program import KL_BY_POSITION
 
 # What an app needs beside the program: its tokenizer, and the image or audio preprocessing the model expects.
 SHIPPED = {PTE_FILE: "lower", DATA_FILE: "lower", "tokenizer.json": "fetch", "tokenizer_config.json": "fetch",
-           "preprocessor_config.json": "fetch"}
+           "special_tokens_map.json": "fetch", "chat_template.jinja": "fetch", "chat_template.json": "fetch",
+           "preprocessor_config.json": "fetch", "processor_config.json": "fetch"}
 _SHIPPED_NAMES = frozenset(SHIPPED)
 log = logging.getLogger(__name__)
 

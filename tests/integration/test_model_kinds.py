@@ -137,8 +137,7 @@ def test_each_kind_builds_two_architectures_fp32_and_quantized(project, kind_wei
     report = (project.root / "artifacts" / f"tiny-{second}-{QUANTIZED}" / "report.md").read_text()
     assert "| method | vs |" in report
     # What an app gets from the fp32 .pte (API and command) is what transformers gives with the float model.
-    if task in APP_CHECKS:  # image- and audio-text-to-text have no app call yet
-        APP_CHECKS[task](project, project.root / "artifacts" / f"tiny-{first}-xnnpack-fp32", kind_weights(task, first))
+    APP_CHECKS[task](project, project.root / "artifacts" / f"tiny-{first}-xnnpack-fp32", kind_weights(task, first))
 
 
 def _run_command(project, folder: Path, *options: str) -> list[str]:
@@ -273,8 +272,51 @@ def _embed_app(project, folder: Path, weights: Path) -> None:
     assert lines == [f"cosine {app.cosine(expected[0], expected[1]):.4f}  {texts[0]!r} ~ {texts[1]!r}"]
 
 
+def _image_text_app(project, folder: Path, weights: Path) -> None:
+    """LLaVA: the prompt in its chat template and the image through its processor, as its pipeline runs them."""
+    from transformers import pipeline
+
+    from xportbuild import app
+
+    image, prompt = _write_png(project.root / "photo.png"), "hello world one two"
+    messages = [{"role": "user", "content": [{"type": "image", "image": str(image)}, {"type": "text", "text": prompt}]}]
+    expected = pipeline("image-text-to-text", model=str(weights))(text=messages, max_new_tokens=6,
+                                                                  return_full_text=False)[0]["generated_text"].strip()
+    assert expected, "the float model generated nothing: the comparison could not fail"
+    assert app.load(folder).generate(prompt, image=image, max_new_tokens=6) == expected
+    assert _run_command(project, folder, "--prompt", prompt, "--image", str(image), "--max-new-tokens", "6") == \
+        [expected]
+
+
+def _audio_text_app(project, folder: Path, weights: Path) -> None:
+    """Voxtral's processor needs mistral-common's tokenizer, which the tiny model has not: its generate on the clip's
+    features with the placeholders after BOS, as the app lays them out for a model without a chat template."""
+    import torch
+    from transformers import AutoFeatureExtractor, AutoModelForMultimodalLM, AutoTokenizer
+
+    from xportbuild import app
+    from xportbuild.app import read_audio
+
+    clip, prompt = _write_wav(project.root / "clip.wav", 16000), "hello world one two"
+    loaded = app.load(folder)
+    extractor, tokenizer = AutoFeatureExtractor.from_pretrained(weights), AutoTokenizer.from_pretrained(weights)
+    samples, rate = read_audio(clip)
+    features = torch.from_numpy(extractor(samples, sampling_rate=rate, return_tensors="np")["input_features"])
+    rows = loaded.facts["get_media_rows"]
+    ids = tokenizer(prompt)["input_ids"]
+    ids = torch.tensor([ids[:1] + [loaded.facts["get_placeholder_token_id"]] * rows + ids[1:]])
+    with torch.no_grad():
+        generated = AutoModelForMultimodalLM.from_pretrained(weights).generate(
+            input_ids=ids, input_features=features, max_new_tokens=6, do_sample=False, num_beams=1)[0, ids.shape[1]:]
+    expected = tokenizer.decode(generated, skip_special_tokens=True).strip()
+    assert expected, "the float model generated nothing: the comparison could not fail"
+    assert loaded.generate(prompt, audio=clip, max_new_tokens=6) == expected
+    assert _run_command(project, folder, "--prompt", prompt, "--audio", str(clip), "--max-new-tokens", "6") == [expected]
+
+
 APP_CHECKS = {"masked-lm": _fill_mask_app, "image-classification": _classify_app, "text2text": _text_to_text_app,
-              "speech-recognition": _transcribe_app, "feature-extraction": _embed_app}
+              "speech-recognition": _transcribe_app, "feature-extraction": _embed_app,
+              "image-text-to-text": _image_text_app, "audio-text-to-text": _audio_text_app}
 
 
 def test_changing_one_methods_quantization_reruns_only_that_method(project, kind_weights):
@@ -340,13 +382,9 @@ def test_the_method_chain_generates_what_transformers_generates(kind_weights, tm
                 theirs = model.generate(torch.from_numpy(sample["inputs"]), max_new_tokens=6, do_sample=False,
                                         num_beams=1)[0, 1:].tolist()
             else:
-                features = module_call(modules)(facts["get_encoder_method"], (torch.from_numpy(sample["media"]),))
-                from xportbuild.models.multimodal import with_placeholders
-
-                ids = torch.tensor([with_placeholders(sample["input_ids"][0].tolist(), features.shape[1], facts)])
-                media = torch.from_numpy(sample["media"])
-                kwargs = {"pixel_values": media[:, None] if arch == "smolvlm" else media} if task == "image-text-to-text" \
-                    else {"input_features": media}
+                ids, media = torch.from_numpy(sample["input_ids"]), torch.from_numpy(sample["media"])
+                kwargs = {"pixel_values": media[None] if arch == "smolvlm" else media} \
+                    if task == "image-text-to-text" else {"input_features": media}
                 if arch == "audioflamingo3":
                     kwargs["input_features_mask"] = torch.ones(1, media.shape[-1], dtype=torch.long)
                 theirs = model.generate(input_ids=ids, **kwargs, max_new_tokens=6, do_sample=False,

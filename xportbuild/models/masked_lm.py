@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from xportbuild.models.common import load_pretrained, text_limit
-from xportbuild.models.methods import Call, ExportableMethod, Outcome
+from xportbuild.models.methods import Call, ExportableMethod, Outcome, token_sequence_method
 from xportbuild.recipe.spec import STOCK_OPS, ExportSpec, VerifyInputs
 
 MASK = "<mask>"  # written in verify prompts; replaced by the tokenizer's own mask token
@@ -40,10 +40,7 @@ def load_model(model_dir: Path):
 
 def exportables(model, max_seq_len: int, export: ExportSpec = STOCK_OPS) -> dict[str, ExportableMethod]:
     text_limit(model, max_seq_len)
-    seq_len = torch.export.Dim("seq_len", min=2, max=max_seq_len)
-    example = torch.tensor([[1, 2, 3]], dtype=torch.long)
-    return {"forward": ExportableMethod(MaskedLMForward(model).eval(), (example, torch.ones_like(example)),
-                                       {"input_ids": {1: seq_len}, "attention_mask": {1: seq_len}})}
+    return {"forward": token_sequence_method(MaskedLMForward(model), max_seq_len)}
 
 
 def samples(model_dir: Path, model, verify: VerifyInputs) -> list[dict[str, np.ndarray]]:

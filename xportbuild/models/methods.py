@@ -54,6 +54,14 @@ class Outcome:
     scores: list[np.ndarray] = field(default_factory=list)
 
 
+def token_sequence_method(module: torch.nn.Module, max_seq_len: int) -> ExportableMethod:
+    """`module.forward(input_ids, attention_mask)` over one sequence of 2 to max_seq_len tokens (an encoder's)."""
+    seq_len = torch.export.Dim("seq_len", min=2, max=max_seq_len)
+    example = torch.tensor([[1, 2, 3]], dtype=torch.long)
+    return ExportableMethod(module.eval(), (example, torch.ones_like(example)),
+                            {"input_ids": {1: seq_len}, "attention_mask": {1: seq_len}})
+
+
 def export_method(model_name: str, method: str, exportable: ExportableMethod) -> torch.export.ExportedProgram:
     try:
         with torch.no_grad(), unused_export_work_skipped(), exportable.tracing():

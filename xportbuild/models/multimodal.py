@@ -110,6 +110,12 @@ class TextDecoder(torch.nn.Module):
                           use_cache=True).logits
 
 
+def _media_rows(model) -> int:
+    """Feature rows the encoder gives for one media input (one image tile, or one audio window)."""
+    with torch.no_grad():
+        return int(MediaEncoder(model).eval()(torch.from_numpy(_media(model, 0))).shape[1])
+
+
 def auto_class(model_dir: Path):
     import json
 
@@ -152,29 +158,106 @@ def exportables(model, max_seq_len: int, export: ExportSpec = STOCK_OPS) -> dict
     }
 
 
-def samples(model_dir: Path, model, verify: VerifyInputs) -> list[dict[str, np.ndarray]]:
-    """One generated image or clip per prompt."""
+# Model types whose processor splits an image into tiles and wraps each tile's rows in tokens naming its place.
+TILED = ("smolvlm", "idefics3")
+
+
+def media_image(index: int, shape: tuple[int, int, int]):
+    """Generated image `index` as a picture (the pixels a processor normalises to the generated array's range)."""
+    from PIL import Image
+
+    pixels = inputs.generated_image(index, shape)[0].transpose(1, 2, 0)
+    return Image.fromarray(((pixels + 1.0) * 127.5).clip(0, 255).round().astype(np.uint8))
+
+
+def chat_text(tokenizer, prompt: str, media_part: str) -> str | None:
+    """The prompt in the model's own chat template, one image or audio part before the text, ready for an answer;
+    None when the model ships no template."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    messages = [{"role": "user", "content": [{"type": media_part}, {"type": "text", "text": prompt}]}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def expand_placeholder(text: str, placeholder: str, rows: int, tiles: tuple[int, int] | None) -> str:
+    """The template's one media placeholder as the model reads it: one per feature row, or for a tiled image each
+    tile's rows wrapped in the tokens transformers' SmolVLM/Idefics3 processor writes (its own function)."""
+    if text.count(placeholder) != 1:
+        raise StageError(f"the chat template wrote {text.count(placeholder)} media placeholders {placeholder!r}; "
+                         "one is expected")
+    if tiles is None:
+        return text.replace(placeholder, placeholder * rows)
+    from transformers.models.smolvlm.processing_smolvlm import get_image_prompt_string
+
+    return text.replace(placeholder, get_image_prompt_string(tiles[0], tiles[1], rows, "<fake_token_around_image>",
+                                                             placeholder, "<global-img>"))
+
+
+def prepared(folder: Path, facts: dict, prompt: str, media) -> dict[str, np.ndarray]:
+    """What the methods take for a prompt and an image (a picture) or audio features: input_ids with the media's
+    placeholders laid out as the model's processor lays them out (in its chat template; without one, after BOS)
+    and the media as the encoder takes it ([tiles, C, H, W] for an image)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
-    return [{"input_ids": np.array([tokenizer(prompt)["input_ids"]], dtype=np.int64), "media": _media(model, index)}
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    audio = facts["get_encoder_method"] == "audio_encoder"
+    tiles = None
+    if audio:
+        pixels = np.asarray(media, dtype=np.float32)
+    else:
+        from transformers import AutoImageProcessor
+
+        try:
+            processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=False, backend="pil")
+        except (OSError, ValueError) as err:
+            raise StageError(f"{folder}: an image-text model needs its image processor (preprocessor_config.json or "
+                             f"processor_config.json): {(str(err).splitlines() or [''])[0]}") from err
+        tiled = facts.get("get_media_layout") == "tiles"
+        processed = processor(media, return_tensors="np", **({"return_row_col_info": True} if tiled else {}))
+        pixels = np.asarray(processed["pixel_values"], dtype=np.float32)
+        pixels = pixels.reshape(-1, *pixels.shape[-3:])
+        tiles = (int(processed["rows"][0][0]), int(processed["cols"][0][0])) if tiled else None
+    text = chat_text(tokenizer, prompt, "audio" if audio else "image")
+    if text is None:
+        ids = with_placeholders(tokenizer(prompt)["input_ids"], pixels.shape[0] * facts["get_media_rows"], facts)
+    else:
+        placeholder = tokenizer.convert_ids_to_tokens(facts["get_placeholder_token_id"])
+        text = expand_placeholder(text, placeholder, facts["get_media_rows"], tiles)
+        bos = tokenizer.bos_token
+        ids = tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
+    return {"input_ids": np.array([ids], dtype=np.int64), "media": pixels}
+
+
+def samples(model_dir: Path, model, verify: VerifyInputs) -> list[dict[str, np.ndarray]]:
+    """One generated image or clip per prompt, prepared as an app prepares them (`prepared`)."""
+    facts = metadata(model, model_dir, 0)
+    shape = None if _is_audio(model) else inputs.image_shape(model.config.vision_config, model.name_or_path)
+    return [prepared(model_dir, facts, prompt, _media(model, index) if shape is None else media_image(index, shape))
             for index, prompt in enumerate(verify.prompts)]
 
 
 def with_placeholders(prompt_ids: list[int], rows: int, facts: dict) -> list[int]:
-    """The prompt with `rows` placeholder tokens after its BOS (or first), where the features go."""
+    """The prompt with `rows` placeholder tokens after its BOS (or first), where the features go: for a model that
+    ships no chat template."""
     at = 1 if prompt_ids and prompt_ids[0] == facts.get("get_bos_id") else 0
     return prompt_ids[:at] + [facts["get_placeholder_token_id"]] * rows + prompt_ids[at:]
 
 
 def run(call: Call, sample: dict[str, np.ndarray], facts: dict, max_new_tokens: int,
         forced: list[int] | None = None) -> Outcome:
-    features = call(facts["get_encoder_method"], (torch.from_numpy(sample["media"]),))
-    ids = with_placeholders(sample["input_ids"][0].tolist(), features.shape[1], facts)
+    """Encode the media (an image tile by tile: the encoder takes one), put the features in the placeholders' rows,
+    prefill, then embed and decode one token at a time."""
+    media = torch.from_numpy(sample["media"])
+    pieces = [media] if facts["get_encoder_method"] == "audio_encoder" else [tile[None] for tile in media]
+    features = torch.cat([call(facts["get_encoder_method"], (piece,)) for piece in pieces], dim=1)
+    ids = sample["input_ids"][0].tolist()
     if len(ids) + max_new_tokens > facts["get_max_seq_len"]:
         raise StageError(f"a prompt of {len(ids)} tokens ({features.shape[1]} for the media) plus max_new_tokens="
                          f"{max_new_tokens} exceeds max_seq_len={facts['get_max_seq_len']}: raise max_seq_len")
     input_ids = torch.tensor([ids])
+    placeholders = int((input_ids == facts["get_placeholder_token_id"]).sum())
+    if placeholders != features.shape[1]:
+        raise StageError(f"the prompt holds {placeholders} media placeholders for {features.shape[1]} feature rows")
     embeds = call("token_embedding", (input_ids,)).clone()
     embeds[input_ids == facts["get_placeholder_token_id"]] = features.reshape(-1, features.shape[-1])
     outcome = Outcome([])
@@ -195,7 +278,9 @@ def metadata(model, model_dir: Path, max_seq_len: int, export: ExportSpec = STOC
     config = model.config.get_text_config()
     facts = {"get_max_seq_len": max_seq_len, "get_vocab_size": config.vocab_size, "get_eos_ids": eos_ids(model),
              "get_placeholder_token_id": placeholder_id(model), "get_encoder_method": encoder_method(model),
-             "get_media_shape": list(_media(model, 0).shape)}
+             "get_media_shape": list(_media(model, 0).shape), "get_media_rows": _media_rows(model)}
+    if config.model_type in TILED or model.config.model_type in TILED:
+        facts["get_media_layout"] = "tiles"
     if config.bos_token_id is not None:
         facts["get_bos_id"] = int(config.bos_token_id)
     return facts

@@ -16,7 +16,7 @@ import torch
 
 from xportbuild.errors import StageError
 from xportbuild.models.common import load_pretrained, text_limit
-from xportbuild.models.methods import Call, ExportableMethod, Outcome
+from xportbuild.models.methods import Call, ExportableMethod, Outcome, token_sequence_method
 from xportbuild.recipe.spec import STOCK_OPS, ExportSpec, VerifyInputs
 
 WHAT = "sentence encoder"  # in messages: "cannot load <folder> as a <WHAT>"
@@ -85,11 +85,8 @@ def load_model(model_dir: Path):
 
 def exportables(model, max_seq_len: int, export: ExportSpec = STOCK_OPS) -> dict[str, ExportableMethod]:
     text_limit(model, max_seq_len)
-    seq_len = torch.export.Dim("seq_len", min=2, max=max_seq_len)
-    example = torch.tensor([[1, 2, 3]], dtype=torch.long)
-    module = SentenceEmbedding(model, pooling(Path(model.name_or_path))).eval()
-    return {"forward": ExportableMethod(module, (example, torch.ones_like(example)),
-                                       {"input_ids": {1: seq_len}, "attention_mask": {1: seq_len}})}
+    module = SentenceEmbedding(model, pooling(Path(model.name_or_path)))
+    return {"forward": token_sequence_method(module, max_seq_len)}
 
 
 def encode(tokenizer, text: str, max_seq_len: int | None) -> dict[str, np.ndarray]:
