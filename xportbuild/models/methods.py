@@ -227,16 +227,27 @@ def stored(calls: list[tuple[str, list[np.ndarray], np.ndarray]], logit_methods:
 
 
 def save_samples(samples: list[RecordedSample], out_dir: Path) -> None:
+    """An argument an app passes again unchanged (an encoder-decoder's cross-attention keys and values, at every
+    decoder call) is stored once per sample; the index names where its copies come from."""
+    import xxhash
+
     arrays, index = {}, []
     for i, sample in enumerate(samples):
         for name, value in sample.inputs.items():
             arrays[f"s{i}.input.{name}"] = value
         arrays[f"s{i}.tokens"] = np.array(sample.outcome.tokens, dtype=np.int64)
+        first_of, same = {}, {}
         for j, (_, args, output) in enumerate(sample.calls):
             for k, arg in enumerate(args):
-                arrays[f"s{i}.c{j}.a{k}"] = arg
+                content = (arg.shape, str(arg.dtype), xxhash.xxh3_128_hexdigest(np.ascontiguousarray(arg).tobytes()))
+                if content in first_of:
+                    same[f"c{j}.a{k}"] = first_of[content]
+                else:
+                    first_of[content] = f"c{j}.a{k}"
+                    arrays[f"s{i}.c{j}.a{k}"] = arg
             arrays[f"s{i}.c{j}.out"] = output
-        index.append({"inputs": sorted(sample.inputs), "calls": [[method, len(args)] for method, args, _ in sample.calls]})
+        index.append({"inputs": sorted(sample.inputs), "same": same,
+                      "calls": [[method, len(args)] for method, args, _ in sample.calls]})
     np.savez(out_dir / SAMPLES_FILE, **arrays)
     (out_dir / CALLS_FILE).write_text(json.dumps(index))
 
@@ -272,7 +283,16 @@ def _load_samples(entry_dir: Path) -> list[RecordedSample]:
     with np.load(entry_dir / SAMPLES_FILE, allow_pickle=False) as data:
         for i, item in enumerate(index):
             outcome = Outcome(data[f"s{i}.tokens"].tolist())
-            calls = [(method, [data[f"s{i}.c{j}.a{k}"] for k in range(count)], data[f"s{i}.c{j}.out"])
+            same = item.get("same", {})
+            read: dict[str, np.ndarray] = {}
+
+            def argument(name: str) -> np.ndarray:
+                name = same.get(name, name)
+                if name not in read:
+                    read[name] = data[f"s{i}.{name}"]
+                return read[name]
+
+            calls = [(method, [argument(f"c{j}.a{k}") for k in range(count)], data[f"s{i}.c{j}.out"])
                      for j, (method, count) in enumerate(item["calls"])]
             samples.append(RecordedSample({name: data[f"s{i}.input.{name}"] for name in item["inputs"]}, outcome, calls))
     return samples

@@ -1,10 +1,14 @@
 """Encoder-decoder kinds (text2text such as T5 and BART, speech recognition such as Whisper):
-`encoder(inputs) -> hidden states` and `text_decoder(token [1, 1], hidden states, cache_position [1]) -> logits`
-with the self-attention KV cache held as buffers (a static cache of max_seq_len positions).
+`encoder(inputs) -> cross-attention keys and values` and
+`text_decoder(token [1, 1], cross-attention keys and values, cache_position [1]) -> logits`, with the
+self-attention KV cache held as buffers (a static cache of max_seq_len positions).
 
-The decoder calls the model's own forward, so each architecture's head is applied its own way (T5's rescaling of
-a tied head, BART's logit bias, Whisper's proj_out). Cross-attention keys and values are recomputed from the hidden
-states at every step: an app passes the encoder's output to each decoder call, nothing else carries over."""
+The encoder method runs the model's encoder and then each decoder layer's own cross-attention module on its output,
+which projects it to keys and values: all layers' keys then values, stacked as one tensor
+[2 x layers, heads, encoder positions, head dim]. They are computed once per input; an app passes that tensor to
+every decoder call, which reads them from the cache as transformers' generate does after its first step. The
+decoder calls the model's own forward, so each architecture's head is applied its own way (T5's rescaling of a tied
+head, BART's logit bias, Whisper's proj_out)."""
 
 from __future__ import annotations
 
@@ -23,29 +27,67 @@ from xportbuild.recipe.spec import STOCK_OPS, ExportSpec, VerifyInputs
 WHAT = "sequence-to-sequence model"  # in messages: "cannot load <folder> as a <WHAT>"
 
 
+def cross_attention_modules(model, example: torch.Tensor) -> list[torch.nn.Module]:
+    """The decoder's cross-attention modules in call order: those one decoder step calls with key_value_states."""
+    found: list[torch.nn.Module] = []
+
+    def note(module, args, kwargs):
+        if kwargs.get("key_value_states") is not None and module not in found:
+            found.append(module)
+
+    hooks = [module.register_forward_pre_hook(note, with_kwargs=True) for module in model.get_decoder().modules()]
+    try:
+        with torch.no_grad():
+            hidden = model.get_encoder()(**{model.main_input_name: example}).last_hidden_state
+            model.get_decoder()(input_ids=torch.tensor([[_start_token(model)]]), encoder_hidden_states=hidden)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if not found:
+        raise StageError(f"{model.name_or_path}: its decoder calls no module with key_value_states: its "
+                         "cross-attention is not one transformers' encoder-decoder cache holds")
+    return found
+
+
 class Encoder(torch.nn.Module):
-    def __init__(self, model):
+    """The encoder, then each cross-attention module projecting its output into the cache (the module's query on
+    one row is computed and dropped: the keys and values are what is kept)."""
+
+    def __init__(self, model, example: torch.Tensor):
         super().__init__()
         self.encoder, self.input_name = model.get_encoder(), model.main_input_name
+        self.cross_attention = torch.nn.ModuleList(cross_attention_modules(model, example))
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        return self.encoder(**{self.input_name: inputs}).last_hidden_state
+        from transformers import DynamicCache, EncoderDecoderCache
+
+        hidden = self.encoder(**{self.input_name: inputs}).last_hidden_state
+        cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        for module in self.cross_attention:
+            module(hidden_states=hidden[:, :1], key_value_states=hidden, past_key_values=cache)
+        layers = cache.cross_attention_cache.layers
+        return torch.cat([torch.cat([layer.keys for layer in layers]), torch.cat([layer.values for layer in layers])])
 
 
 class TextDecoder(torch.nn.Module):
     def __init__(self, model, max_cache_len: int):
         super().__init__()
-        self.model = model
+        self.model, self.width = model, model.config.get_text_config(decoder=True).d_model
         self.static_cache = attach_static_cache(self, model.config.get_text_config(decoder=True), max_cache_len)
 
-    def forward(self, decoder_input_ids: torch.Tensor, encoder_hidden_states: torch.Tensor,
+    def forward(self, decoder_input_ids: torch.Tensor, cross_attention: torch.Tensor,
                 cache_position: torch.Tensor) -> torch.Tensor:
         from transformers import DynamicCache, EncoderDecoderCache
         from transformers.modeling_outputs import BaseModelOutput
 
         start_at(self.static_cache, cache_position)
-        cache = EncoderDecoderCache(self.static_cache, DynamicCache())
-        return self.model(encoder_outputs=BaseModelOutput(last_hidden_state=encoder_hidden_states),
+        layers, cross = cross_attention.shape[0] // 2, DynamicCache()
+        for index in range(layers):
+            cross.update(cross_attention[index:index + 1], cross_attention[layers + index:layers + index + 1], index)
+        cache = EncoderDecoderCache(self.static_cache, cross)  # filled: every layer reads its keys and values
+        # The model reads the encoder's output only for its length (its mask): zeros of that length stand for it.
+        hidden = cross_attention.new_zeros(1, cross_attention.shape[2], self.width)
+        return self.model(encoder_outputs=BaseModelOutput(last_hidden_state=hidden),
                           decoder_input_ids=decoder_input_ids, past_key_values=cache, use_cache=True).logits
 
 
@@ -75,21 +117,21 @@ def exportables(model, max_seq_len: int, export: ExportSpec = STOCK_OPS) -> dict
     limit = _decoder_limit(model)
     if limit is not None and max_seq_len > limit:
         raise StageError(f"max_seq_len = {max_seq_len} exceeds the decoder's {limit} positions: lower max_seq_len")
-    encoder = Encoder(model).eval()
     if model.main_input_name == "input_ids":
         example = torch.tensor([[4, 5, 6]], dtype=torch.long)
         encoder_dims = {"inputs": {1: torch.export.Dim("encoder_seq_len", min=2, max=max_seq_len)}}
-        hidden_dims = {1: torch.export.Dim("encoder_hidden_len", min=2, max=max_seq_len)}
+        positions = {2: torch.export.Dim("encoder_positions", min=2, max=max_seq_len)}
     else:  # audio: a fixed-length window, as its feature extractor pads every clip to
         example = torch.from_numpy(inputs.audio_features(model.name_or_path, 0, model.main_input_name))
-        encoder_dims, hidden_dims = None, None
+        encoder_dims, positions = None, None
+    encoder = Encoder(model, example).eval()
     with torch.no_grad():
-        hidden = encoder(example)
+        cross_attention = encoder(example)
     decoder = TextDecoder(model, max_seq_len).eval()
     start = torch.tensor([[_start_token(model)]], dtype=torch.long)
     return {"encoder": ExportableMethod(encoder, (example,), encoder_dims),
-            "text_decoder": ExportableMethod(decoder, (start, hidden, torch.tensor([0], dtype=torch.long)),
-                                             {"decoder_input_ids": None, "encoder_hidden_states": hidden_dims,
+            "text_decoder": ExportableMethod(decoder, (start, cross_attention, torch.tensor([0], dtype=torch.long)),
+                                             {"decoder_input_ids": None, "cross_attention": positions,
                                               "cache_position": None})}
 
 
@@ -151,17 +193,17 @@ def _masked(logits: torch.Tensor, banned: list[int]) -> torch.Tensor:
 
 def run(call: Call, sample: dict[str, np.ndarray], facts: dict, max_new_tokens: int,
         forced: list[int] | None = None) -> Outcome:
-    """Greedy generation as an app chains the methods: encode once, feed the decoder prefix (a DETECTED language
-    chosen among the model's languages), then one decoder call per token, with the generation config's suppressed
-    tokens. `forced`: fed those tokens instead of its own choices."""
-    hidden = call("encoder", (torch.from_numpy(sample["inputs"]),))
+    """Greedy generation as an app chains the methods: encode once (the cross-attention keys and values), feed the
+    decoder prefix (a DETECTED language chosen among the model's languages), then one decoder call per token, with
+    the generation config's suppressed tokens. `forced`: fed those tokens instead of its own choices."""
+    cross_attention = call("encoder", (torch.from_numpy(sample["inputs"]),))
     prefix = [int(t) for t in sample.get("decoder_prefix", [facts["get_decoder_start_token_id"]])]
     languages = list(json.loads(facts.get("get_languages", "{}")).values())
     outcome, logits = Outcome([]), None
     for position, token in enumerate(prefix):
         if token == DETECTED:
             token = languages[int(logits[0, -1, languages].argmax())]
-        logits = call("text_decoder", (torch.tensor([[token]]), hidden, torch.tensor([position])))
+        logits = call("text_decoder", (torch.tensor([[token]]), cross_attention, torch.tensor([position])))
     suppressed, steps = list(facts.get("get_suppress_tokens", ())), max_new_tokens if forced is None else len(forced)
     for step in range(steps):
         banned = suppressed + list(facts.get("get_begin_suppress_tokens", ())) if step == 0 else suppressed
@@ -169,7 +211,7 @@ def run(call: Call, sample: dict[str, np.ndarray], facts: dict, max_new_tokens: 
         token = greedy_token(scores, outcome) if forced is None else follow(scores, outcome, forced)
         if step + 1 == steps or forced is None and token in facts["get_eos_ids"]:
             break
-        logits = call("text_decoder", (torch.tensor([[token]]), hidden, torch.tensor([len(prefix) + step])))
+        logits = call("text_decoder", (torch.tensor([[token]]), cross_attention, torch.tensor([len(prefix) + step])))
     return outcome
 
 
