@@ -1,6 +1,6 @@
-"""A published artifact used as an app uses it: `load(folder)` (also `xportbuild.load`) reads the .pte's constant
-methods (its task, labels, token ids, shapes) and the tokenizer and processor files published beside it, never the
-torch model, and gives the kind's natural call:
+"""A published artifact used as an app uses it: `load(folder)` reads the .pte's constant methods (its task, labels,
+token ids, shapes) and the tokenizer and processor files published beside it, never the torch model, and gives the
+kind's natural call:
 
     generate (causal LM, text-to-text, image/audio-text-to-text), fill_mask, classify, transcribe, embed.
 
