@@ -10,6 +10,7 @@ The methods are chained by the kind's own `run` (xportbuild/models/<kind>.py), t
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import dataclass, field
@@ -41,12 +42,16 @@ class Figures:
     extra: dict = field(default_factory=dict)
 
     def summary(self) -> str:
-        parts = [f"load {self.load_s:.2f} s", f"first output {self.first_output_s * 1000:.0f} ms"]
+        parts = [f"load {_duration(self.load_s)}", f"first output {_duration(self.first_output_s)}"]
         if self.generated_tokens:
             rate = self.generated_tokens / self.generate_s if self.generate_s else float("inf")
             parts.append(f"{self.generated_tokens} tokens at {rate:.1f} tok/s")
         parts += [f"{name} {value}" for name, value in self.extra.items()]
         return ", ".join(parts)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.2f} s" if seconds >= 1 else f"{seconds * 1000:.1f} ms"
 
 
 class Artifact:
@@ -72,6 +77,7 @@ class Artifact:
 
         return call, started, first
 
+    @functools.lru_cache(maxsize=None)  # noqa: B019  one per artifact object, loaded on first use
     def _tokenizer(self):
         from transformers import AutoTokenizer
 
@@ -79,12 +85,16 @@ class Artifact:
             raise ArtifactError(f"{self.folder}: no tokenizer.json beside {self.pte.name}")
         return AutoTokenizer.from_pretrained(self.folder, trust_remote_code=False)
 
-    def _processor_file(self, what: str) -> Path:
-        path = self.folder / "preprocessor_config.json"
-        if not path.is_file():
+    @functools.lru_cache(maxsize=None)  # noqa: B019  one per artifact object, loaded on first use
+    def _processor(self, what: str):
+        """The image processor or feature extractor published beside the .pte."""
+        from transformers import AutoFeatureExtractor, AutoImageProcessor
+
+        if not (self.folder / "preprocessor_config.json").is_file():
             raise ArtifactError(f"{self.folder}: no preprocessor_config.json beside {self.pte.name}: the model "
                                 f"ships no {what}, so an app cannot prepare its input")
-        return path
+        auto = AutoImageProcessor if what == "image processor" else AutoFeatureExtractor
+        return auto.from_pretrained(self.folder, trust_remote_code=False)
 
 
 class TextGenerator(Artifact):
@@ -136,13 +146,9 @@ class ImageClassifier(Artifact):
         """The top_k labels of an image (a path or a PIL image) with their softmax scores, as transformers'
         image-classification pipeline gives them."""
         import torch
-        from PIL import Image
-        from transformers import AutoImageProcessor
 
-        self._processor_file("image processor")
-        processor = AutoImageProcessor.from_pretrained(self.folder, trust_remote_code=False)
-        picture = Image.open(image).convert("RGB") if isinstance(image, (str, Path)) else image.convert("RGB")
-        pixels = np.asarray(processor(picture, return_tensors="np")["pixel_values"], dtype=np.float32)
+        processor = self._processor("image processor")
+        pixels = np.asarray(processor(picture(image), return_tensors="np")["pixel_values"], dtype=np.float32)
         expected = json.loads(self.facts["get_image_shape"])
         if list(pixels.shape) != expected:
             raise ArtifactError(f"the image processor gives pixels of shape {list(pixels.shape)}, the .pte takes "
@@ -175,6 +181,16 @@ class TextToText(_Generating):
     def generate(self, text: str, max_new_tokens: int = 32) -> str:
         ids = self._tokenizer()(text, return_tensors="np")["input_ids"].astype(np.int64)
         return self._decode(self._generate({"inputs": ids}, max_new_tokens))
+
+
+def picture(image):
+    """An image file (PNG, JPEG, …) or a PIL image, in RGB."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        return Image.open(image).convert("RGB") if isinstance(image, (str, Path)) else image.convert("RGB")
+    except (UnidentifiedImageError, OSError) as err:
+        raise ArtifactError(f"{image}: not a readable image ({err})") from err
 
 
 def read_audio(path: Path) -> tuple[np.ndarray, int]:
@@ -221,12 +237,9 @@ class SpeechRecognizer(_Generating):
                    task: str | None = None, max_new_tokens: int = 64) -> str:
         """The text of a clip: a WAV path, or samples with their `sampling_rate` (any rate: resampled to the
         model's). `language` None on a multilingual model: detected by the model, as transformers does."""
-        from transformers import AutoFeatureExtractor
-
         from xportbuild.models.seq2seq import decoder_prefix
 
-        self._processor_file("feature extractor")
-        extractor = AutoFeatureExtractor.from_pretrained(self.folder, trust_remote_code=False)
+        extractor = self._processor("feature extractor")
         samples, rate = read_audio(Path(audio)) if isinstance(audio, (str, Path)) else (np.asarray(audio), sampling_rate)
         if rate is None:
             raise ArtifactError("samples without their sampling_rate")
@@ -254,24 +267,15 @@ class MediaTextToText(_Generating):
             raise ArtifactError("give one image or one audio clip")
         if self.facts["get_encoder_method"] == ("vision_encoder" if audio is not None else "audio_encoder"):
             raise ArtifactError(f"this model reads {'images' if audio is not None else 'audio'}")
-        media = self._picture(image) if image is not None else self._audio_features(audio)
+        media = picture(image) if image is not None else self._audio_features(audio)
         try:
             sample = prepared(self.folder, self.facts, prompt, media)
         except XportError as err:
             raise ArtifactError(str(err)) from err
         return self._decode(self._generate(sample, max_new_tokens)).strip()
 
-    @staticmethod
-    def _picture(image):
-        from PIL import Image
-
-        return Image.open(image).convert("RGB") if isinstance(image, (str, Path)) else image.convert("RGB")
-
     def _audio_features(self, audio) -> np.ndarray:
-        from transformers import AutoFeatureExtractor
-
-        self._processor_file("feature extractor")
-        extractor = AutoFeatureExtractor.from_pretrained(self.folder, trust_remote_code=False)
+        extractor = self._processor("feature extractor")
         samples, rate = read_audio(Path(audio)) if isinstance(audio, (str, Path)) else audio
         clip = resampled(np.asarray(samples, dtype=np.float32), rate, extractor.sampling_rate)
         features = extractor(clip, sampling_rate=extractor.sampling_rate, return_tensors="np")["input_features"]
@@ -341,8 +345,8 @@ def load(artifact: Path | str) -> Artifact:
         module = _load_for_executorch(str(pte), data_file(pte))
     except RuntimeError as err:
         raise ArtifactError(f"{pte}: the ExecuTorch runtime cannot load it ({err})") from err
-    load_s = time.perf_counter() - started
     facts = read_facts(module, module.method_names())
+    load_s = time.perf_counter() - started  # the program, and its facts read as an app reads them at start
     task = facts.get("get_task")
     if task not in APPS:
         raise ArtifactError(f"{pte}: its task is {task!r}; an app call exists for "
