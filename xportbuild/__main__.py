@@ -118,11 +118,7 @@ def _run_artifact(args: argparse.Namespace, shown, figures) -> int:
     from xportbuild import app
 
     artifact = app.load(args.artifact)
-    media = "audio" if artifact.task.startswith("audio") else "image"
-    needs = {app.TextGenerator: ("prompt",), app.MaskFiller: ("text",), app.TextToText: ("text",),
-             app.Embedder: ("text",), app.ImageClassifier: ("image",), app.SpeechRecognizer: ("audio",),
-             app.MediaTextToText: ("prompt", media)}[type(artifact)]
-    if missing := [name for name in needs if not getattr(args, name)]:
+    if missing := [name for name in artifact.takes if not getattr(args, name)]:
         raise app.ArtifactError(f"run: a {artifact.task} artifact takes {' and '.join(f'--{n}' for n in missing)}")
     if isinstance(artifact, app.TextGenerator):
         artifact.generate(args.prompt, args.max_new_tokens, args.temperature, shown.write)

@@ -57,6 +57,8 @@ def _duration(seconds: float) -> str:
 class Artifact:
     """A loaded .pte with its facts; subclasses give each kind's call."""
 
+    takes: tuple[str, ...] = ()  # the run command's options its call needs
+
     def __init__(self, pte: Path, facts: dict, module, load_s: float):
         self.pte, self.folder, self.facts, self._module = pte, pte.parent, facts, module
         self.task = facts.get("get_task", "")
@@ -100,6 +102,8 @@ class Artifact:
 class TextGenerator(Artifact):
     """A causal LM, run by ExecuTorch's C++ LLM runner (it reads the .pte's metadata and tokenizer.json)."""
 
+    takes = ("prompt",)
+
     def generate(self, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0, on_piece=None) -> str:
         from xportbuild.llm_runner import generate
 
@@ -111,6 +115,8 @@ class TextGenerator(Artifact):
 
 
 class MaskFiller(Artifact):
+    takes = ("text",)
+
     def fill_mask(self, text: str, top_k: int = 5) -> list:
         """The top_k fills of each mask (write it `<mask>` or as the tokenizer spells it), as transformers'
         fill-mask pipeline gives them: {score, token, token_str, sequence}; a list of such lists for several masks."""
@@ -123,7 +129,8 @@ class MaskFiller(Artifact):
         ids = encoded["input_ids"].astype(np.int64)
         masks = np.flatnonzero(ids[0] == tokenizer.mask_token_id)
         if not len(masks):
-            raise ArtifactError(f"the text has no mask: write {MASK} (or {tokenizer.mask_token}) where a word is missing")
+            raise ArtifactError(f"the text has no mask: write {MASK} (or {tokenizer.mask_token}) where a word is "
+                                "missing")
         call, started, first = self._timed_call()
         logits = call("forward", (torch.from_numpy(ids), torch.from_numpy(encoded["attention_mask"].astype(np.int64))))
         self.figures = Figures(self.figures.load_s, time.perf_counter() - started)
@@ -142,6 +149,8 @@ class MaskFiller(Artifact):
 
 
 class ImageClassifier(Artifact):
+    takes = ("image",)
+
     def classify(self, image, top_k: int = 5) -> list[dict]:
         """The top_k labels of an image (a path or a PIL image) with their softmax scores, as transformers'
         image-classification pipeline gives them."""
@@ -173,11 +182,26 @@ class _Generating(Artifact):
         self.figures = Figures(self.figures.load_s, first[0] if first else total, len(tokens), total)
         return [t for t in tokens if t not in self.facts.get("get_eos_ids", ())]
 
+    def _audio_features(self, audio, sampling_rate: int | None, name: str, shape: list[int] | None) -> np.ndarray:
+        """A clip (a WAV path, or samples at `sampling_rate`) through the model's feature extractor at its rate,
+        padded or cut to the `shape` the encoder was exported at."""
+        extractor = self._processor("feature extractor")
+        from_file = isinstance(audio, (str, Path))
+        samples, rate = read_audio(Path(audio)) if from_file else (np.asarray(audio), sampling_rate)
+        if rate is None:
+            raise ArtifactError("samples without their sampling_rate")
+        clip = resampled(np.asarray(samples, dtype=np.float32), rate, extractor.sampling_rate)
+        features = extractor(clip, sampling_rate=extractor.sampling_rate, return_tensors="np")[name]
+        features = np.asarray(features, dtype=np.float32)
+        return features if shape is None else _fit(features, list(shape))
+
     def _decode(self, tokens: list[int]) -> str:
         return self._tokenizer().decode(tokens, skip_special_tokens=True)
 
 
 class TextToText(_Generating):
+    takes = ("text",)
+
     def generate(self, text: str, max_new_tokens: int = 32) -> str:
         ids = self._tokenizer()(text, return_tensors="np")["input_ids"].astype(np.int64)
         return self._decode(self._generate({"inputs": ids}, max_new_tokens))
@@ -233,26 +257,18 @@ def _fit(features: np.ndarray, shape: list[int]) -> np.ndarray:
 
 
 class SpeechRecognizer(_Generating):
+    takes = ("audio",)
+
     def transcribe(self, audio, sampling_rate: int | None = None, language: str | None = None,
                    task: str | None = None, max_new_tokens: int = 64) -> str:
         """The text of a clip: a WAV path, or samples with their `sampling_rate` (any rate: resampled to the
         model's). `language` None on a multilingual model: detected by the model, as transformers does."""
         from xportbuild.models.seq2seq import decoder_prefix
 
-        extractor = self._processor("feature extractor")
-        samples, rate = read_audio(Path(audio)) if isinstance(audio, (str, Path)) else (np.asarray(audio), sampling_rate)
-        if rate is None:
-            raise ArtifactError("samples without their sampling_rate")
-        clip = resampled(np.asarray(samples, dtype=np.float32), rate, extractor.sampling_rate)
-        features = extractor(clip, sampling_rate=extractor.sampling_rate, return_tensors="np")
-        features = np.asarray(features[self.facts["get_encoder_input"]], dtype=np.float32)
-        if "get_input_shape" in self.facts:
-            features = _fit(features, list(self.facts["get_input_shape"]))
-        try:
-            prefix = decoder_prefix(self.facts, language, task)
-        except XportError as err:
-            raise ArtifactError(str(err)) from err
-        sample = {"inputs": features, "decoder_prefix": np.array(prefix, dtype=np.int64)}
+        features = self._audio_features(audio, sampling_rate, self.facts["get_encoder_input"],
+                                        self.facts.get("get_input_shape"))
+        sample = {"inputs": features, "decoder_prefix": np.array(decoder_prefix(self.facts, language, task),
+                                                                 dtype=np.int64)}
         return self._decode(self._generate(sample, max_new_tokens)).strip()
 
 
@@ -260,29 +276,36 @@ class MediaTextToText(_Generating):
     """Image- or audio-text-to-text: the prompt in the model's chat template, the media as its processor prepares
     it (SmolVLM's tiles and their wrapping tokens included)."""
 
-    def generate(self, prompt: str, image=None, audio=None, max_new_tokens: int = 32) -> str:
+    @property
+    def takes(self) -> tuple[str, ...]:
+        return "prompt", "image" if self.facts["get_encoder_method"] == "vision_encoder" else "audio"
+
+    def generate(self, prompt: str, image=None, audio=None, sampling_rate: int | None = None,
+                 max_new_tokens: int = 32) -> str:
+        """An answer about an image (a path or a PIL image) or a clip (a WAV path, or samples at `sampling_rate`)."""
         from xportbuild.models.multimodal import prepared
 
         if (image is None) == (audio is None):
             raise ArtifactError("give one image or one audio clip")
-        if self.facts["get_encoder_method"] == ("vision_encoder" if audio is not None else "audio_encoder"):
-            raise ArtifactError(f"this model reads {'images' if audio is not None else 'audio'}")
-        media = picture(image) if image is not None else self._audio_features(audio)
-        try:
-            sample = prepared(self.folder, self.facts, prompt, media)
-        except XportError as err:
-            raise ArtifactError(str(err)) from err
+        if self.takes[1] != ("image" if image is not None else "audio"):
+            raise ArtifactError(f"this model reads {self.takes[1]}")
+        if image is not None:
+            sample = prepared(self._tokenizer(), self._image_processor(), self.facts, prompt, picture(image))
+        else:
+            features = self._audio_features(audio, sampling_rate, "input_features", self.facts["get_media_shape"])
+            sample = prepared(self._tokenizer(), None, self.facts, prompt, features)
         return self._decode(self._generate(sample, max_new_tokens)).strip()
 
-    def _audio_features(self, audio) -> np.ndarray:
-        extractor = self._processor("feature extractor")
-        samples, rate = read_audio(Path(audio)) if isinstance(audio, (str, Path)) else audio
-        clip = resampled(np.asarray(samples, dtype=np.float32), rate, extractor.sampling_rate)
-        features = extractor(clip, sampling_rate=extractor.sampling_rate, return_tensors="np")["input_features"]
-        return _fit(np.asarray(features, dtype=np.float32), list(self.facts["get_media_shape"]))
+    @functools.lru_cache(maxsize=None)  # noqa: B019  one per artifact object, loaded on first use
+    def _image_processor(self):
+        from xportbuild.models.multimodal import image_processor
+
+        return image_processor(self.folder)
 
 
 class Embedder(Artifact):
+    takes = ("text",)
+
     def embed(self, texts: list[str] | str) -> np.ndarray:
         """One embedding per text ([n, dim]), pooled and normalised as the model's sentence-transformers files say."""
         import torch

@@ -193,25 +193,27 @@ def expand_placeholder(text: str, placeholder: str, rows: int, tiles: tuple[int,
                                                              placeholder, "<global-img>"))
 
 
-def prepared(folder: Path, facts: dict, prompt: str, media) -> dict[str, np.ndarray]:
-    """What the methods take for a prompt and an image (a picture) or audio features: input_ids with the media's
-    placeholders laid out as the model's processor lays them out (in its chat template; without one, after BOS)
-    and the media as the encoder takes it ([tiles, C, H, W] for an image)."""
-    from transformers import AutoTokenizer
+def image_processor(folder: Path):
+    """The model's image processor (its PIL backend: no torchvision needed)."""
+    from transformers import AutoImageProcessor
 
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    try:
+        return AutoImageProcessor.from_pretrained(folder, trust_remote_code=False, backend="pil")
+    except (OSError, ValueError) as err:
+        raise StageError(f"{folder}: an image-text model needs its image processor (preprocessor_config.json or "
+                         f"processor_config.json): {(str(err).splitlines() or [''])[0]}") from err
+
+
+def prepared(tokenizer, processor, facts: dict, prompt: str, media) -> dict[str, np.ndarray]:
+    """What the methods take for a prompt and an image (a picture, through the image `processor`) or audio features
+    (`processor` None): input_ids with the media's placeholders laid out as the model's processor lays them out (in
+    its chat template; without one, after BOS) and the media as the encoder takes it ([tiles, C, H, W] for an
+    image)."""
     audio = facts["get_encoder_method"] == "audio_encoder"
     tiles = None
     if audio:
         pixels = np.asarray(media, dtype=np.float32)
     else:
-        from transformers import AutoImageProcessor
-
-        try:
-            processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=False, backend="pil")
-        except (OSError, ValueError) as err:
-            raise StageError(f"{folder}: an image-text model needs its image processor (preprocessor_config.json or "
-                             f"processor_config.json): {(str(err).splitlines() or [''])[0]}") from err
         tiled = facts.get("get_media_layout") == "tiles"
         processed = processor(media, return_tensors="np", **({"return_row_col_info": True} if tiled else {}))
         pixels = np.asarray(processed["pixel_values"], dtype=np.float32)
@@ -230,9 +232,14 @@ def prepared(folder: Path, facts: dict, prompt: str, media) -> dict[str, np.ndar
 
 def samples(model_dir: Path, model, verify: VerifyInputs) -> list[dict[str, np.ndarray]]:
     """One generated image or clip per prompt, prepared as an app prepares them (`prepared`)."""
-    facts = metadata(model, model_dir, 0)
-    shape = None if _is_audio(model) else inputs.image_shape(model.config.vision_config, model.name_or_path)
-    return [prepared(model_dir, facts, prompt, _media(model, index) if shape is None else media_image(index, shape))
+    from transformers import AutoTokenizer
+
+    facts, tokenizer = metadata(model, model_dir, 0), AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    if _is_audio(model):
+        return [prepared(tokenizer, None, facts, prompt, _media(model, index))
+                for index, prompt in enumerate(verify.prompts)]
+    processor, shape = image_processor(model_dir), inputs.image_shape(model.config.vision_config, model.name_or_path)
+    return [prepared(tokenizer, processor, facts, prompt, media_image(index, shape))
             for index, prompt in enumerate(verify.prompts)]
 
 

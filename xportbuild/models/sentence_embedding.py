@@ -67,9 +67,8 @@ class SentenceEmbedding(torch.nn.Module):
         elif self.mode == "max":
             pooled = (states + (mask - 1.0) * 1e9).max(dim=1).values
         else:
-            pooled = (states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
-            if self.mode == "mean_sqrt_len":
-                pooled = pooled * mask.sum(dim=1).clamp(min=1e-9) / mask.sum(dim=1).sqrt()
+            count = mask.sum(dim=1).clamp(min=1e-9)
+            pooled = (states * mask).sum(dim=1) / (count.sqrt() if self.mode == "mean_sqrt_len" else count)
         return torch.nn.functional.normalize(pooled, p=2, dim=1) if self.normalize else pooled
 
 
